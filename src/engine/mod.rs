@@ -1,0 +1,4 @@
+//! Worker building blocks: contact slab, timer wheel, liveness.
+pub mod liveness;
+pub mod slab;
+pub mod wheel;

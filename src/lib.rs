@@ -1,0 +1,7 @@
+//! kaping: a standalone SIP keepalive pinger (see DESIGN.md).
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod engine;
+pub mod shm;
+pub mod wire;
