@@ -3,5 +3,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod engine;
+pub mod io;
 pub mod shm;
 pub mod wire;

@@ -1,0 +1,938 @@
+//! Batched UDP on Linux: `recvmmsg`/`sendmmsg` with packet info, kernel
+//! receive timestamps and the ICMP error queue, behind a safe API.
+//!
+//! Ownership: a [`RecvBatch`] or [`SendBatch`] owns every buffer the kernel
+//! reads or writes during its system call (payloads, addresses, control
+//! messages, iovecs, headers). They are allocated once in `new` and never
+//! resized, so the raw pointers written into the headers before each call
+//! stay valid for the duration of that call. The headers are rebuilt at every
+//! call from `&mut self`, so no pointer outlives the borrow that made it.
+//!
+//! Never allocates after construction; never blocks unless the socket is
+//! blocking; every `unsafe` block states what makes it sound.
+//!
+//! Callers: the load generator (`tools/loadgen.rs`) and the `mmsg` worker
+//! backend.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Room for the control messages we ask for on receive: one packet-info
+/// record (IPv6's is the larger, 20 bytes) and one `timespec`, each with a
+/// 16-byte header and alignment padding, plus slack.
+const CMSG_SPACE: usize = 128;
+
+/// Control-message buffer with the alignment `cmsghdr` requires.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_SPACE]);
+
+/// Options applied by [`bind_udp`].
+#[derive(Clone, Debug)]
+pub struct SocketOptions {
+    /// Requested `SO_RCVBUF` in bytes; 0 leaves the kernel default.
+    pub recv_buffer_bytes: usize,
+    /// Requested `SO_SNDBUF` in bytes; 0 leaves the kernel default.
+    pub send_buffer_bytes: usize,
+    /// Join a `SO_REUSEPORT` group (one shared port for several workers).
+    pub reuse_port: bool,
+    /// Ask for `IP_PKTINFO` / `IPV6_RECVPKTINFO`: the local address each
+    /// datagram was sent to, so a reply can leave from it.
+    pub pktinfo: bool,
+    /// Ask for `SO_TIMESTAMPNS`: the kernel's receive time of each datagram.
+    pub timestamps: bool,
+    /// Set `IP_RECVERR` / `IPV6_RECVERR`: ICMP errors are queued with the
+    /// destination they concern and read with [`read_errors`].
+    pub recv_errors: bool,
+    pub nonblocking: bool,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            recv_buffer_bytes: 0,
+            send_buffer_bytes: 0,
+            reuse_port: false,
+            pktinfo: false,
+            timestamps: true,
+            recv_errors: true,
+            nonblocking: true,
+        }
+    }
+}
+
+/// What the kernel granted; buffer sizes as `getsockopt` reports them (the
+/// kernel doubles the request to account for its bookkeeping).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketReport {
+    pub recv_buffer_bytes: usize,
+    pub send_buffer_bytes: usize,
+    /// The kernel gave less than asked (raise `net.core.rmem_max`/`wmem_max`
+    /// or run with `CAP_NET_ADMIN`, which lets us use `SO_RCVBUFFORCE`).
+    pub recv_clamped: bool,
+    pub send_clamped: bool,
+}
+
+/// Creates a UDP socket bound to `addr` with `opts` applied.
+///
+/// Buffer sizes are first tried with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`
+/// (which ignore `net.core.rmem_max` but need `CAP_NET_ADMIN`) and then with
+/// the plain options; a clamped result is reported, not an error.
+pub fn bind_udp(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, SocketReport)> {
+    let domain = Domain::for_address(addr);
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    let fd = socket.as_raw_fd();
+    let v6 = addr.is_ipv6();
+    if v6 {
+        socket.set_only_v6(true)?;
+    }
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if opts.recv_buffer_bytes > 0 {
+        let want = clamp_c_int(opts.recv_buffer_bytes);
+        if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want).is_err() {
+            socket.set_recv_buffer_size(opts.recv_buffer_bytes)?;
+        }
+    }
+    if opts.send_buffer_bytes > 0 {
+        let want = clamp_c_int(opts.send_buffer_bytes);
+        if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want).is_err() {
+            socket.set_send_buffer_size(opts.send_buffer_bytes)?;
+        }
+    }
+    if opts.pktinfo {
+        if v6 {
+            setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        } else {
+            setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        }
+    }
+    if opts.timestamps {
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
+    }
+    if opts.recv_errors {
+        if v6 {
+            setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)?;
+        } else {
+            setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+        }
+    }
+    socket.set_nonblocking(opts.nonblocking)?;
+    socket.bind(&addr.into())?;
+
+    let recv = socket.recv_buffer_size()?;
+    let send = socket.send_buffer_size()?;
+    let report = SocketReport {
+        recv_buffer_bytes: recv,
+        send_buffer_bytes: send,
+        recv_clamped: opts.recv_buffer_bytes > 0 && recv < opts.recv_buffer_bytes,
+        send_clamped: opts.send_buffer_bytes > 0 && send < opts.send_buffer_bytes,
+    };
+    Ok((socket, report))
+}
+
+fn clamp_c_int(n: usize) -> libc::c_int {
+    n.min(libc::c_int::MAX as usize) as libc::c_int
+}
+
+/// `setsockopt` for an `int`-valued option.
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` lives on this stack frame for the whole call and its
+    // exact size is passed; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `addr` into `out` as a C socket address; returns its length.
+pub fn sockaddr_from_std(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned
+            // for every sockaddr_* type (that is its purpose), and `out` is a
+            // valid, exclusive reference.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// Reads a C socket address written by the kernel; `None` for families
+/// other than IPv4/IPv6 or a length too short for the family.
+pub fn sockaddr_to_std(
+    storage: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Option<SocketAddr> {
+    let len = len as usize;
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, the
+            // length covers it, and sockaddr_storage is aligned for it.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// One received datagram, borrowed from its [`RecvBatch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram<'a> {
+    pub data: &'a [u8],
+    /// The sender; `None` if the kernel gave an address we do not handle.
+    pub from: Option<SocketAddr>,
+    /// The local address the datagram was sent to (needs `pktinfo`).
+    pub to: Option<IpAddr>,
+    /// Kernel receive time, CLOCK_REALTIME ns (needs `timestamps`).
+    pub rx_ns: Option<u64>,
+    /// The datagram was longer than the buffer and was cut.
+    pub truncated: bool,
+}
+
+/// Preallocated state for receiving up to `capacity` datagrams per call.
+pub struct RecvBatch {
+    buf_len: usize,
+    bufs: Box<[u8]>,
+    names: Box<[libc::sockaddr_storage]>,
+    cmsgs: Box<[CmsgBuf]>,
+    iovs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+    /// Datagrams filled by the last `recv`.
+    len: usize,
+}
+
+// SAFETY: the raw pointers inside `iovs` and `hdrs` only ever point into this
+// struct's own heap buffers and are rewritten before every system call; they
+// are never dereferenced by Rust code, so moving the batch to another thread
+// moves everything they point to along with it.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// `capacity` datagrams of at most `buf_len` bytes each.
+    pub fn new(capacity: usize, buf_len: usize) -> RecvBatch {
+        assert!(capacity > 0 && buf_len > 0);
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for
+        // which all-zero bytes are a valid value.
+        let (names, iovs, hdrs) = unsafe {
+            (
+                vec![zeroed::<libc::sockaddr_storage>(); capacity].into_boxed_slice(),
+                vec![zeroed::<libc::iovec>(); capacity].into_boxed_slice(),
+                vec![zeroed::<libc::mmsghdr>(); capacity].into_boxed_slice(),
+            )
+        };
+        RecvBatch {
+            buf_len,
+            bufs: vec![0u8; capacity * buf_len].into_boxed_slice(),
+            names,
+            cmsgs: vec![CmsgBuf([0; CMSG_SPACE]); capacity].into_boxed_slice(),
+            iovs,
+            hdrs,
+            len: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Number of datagrams the last `recv` filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// One `recvmmsg` call. On a non-blocking socket with nothing queued it
+    /// returns `Ok(0)`. An error (such as a pending ICMP error reported by
+    /// `IP_RECVERR`) is returned as is; the caller drains [`read_errors`].
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.len = 0;
+        let capacity = self.capacity();
+        for i in 0..capacity {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i * self.buf_len..].as_mut_ptr().cast(),
+                iov_len: self.buf_len,
+            };
+            let hdr = &mut self.hdrs[i].msg_hdr;
+            hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = self.cmsgs[i].0.as_mut_ptr().cast();
+            hdr.msg_controllen = CMSG_SPACE;
+            hdr.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points into buffers owned by `self` that
+        // outlive this call (they are only freed with `self`, which is
+        // mutably borrowed here), with lengths matching their allocations.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                capacity as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                return Ok(0);
+            }
+            return Err(err);
+        }
+        self.len = rc as usize;
+        Ok(self.len)
+    }
+
+    /// The `i`-th datagram of the last `recv` (`i < len()`).
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        assert!(i < self.len, "datagram {i} of {}", self.len);
+        let hdr = &self.hdrs[i];
+        let data_len = (hdr.msg_len as usize).min(self.buf_len);
+        let data = &self.bufs[i * self.buf_len..i * self.buf_len + data_len];
+        let from = sockaddr_to_std(&self.names[i], hdr.msg_hdr.msg_namelen);
+        let (to, rx_ns) = parse_cmsgs(&hdr.msg_hdr);
+        Datagram {
+            data,
+            from,
+            to,
+            rx_ns,
+            truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        }
+    }
+}
+
+/// Extracts packet info and the receive timestamp from a received header.
+fn parse_cmsgs(msg: &libc::msghdr) -> (Option<IpAddr>, Option<u64>) {
+    let mut to = None;
+    let mut rx_ns = None;
+    // SAFETY: `msg` was filled by the kernel in the call that just returned:
+    // msg_control points into the batch's own CmsgBuf and msg_controllen is
+    // the length the kernel wrote, so the CMSG_* walk stays inside it; each
+    // payload is read with read_unaligned at the type the (level, type) pair
+    // guarantees.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            let data = libc::CMSG_DATA(cmsg);
+            match (c.cmsg_level, c.cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                    let ts = std::ptr::read_unaligned(data.cast::<libc::timespec>());
+                    rx_ns = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                }
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let pi = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                    to = Some(IpAddr::V4(Ipv4Addr::from(pi.ipi_addr.s_addr.to_ne_bytes())));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let pi = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                    to = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    (to, rx_ns)
+}
+
+/// Outcome of [`SendBatch::send`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// Datagrams the kernel accepted.
+    pub sent: usize,
+    /// Datagrams refused with an error other than "would block"; the error of
+    /// each is reported through the callback given to `send`.
+    pub failed: usize,
+    /// Datagrams left queued because the socket buffer is full.
+    pub blocked: usize,
+}
+
+/// Preallocated state for sending up to `capacity` datagrams per call.
+///
+/// Fill with [`SendBatch::next_buf`] + [`SendBatch::commit`], then
+/// [`SendBatch::send`]. Each datagram may name its source address
+/// (`IP_PKTINFO`), which is how a responder bound to 0.0.0.0 answers from the
+/// exact address that was pinged.
+pub struct SendBatch {
+    buf_len: usize,
+    bufs: Box<[u8]>,
+    lens: Box<[usize]>,
+    dests: Box<[libc::sockaddr_storage]>,
+    dest_lens: Box<[libc::socklen_t]>,
+    cmsgs: Box<[CmsgBuf]>,
+    cmsg_lens: Box<[usize]>,
+    iovs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
+    /// Committed datagrams; `[head, len)` are still to be sent.
+    len: usize,
+    head: usize,
+}
+
+// SAFETY: as for RecvBatch: the pointers in `iovs`/`hdrs` point only into
+// this struct's own heap buffers and are rewritten before every call.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    pub fn new(capacity: usize, buf_len: usize) -> SendBatch {
+        assert!(capacity > 0 && buf_len > 0);
+        // SAFETY: plain C structs for which all-zero bytes are valid.
+        let (dests, iovs, hdrs) = unsafe {
+            (
+                vec![zeroed::<libc::sockaddr_storage>(); capacity].into_boxed_slice(),
+                vec![zeroed::<libc::iovec>(); capacity].into_boxed_slice(),
+                vec![zeroed::<libc::mmsghdr>(); capacity].into_boxed_slice(),
+            )
+        };
+        SendBatch {
+            buf_len,
+            bufs: vec![0u8; capacity * buf_len].into_boxed_slice(),
+            lens: vec![0; capacity].into_boxed_slice(),
+            dests,
+            dest_lens: vec![0; capacity].into_boxed_slice(),
+            cmsgs: vec![CmsgBuf([0; CMSG_SPACE]); capacity].into_boxed_slice(),
+            cmsg_lens: vec![0; capacity].into_boxed_slice(),
+            iovs,
+            hdrs,
+            len: 0,
+            head: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Datagrams committed and not yet sent.
+    pub fn pending(&self) -> usize {
+        self.len - self.head
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == self.capacity()
+    }
+
+    /// The buffer the next datagram is written into, or `None` when the
+    /// batch is full (send it first).
+    pub fn next_buf(&mut self) -> Option<&mut [u8]> {
+        if self.is_full() {
+            return None;
+        }
+        let start = self.len * self.buf_len;
+        Some(&mut self.bufs[start..start + self.buf_len])
+    }
+
+    /// Commits the datagram written into `next_buf()`: `len` bytes to `dest`,
+    /// leaving from `src` if given (must be a local address of `dest`'s family).
+    pub fn commit(&mut self, len: usize, dest: &SocketAddr, src: Option<IpAddr>) {
+        assert!(!self.is_full(), "commit on a full SendBatch");
+        assert!(
+            len <= self.buf_len,
+            "datagram of {len} bytes > buffer {}",
+            self.buf_len
+        );
+        let i = self.len;
+        self.lens[i] = len;
+        self.dest_lens[i] = sockaddr_from_std(dest, &mut self.dests[i]);
+        self.cmsg_lens[i] = match src {
+            None => 0,
+            Some(ip) => write_src_cmsg(&mut self.cmsgs[i], ip),
+        };
+        self.len += 1;
+    }
+
+    /// Copies `data` into the batch and commits it. Returns false when full.
+    pub fn push(&mut self, data: &[u8], dest: &SocketAddr, src: Option<IpAddr>) -> bool {
+        match self.next_buf() {
+            Some(buf) if data.len() <= buf.len() => {
+                buf[..data.len()].copy_from_slice(data);
+                self.commit(data.len(), dest, src);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends everything committed with as few `sendmmsg` calls as the kernel
+    /// allows. A datagram the kernel refuses is skipped and reported through
+    /// `on_error(index_in_batch, error)`; one refused because an earlier ICMP
+    /// error was pending on the socket (`IP_RECVERR` reports it on the next
+    /// send) is retried once. On "would block" the rest stays queued for the
+    /// next call. The batch is empty again when `pending() == 0`.
+    pub fn send(&mut self, fd: RawFd, mut on_error: impl FnMut(usize, io::Error)) -> SendOutcome {
+        let mut out = SendOutcome::default();
+        let mut retried_at = usize::MAX;
+        while self.head < self.len {
+            let n = self.len - self.head;
+            for i in self.head..self.len {
+                let start = i * self.buf_len;
+                self.iovs[i] = libc::iovec {
+                    iov_base: self.bufs[start..].as_mut_ptr().cast(),
+                    iov_len: self.lens[i],
+                };
+                let hdr = &mut self.hdrs[i].msg_hdr;
+                hdr.msg_name = (&mut self.dests[i] as *mut libc::sockaddr_storage).cast();
+                hdr.msg_namelen = self.dest_lens[i];
+                hdr.msg_iov = &mut self.iovs[i];
+                hdr.msg_iovlen = 1;
+                if self.cmsg_lens[i] == 0 {
+                    hdr.msg_control = std::ptr::null_mut();
+                    hdr.msg_controllen = 0;
+                } else {
+                    hdr.msg_control = self.cmsgs[i].0.as_mut_ptr().cast();
+                    hdr.msg_controllen = self.cmsg_lens[i];
+                }
+                hdr.msg_flags = 0;
+            }
+            // SAFETY: headers [head, len) point into buffers owned by `self`
+            // (mutably borrowed for the call) with lengths within their
+            // allocations; the kernel only reads them.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[self.head..].as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc > 0 {
+                self.head += rc as usize;
+                out.sent += rc as usize;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                break;
+            }
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if is_async_icmp_error(&err) && retried_at != self.head {
+                // The error belongs to an earlier datagram (the kernel reports
+                // a queued ICMP error on the next send and clears it): retry
+                // this one once.
+                retried_at = self.head;
+                continue;
+            }
+            on_error(self.head, err);
+            out.failed += 1;
+            self.head += 1;
+        }
+        out.blocked = self.len - self.head;
+        if self.head == self.len {
+            self.head = 0;
+            self.len = 0;
+        }
+        out
+    }
+
+    /// Drops everything still queued.
+    pub fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+}
+
+fn is_async_icmp_error(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+    )
+}
+
+/// Writes an `IP_PKTINFO`/`IPV6_PKTINFO` control message naming `src` as the
+/// source address; returns the control length.
+fn write_src_cmsg(buf: &mut CmsgBuf, src: IpAddr) -> usize {
+    buf.0.fill(0);
+    // SAFETY: a msghdr whose control buffer is `buf` (CMSG_SPACE bytes,
+    // 8-aligned) is built on the stack only to drive the CMSG_* macros;
+    // CMSG_SPACE of either pktinfo struct (at most 40 bytes) fits, so
+    // CMSG_FIRSTHDR is non-null and the writes stay inside `buf`.
+    unsafe {
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_control = buf.0.as_mut_ptr().cast();
+        msg.msg_controllen = CMSG_SPACE;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        debug_assert!(!cmsg.is_null());
+        match src {
+            IpAddr::V4(ip) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(ip.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize
+            }
+            IpAddr::V6(ip) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as usize
+            }
+        }
+    }
+}
+
+/// One ICMP error read from a socket's error queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    /// The destination of the datagram that provoked it.
+    pub dest: SocketAddr,
+    /// errno-style cause (ECONNREFUSED for port unreachable, EHOSTUNREACH...).
+    pub errno: i32,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+/// Drains up to `limit` entries of the socket's error queue
+/// (`MSG_ERRQUEUE`, filled when `recv_errors` is set), calling `f` for each
+/// ICMP error; returns how many entries were read.
+pub fn read_errors(fd: RawFd, limit: usize, mut f: impl FnMut(IcmpError)) -> usize {
+    let mut read = 0;
+    while read < limit {
+        // SAFETY: plain C structs, valid when zeroed.
+        let mut name: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut cbuf = CmsgBuf([0; CMSG_SPACE]);
+        let mut payload = [0u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.0.as_mut_ptr().cast();
+        msg.msg_controllen = CMSG_SPACE;
+        // SAFETY: every pointer in `msg` refers to a local that outlives the
+        // call, with its true length.
+        let rc = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if rc < 0 {
+            break;
+        }
+        read += 1;
+        let Some(dest) = sockaddr_to_std(&name, msg.msg_namelen) else {
+            continue;
+        };
+        // SAFETY: the kernel filled msg_control/msg_controllen in the call
+        // above; the CMSG walk stays inside `cbuf`; IP_RECVERR/IPV6_RECVERR
+        // payloads start with a sock_extended_err, read unaligned.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                let is_err = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR)
+                    || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
+                if is_err {
+                    let ee = std::ptr::read_unaligned(
+                        libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>(),
+                    );
+                    if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                        || ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6
+                    {
+                        f(IcmpError {
+                            dest,
+                            errno: ee.ee_errno as i32,
+                            icmp_type: ee.ee_type,
+                            icmp_code: ee.ee_code,
+                        });
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+    }
+    read
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn loopback(v6: bool) -> SocketAddr {
+        if v6 {
+            "[::1]:0".parse().unwrap()
+        } else {
+            "127.0.0.1:0".parse().unwrap()
+        }
+    }
+
+    /// An owned copy of a received datagram.
+    struct Got {
+        data: Vec<u8>,
+        from: Option<SocketAddr>,
+        to: Option<IpAddr>,
+        rx_ns: Option<u64>,
+        truncated: bool,
+    }
+
+    fn recv_until(batch: &mut RecvBatch, fd: RawFd, want: usize) -> Vec<Got> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.len() < want && Instant::now() < deadline {
+            let n = batch.recv(fd).unwrap();
+            for i in 0..n {
+                let d = batch.get(i);
+                got.push(Got {
+                    data: d.data.to_vec(),
+                    from: d.from,
+                    to: d.to,
+                    rx_ns: d.rx_ns,
+                    truncated: d.truncated,
+                });
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        got
+    }
+
+    fn round_trip(v6: bool) {
+        let opts = SocketOptions {
+            pktinfo: true,
+            ..SocketOptions::default()
+        };
+        let (rx, _) = bind_udp(loopback(v6), &opts).unwrap();
+        let (tx, _) = bind_udp(loopback(v6), &opts).unwrap();
+        let rx_addr = rx.local_addr().unwrap().as_socket().unwrap();
+        let tx_addr = tx.local_addr().unwrap().as_socket().unwrap();
+
+        let mut send = SendBatch::new(16, 512);
+        for i in 0..40u32 {
+            if send.is_full() {
+                let out = send.send(tx.as_raw_fd(), |i, e| panic!("send {i}: {e}"));
+                assert_eq!(out.failed, 0);
+            }
+            let payload = format!("datagram {i}");
+            assert!(send.push(payload.as_bytes(), &rx_addr, None));
+        }
+        send.send(tx.as_raw_fd(), |i, e| panic!("send {i}: {e}"));
+        assert_eq!(send.pending(), 0);
+
+        let mut batch = RecvBatch::new(8, 512);
+        let got = recv_until(&mut batch, rx.as_raw_fd(), 40);
+        assert_eq!(got.len(), 40);
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.data, format!("datagram {i}").as_bytes());
+            assert_eq!(d.from, Some(tx_addr));
+            assert_eq!(d.to, Some(rx_addr.ip()), "pktinfo destination");
+            let rx_ns = d.rx_ns.expect("kernel timestamp");
+            assert!(
+                rx_ns <= before && before - rx_ns < 10_000_000_000,
+                "timestamp {rx_ns} vs {before}"
+            );
+            assert!(!d.truncated);
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_ipv4() {
+        round_trip(false);
+    }
+
+    #[test]
+    fn batches_round_trip_ipv6() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("SKIP: no IPv6 loopback on this machine");
+            return;
+        }
+        round_trip(true);
+    }
+
+    #[test]
+    fn source_address_is_chosen_per_datagram() {
+        // A responder bound to 0.0.0.0 answers from the address that was
+        // pinged: the whole 127/8 is local, so any 127.x.y.z is a valid source.
+        let opts = SocketOptions {
+            pktinfo: true,
+            ..SocketOptions::default()
+        };
+        let (rx, _) = bind_udp(loopback(false), &opts).unwrap();
+        let (tx, _) = bind_udp("0.0.0.0:0".parse().unwrap(), &opts).unwrap();
+        let rx_addr = rx.local_addr().unwrap().as_socket().unwrap();
+        let tx_port = tx.local_addr().unwrap().as_socket().unwrap().port();
+        let mut send = SendBatch::new(4, 64);
+        let sources: [Ipv4Addr; 3] = [
+            [127, 0, 0, 9].into(),
+            [127, 1, 2, 3].into(),
+            [127, 200, 0, 1].into(),
+        ];
+        for s in sources {
+            assert!(send.push(b"x", &rx_addr, Some(IpAddr::V4(s))));
+        }
+        let out = send.send(tx.as_raw_fd(), |i, e| panic!("send {i}: {e}"));
+        assert_eq!(out.sent, 3);
+        let mut batch = RecvBatch::new(4, 64);
+        let got = recv_until(&mut batch, rx.as_raw_fd(), 3);
+        let froms: Vec<_> = got.iter().map(|d| d.from.unwrap()).collect();
+        for (s, from) in sources.iter().zip(froms) {
+            assert_eq!(from, SocketAddr::new(IpAddr::V4(*s), tx_port));
+        }
+    }
+
+    #[test]
+    fn oversized_datagram_is_flagged_truncated() {
+        let (rx, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let (tx, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let rx_addr = rx.local_addr().unwrap().as_socket().unwrap();
+        let mut send = SendBatch::new(1, 2000);
+        assert!(send.push(&[b'a'; 1500], &rx_addr, None));
+        send.send(tx.as_raw_fd(), |i, e| panic!("send {i}: {e}"));
+        let mut batch = RecvBatch::new(1, 100);
+        let got = recv_until(&mut batch, rx.as_raw_fd(), 1);
+        assert_eq!(got[0].data.len(), 100);
+        assert!(got[0].truncated);
+    }
+
+    #[test]
+    fn port_unreachable_is_read_from_the_error_queue() {
+        // A port nobody listens on: bind one, learn its number, close it.
+        let dead = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let (tx, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let mut send = SendBatch::new(1, 16);
+        assert!(send.push(b"ping", &dead, None));
+        send.send(tx.as_raw_fd(), |_, _| {});
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while seen.is_empty() && Instant::now() < deadline {
+            read_errors(tx.as_raw_fd(), 8, |e| seen.push(e));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(seen.len(), 1, "one ICMP port unreachable");
+        assert_eq!(seen[0].dest, dead);
+        assert_eq!(seen[0].errno, libc::ECONNREFUSED);
+        assert_eq!(
+            (seen[0].icmp_type, seen[0].icmp_code),
+            (3, 3),
+            "ICMP dest unreachable / port"
+        );
+    }
+
+    #[test]
+    fn pending_icmp_error_does_not_eat_the_next_datagram() {
+        let dead = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let (rx, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let rx_addr = rx.local_addr().unwrap().as_socket().unwrap();
+        let (tx, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let mut send = SendBatch::new(4, 16);
+        assert!(send.push(b"dead", &dead, None));
+        send.send(tx.as_raw_fd(), |_, _| {});
+        std::thread::sleep(Duration::from_millis(50)); // let the ICMP error arrive
+        assert!(send.push(b"live", &rx_addr, None));
+        let mut errors = 0;
+        let out = send.send(tx.as_raw_fd(), |_, _| errors += 1);
+        assert_eq!((out.sent, errors), (1, 0));
+        let mut batch = RecvBatch::new(4, 16);
+        let got = recv_until(&mut batch, rx.as_raw_fd(), 1);
+        assert_eq!(got[0].data, b"live");
+    }
+
+    #[test]
+    fn sockaddr_conversions_round_trip() {
+        for s in [
+            "127.0.0.1:5060",
+            "10.1.2.3:1",
+            "[::1]:5062",
+            "[2001:db8::42]:65535",
+        ] {
+            let a: SocketAddr = s.parse().unwrap();
+            // SAFETY: sockaddr_storage is a plain C struct, valid when zeroed.
+            let mut st: libc::sockaddr_storage = unsafe { zeroed() };
+            let len = sockaddr_from_std(&a, &mut st);
+            assert_eq!(sockaddr_to_std(&st, len), Some(a));
+        }
+    }
+}
