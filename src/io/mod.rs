@@ -9,4 +9,5 @@
 //! `shm`): each block names the invariant that makes it sound.
 #![allow(unsafe_code)]
 
+pub mod signal;
 pub mod udp;
