@@ -1,13 +1,68 @@
 //! Everything that touches the kernel's network stack.
 //!
-//! `udp` wraps the batched UDP system calls (`recvmmsg`/`sendmmsg`) and the
-//! socket options kaping needs (receive timestamps, packet info, error
-//! queues, large buffers) behind a small safe API. The load generator and
-//! the `mmsg` worker backend are built on it.
+//! * `udp`: batched UDP system calls (`recvmmsg`/`sendmmsg`) and the socket
+//!   options kaping needs (receive timestamps, packet info, error queues,
+//!   large buffers) behind a small safe API; the load generator uses it too.
+//! * [`Backend`]: the one small seam between a worker and its I/O. Two
+//!   implementations: `uring` (io_uring, the default) and `mmsg` (the
+//!   fallback where io_uring is refused). A third (AF_XDP) would implement
+//!   the same trait without touching the worker.
+//! * `steer`: the shared-port reply steering (SO_REUSEPORT + classic BPF).
+//! * `waker`, `signal`: how a sleeping worker or the main loop is told
+//!   something happened.
 //!
 //! This is one of the two modules where `unsafe` is allowed (the other is
 //! `shm`): each block names the invariant that makes it sound.
 #![allow(unsafe_code)]
 
+pub mod mmsg;
 pub mod signal;
+pub mod steer;
 pub mod udp;
+pub mod waker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use udp::{Datagram, IcmpError};
+
+/// Largest datagram a worker sends (a rendered request is checked against
+/// it when the contact is added).
+pub const TX_DATAGRAM_MAX: usize = 1400;
+
+/// Receive buffer per datagram: room for any reply up to
+/// `wire::reply::REPLY_LEN_MAX` plus one byte, so an oversized one is seen
+/// as such (and also flagged truncated by the kernel).
+pub const RX_DATAGRAM_MAX: usize = 4097;
+
+/// What a backend delivers to its worker.
+pub trait Handler {
+    /// A datagram arrived on the worker's socket number `sock`.
+    fn datagram(&mut self, sock: usize, d: &Datagram<'_>);
+    /// The kernel refused the datagram committed with `tag`.
+    fn send_failed(&mut self, tag: u32, err: &io::Error);
+    /// An ICMP error arrived about a datagram we sent.
+    fn icmp(&mut self, e: &IcmpError);
+}
+
+/// A worker's I/O: its sockets (one per address family it serves), a
+/// transmit pipeline and the receive path. Owned by one worker thread.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+    /// Space for the next datagram to leave on socket `sock`
+    /// (`TX_DATAGRAM_MAX` bytes), or `None` while the pipeline is full:
+    /// `flush` or `poll` first.
+    fn tx_buf(&mut self, sock: usize) -> Option<&mut [u8]>;
+    /// Queues the `len` bytes written into the last `tx_buf(sock)` for
+    /// `dest`; `tag` comes back in `Handler::send_failed` if the kernel
+    /// refuses it.
+    fn tx_commit(&mut self, sock: usize, len: usize, dest: &SocketAddr, tag: u32);
+    /// Hands queued datagrams to the kernel without waiting for input.
+    fn flush(&mut self, h: &mut dyn Handler) -> io::Result<()>;
+    /// Flushes, delivers what has arrived, and if nothing has, sleeps up to
+    /// `timeout` for a datagram, an error or a wake-up.
+    fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()>;
+    /// Datagrams committed but not yet accepted by the kernel.
+    fn tx_pending(&self) -> usize;
+}

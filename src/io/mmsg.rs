@@ -1,0 +1,189 @@
+//! The `sendmmsg`/`recvmmsg` backend: the fallback where io_uring is not
+//! allowed (old kernels, `kernel.io_uring_disabled`, container seccomp
+//! profiles), and selectable with `backend = "mmsg"`.
+//!
+//! One [`SendBatch`] per socket collects the datagrams of a worker round;
+//! `flush` sends them in as few system calls as the kernel allows. Input is
+//! drained with `recvmmsg` in bounded rounds; when nothing is ready the
+//! worker sleeps in `ppoll` on its sockets and its waker, with a timeout
+//! equal to its next timer deadline.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use socket2::Socket;
+
+use super::udp::{read_errors, RecvBatch, SendBatch};
+use super::waker::Waker;
+use super::{Backend, Handler, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
+
+/// Datagrams per `sendmmsg`/`recvmmsg` call.
+pub const BATCH: usize = 64;
+/// Datagrams queued per socket before the worker must flush.
+pub const TX_QUEUE: usize = 256;
+/// `recvmmsg` calls per socket per poll, so sends are never starved.
+const RX_ROUNDS: usize = 16;
+/// ICMP errors read per socket per poll.
+const ERRORS_PER_POLL: usize = 64;
+
+pub struct MmsgBackend {
+    sockets: Vec<Socket>,
+    tx: Vec<SendBatch>,
+    /// `tx_tags[sock][i]`: the tag of datagram `i` of `tx[sock]`.
+    tx_tags: Vec<Vec<u32>>,
+    rx: RecvBatch,
+    waker: Waker,
+}
+
+impl MmsgBackend {
+    /// Takes ownership of the worker's sockets (non-blocking, bound).
+    pub fn new(sockets: Vec<Socket>, waker: Waker) -> MmsgBackend {
+        let n = sockets.len();
+        MmsgBackend {
+            tx: (0..n)
+                .map(|_| SendBatch::new(TX_QUEUE, TX_DATAGRAM_MAX))
+                .collect(),
+            tx_tags: (0..n).map(|_| Vec::with_capacity(TX_QUEUE)).collect(),
+            rx: RecvBatch::new(BATCH, RX_DATAGRAM_MAX),
+            sockets,
+            waker,
+        }
+    }
+
+    /// Drains up to RX_ROUNDS batches from each socket; returns how many
+    /// datagrams were delivered.
+    fn receive(&mut self, h: &mut dyn Handler) -> usize {
+        let mut delivered = 0;
+        for sock in 0..self.sockets.len() {
+            let fd = self.sockets[sock].as_raw_fd();
+            for _ in 0..RX_ROUNDS {
+                match self.rx.recv(fd) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        for i in 0..n {
+                            h.datagram(sock, &self.rx.get(i));
+                        }
+                        delivered += n;
+                        if n < self.rx.capacity() {
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        // A pending ICMP error (IP_RECVERR) is reported by the
+                        // receive call; its details are on the error queue.
+                        read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(&e));
+                    }
+                }
+            }
+        }
+        delivered
+    }
+
+    fn wait(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
+        let mut fds: [libc::pollfd; 3] = [libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        }; 3];
+        let n = self.sockets.len();
+        assert!(n <= 2, "a worker has at most one socket per address family");
+        for (i, s) in self.sockets.iter().enumerate() {
+            fds[i] = libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+        }
+        fds[n] = libc::pollfd {
+            fd: self.waker.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` holds n + 1 initialised pollfd entries and `ts` is a
+        // valid timespec; both live across the call.
+        let rc = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                (n + 1) as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(err)
+            };
+        }
+        if fds[n].revents != 0 {
+            self.waker.drain();
+        }
+        for fd in &fds[..n] {
+            if fd.revents & libc::POLLERR != 0 {
+                read_errors(fd.fd, ERRORS_PER_POLL, |e| h.icmp(&e));
+            }
+        }
+        self.receive(h);
+        Ok(())
+    }
+
+    fn socket_fd(&self, sock: usize) -> RawFd {
+        self.sockets[sock].as_raw_fd()
+    }
+}
+
+impl Backend for MmsgBackend {
+    fn name(&self) -> &'static str {
+        "mmsg"
+    }
+
+    fn tx_buf(&mut self, sock: usize) -> Option<&mut [u8]> {
+        self.tx[sock].next_buf()
+    }
+
+    fn tx_commit(&mut self, sock: usize, len: usize, dest: &SocketAddr, tag: u32) {
+        self.tx[sock].commit(len, dest, None);
+        self.tx_tags[sock].push(tag);
+    }
+
+    fn flush(&mut self, h: &mut dyn Handler) -> io::Result<()> {
+        for sock in 0..self.sockets.len() {
+            if self.tx[sock].pending() == 0 {
+                continue;
+            }
+            let fd = self.socket_fd(sock);
+            let tags = &self.tx_tags[sock];
+            self.tx[sock].send(fd, |i, err| h.send_failed(tags[i], &err));
+            if self.tx[sock].pending() == 0 {
+                self.tx_tags[sock].clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
+        self.flush(h)?;
+        if self.receive(h) > 0 || timeout.is_zero() {
+            return Ok(());
+        }
+        // Datagrams still queued (socket buffer full): wake soon to retry.
+        let timeout = if self.tx_pending() > 0 {
+            timeout.min(Duration::from_millis(1))
+        } else {
+            timeout
+        };
+        self.wait(timeout, h)
+    }
+
+    fn tx_pending(&self) -> usize {
+        self.tx.iter().map(SendBatch::pending).sum()
+    }
+}
