@@ -19,6 +19,7 @@ pub mod mmsg;
 pub mod signal;
 pub mod steer;
 pub mod udp;
+pub mod uring;
 pub mod waker;
 
 use std::io;

@@ -369,37 +369,88 @@ impl RecvBatch {
 
 /// Extracts packet info and the receive timestamp from a received header.
 fn parse_cmsgs(msg: &libc::msghdr) -> (Option<IpAddr>, Option<u64>) {
+    if msg.msg_control.is_null() || msg.msg_controllen == 0 {
+        return (None, None);
+    }
+    // SAFETY: after a successful receive, msg_control points into the
+    // batch's own CmsgBuf and msg_controllen (never more than CMSG_SPACE,
+    // the length we passed in) is how much the kernel wrote there.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            msg.msg_control.cast::<u8>(),
+            msg.msg_controllen.min(CMSG_SPACE),
+        )
+    };
+    parse_control(bytes)
+}
+
+/// Walks a control-message buffer as the kernel lays it out (`cmsghdr`:
+/// `size_t len, int level, int type`, data 8-aligned) and extracts packet
+/// info and the `SO_TIMESTAMPNS` receive time. Safe code over bytes, shared
+/// by the mmsg and io_uring receive paths; malformed lengths end the walk.
+pub fn parse_control(bytes: &[u8]) -> (Option<IpAddr>, Option<u64>) {
+    const HDR: usize = size_of::<libc::cmsghdr>();
+    let align = |n: usize| (n + size_of::<usize>() - 1) & !(size_of::<usize>() - 1);
+    let word = |b: &[u8], at: usize| i32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"));
     let mut to = None;
     let mut rx_ns = None;
-    // SAFETY: `msg` was filled by the kernel in the call that just returned:
-    // msg_control points into the batch's own CmsgBuf and msg_controllen is
-    // the length the kernel wrote, so the CMSG_* walk stays inside it; each
-    // payload is read with read_unaligned at the type the (level, type) pair
-    // guarantees.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-        while !cmsg.is_null() {
-            let c = &*cmsg;
-            let data = libc::CMSG_DATA(cmsg);
-            match (c.cmsg_level, c.cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
-                    let ts = std::ptr::read_unaligned(data.cast::<libc::timespec>());
-                    rx_ns = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
-                }
-                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                    let pi = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
-                    to = Some(IpAddr::V4(Ipv4Addr::from(pi.ipi_addr.s_addr.to_ne_bytes())));
-                }
-                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                    let pi = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
-                    to = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
-                }
-                _ => {}
-            }
-            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+    let mut at = 0;
+    while at + HDR <= bytes.len() {
+        let len = usize::from_ne_bytes(
+            bytes[at..at + size_of::<usize>()]
+                .try_into()
+                .expect("usize"),
+        );
+        if len < HDR || at + len > bytes.len() {
+            break;
         }
+        let level = word(bytes, at + size_of::<usize>());
+        let kind = word(bytes, at + size_of::<usize>() + 4);
+        let data = &bytes[at + align(HDR)..at + len];
+        match (level, kind) {
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) if data.len() >= 16 => {
+                let sec = i64::from_ne_bytes(data[..8].try_into().expect("8 bytes"));
+                let nsec = i64::from_ne_bytes(data[8..16].try_into().expect("8 bytes"));
+                rx_ns = Some(sec as u64 * 1_000_000_000 + nsec as u64);
+            }
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if data.len() >= 12 => {
+                // struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
+                let o: [u8; 4] = data[8..12].try_into().expect("4 bytes");
+                to = Some(IpAddr::V4(Ipv4Addr::from(o)));
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if data.len() >= 16 => {
+                let o: [u8; 16] = data[..16].try_into().expect("16 bytes");
+                to = Some(IpAddr::V6(Ipv6Addr::from(o)));
+            }
+            _ => {}
+        }
+        at += align(len);
     }
     (to, rx_ns)
+}
+
+/// A socket address as raw `sockaddr_in`/`sockaddr_in6` bytes (as io_uring
+/// hands them back), parsed without casting.
+pub fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
+    if b.len() < 2 {
+        return None;
+    }
+    let family = u16::from_ne_bytes([b[0], b[1]]) as libc::c_int;
+    match family {
+        libc::AF_INET if b.len() >= 8 => {
+            let port = u16::from_be_bytes([b[2], b[3]]);
+            let ip = Ipv4Addr::new(b[4], b[5], b[6], b[7]);
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+        }
+        libc::AF_INET6 if b.len() >= 28 => {
+            let port = u16::from_be_bytes([b[2], b[3]]);
+            let flowinfo = u32::from_ne_bytes(b[4..8].try_into().ok()?);
+            let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&b[8..24]).ok()?);
+            let scope = u32::from_ne_bytes(b[24..28].try_into().ok()?);
+            Some(SocketAddr::V6(SocketAddrV6::new(ip, port, flowinfo, scope)))
+        }
+        _ => None,
+    }
 }
 
 /// Outcome of [`SendBatch::send`].
@@ -933,6 +984,14 @@ mod tests {
             let mut st: libc::sockaddr_storage = unsafe { zeroed() };
             let len = sockaddr_from_std(&a, &mut st);
             assert_eq!(sockaddr_to_std(&st, len), Some(a));
+            // SAFETY: `st` is initialised and `len` bytes of it were written.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&st as *const libc::sockaddr_storage).cast::<u8>(),
+                    len as usize,
+                )
+            };
+            assert_eq!(sockaddr_from_bytes(bytes), Some(a));
         }
     }
 }
