@@ -36,9 +36,10 @@
 //!
 //! # What never happens here
 //!
-//! Nothing in this file allocates, blocks or panics: `bucket_index`,
-//! `bucket_bounds`, `encode_record` and `decode_record` are on per-reply
-//! paths; `percentile` is for readers.
+//! Nothing in this file blocks or panics, and nothing allocates except
+//! `name_from_bytes` (readers only): `bucket_index`, `bucket_bounds`,
+//! `encode_record` and `decode_record` are on per-reply paths; `percentile`
+//! is for readers.
 
 use std::mem::{align_of, offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
