@@ -255,7 +255,8 @@ impl LatencyDist {
     }
 }
 
-/// `2ms`, `1.5s`, `250us`, `100ns`, `0`: a duration in nanoseconds.
+/// `2ms`, `1.5s`, `250us`, `100ns`, `10min`, `1h`, `0`: a duration in
+/// nanoseconds.
 pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s
@@ -271,10 +272,11 @@ pub fn parse_duration_ns(s: &str) -> Result<u64, String> {
         "us" | "µs" => 1e3,
         "ms" => 1e6,
         "s" => 1e9,
-        "m" | "min" => 60e9,
+        "min" => 60e9,
+        "h" => 3600e9,
         _ => {
             return Err(format!(
-                "duration {s:?}: unit {unit:?} is not one of ns, us, ms, s, min"
+                "duration {s:?}: unit {unit:?} is not one of ns, us, ms, s, min, h"
             ))
         }
     };

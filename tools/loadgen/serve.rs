@@ -433,13 +433,12 @@ impl Worker {
         match &self.bell {
             None => {
                 // Re-arm the timeout only when it changes enough to matter.
-                if wait_ns.abs_diff(self.timeout_ns) > wait_ns / 8 {
-                    if self.socks[0]
+                if wait_ns.abs_diff(self.timeout_ns) > wait_ns / 8
+                    && self.socks[0]
                         .set_read_timeout(Some(Duration::from_nanos(wait_ns)))
                         .is_ok()
-                    {
-                        self.timeout_ns = wait_ns;
-                    }
+                {
+                    self.timeout_ns = wait_ns;
                 }
                 let mut byte = [MaybeUninit::<u8>::uninit(); 1];
                 let _ = self.socks[0].peek(&mut byte);
