@@ -490,3 +490,28 @@ fn ceiling_reports_a_rate() {
     assert!(r["echoed"].as_u64().unwrap() > 0);
     assert_eq!(r["responder"]["answered"], r["responder"]["received"]);
 }
+
+#[test]
+fn ceiling_drives_the_sip_responder() {
+    let out = Command::new(BIN)
+        .args([
+            "ceiling",
+            "--sip",
+            "--contacts",
+            "500",
+            "--seconds",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["round_trips_per_s"].as_u64().unwrap() > 1000, "{r}");
+    assert_eq!(r["responder"]["unparsable"], 0, "{r}");
+    assert_eq!(r["responder"]["answered"], r["responder"]["received"]);
+}

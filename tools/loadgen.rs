@@ -178,6 +178,11 @@ struct CeilingArgs {
     /// Datagrams in flight at most.
     #[arg(long, default_value_t = 4096)]
     window: usize,
+    /// Send kaping-shaped OPTIONS to a SIP `serve` child instead of raw
+    /// datagrams to an echo: the responder's own rate (--size is then the
+    /// request size).
+    #[arg(long)]
+    sip: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -260,6 +265,7 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         seconds: a.seconds,
         size: a.size,
         window: a.window,
+        sip: a.sip,
     })?;
     if a.json {
         println!(
@@ -268,8 +274,16 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         );
     } else {
         println!(
-            "ceiling: {} echoed round trips/s (median of {} one-second rates; min {}, max {})",
-            report.round_trips_per_s, report.seconds, report.min_per_s, report.max_per_s
+            "{}: {} echoed round trips/s (median of {} one-second rates; min {}, max {})",
+            if report.sip {
+                "sip responder"
+            } else {
+                "raw udp ceiling"
+            },
+            report.round_trips_per_s,
+            report.seconds,
+            report.min_per_s,
+            report.max_per_s
         );
         println!(
             "{} contacts, {}-byte datagrams, window {}: sent {}, echoed {}, lost {}",

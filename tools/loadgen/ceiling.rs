@@ -10,6 +10,11 @@
 //! with `--stop-on-stdin-eof` and a `--seconds` backstop) and, should it
 //! linger, it is killed, also when this function returns early.
 //!
+//! With `sip`, the child is a normal `serve` and the datagrams are OPTIONS
+//! requests in kaping's template shape (one pre-rendered request per contact,
+//! up to `SIP_REQUESTS_MAX` distinct ones): the figure is then the responder's
+//! own SIP rate, the peer capacity kaping is benchmarked against.
+//!
 //! The window of datagrams in flight is bounded (`window`), so the figure is a
 //! sustained rate, not a burst into socket buffers; echoes missing for
 //! `STALL_MS` are written off as lost and the window reopens.
@@ -31,6 +36,8 @@ use crate::serve::{BATCH, DATAGRAM_MAX};
 const STALL_MS: u64 = 20;
 /// How long trailing echoes are awaited after the last second.
 const DRAIN_MS: u64 = 100;
+/// Distinct pre-rendered requests in `sip` mode (they cycle beyond this).
+const SIP_REQUESTS_MAX: u64 = 65_536;
 /// Grace given to the child to exit after stdin closes.
 const CHILD_EXIT_MS: u64 = 5000;
 
@@ -40,6 +47,8 @@ pub struct CeilingConfig {
     pub seconds: u32,
     pub size: usize,
     pub window: usize,
+    /// Drive a SIP `serve` with OPTIONS instead of a raw echo.
+    pub sip: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -48,6 +57,7 @@ pub struct CeilingReport {
     pub seconds: u32,
     pub size: usize,
     pub window: usize,
+    pub sip: bool,
     /// Median of the per-second echoed round-trip rates.
     pub round_trips_per_s: u64,
     pub min_per_s: u64,
@@ -67,13 +77,13 @@ struct EchoChild {
 }
 
 impl EchoChild {
-    fn spawn(seconds: u32) -> Result<(EchoChild, u16), String> {
+    fn spawn(seconds: u32, sip: bool) -> Result<(EchoChild, u16), String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
         let backstop = (u64::from(seconds) + 30).to_string();
         let child = Command::new(exe)
+            .args(["serve"])
+            .args((!sip).then_some("--raw-echo"))
             .args([
-                "serve",
-                "--raw-echo",
                 "--listen",
                 "0.0.0.0:0",
                 "--threads",
@@ -172,7 +182,7 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
     if cfg.window == 0 {
         return Err("--window must be at least 1".to_string());
     }
-    let (mut child, port) = EchoChild::spawn(cfg.seconds)?;
+    let (mut child, port) = EchoChild::spawn(cfg.seconds, cfg.sip)?;
     let layout = Layout::new(port, 1, false)?;
     let opts = SocketOptions {
         recv_buffer_bytes: 8 << 20,
@@ -186,8 +196,20 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
     let (sock, _) = bind_udp("0.0.0.0:0".parse().expect("literal address"), &opts)
         .map_err(|e| format!("cannot bind the blaster socket: {e}"))?;
     let fd = sock.as_raw_fd();
-    let payload = vec![b'k'; cfg.size];
-    let mut send = SendBatch::new(BATCH, cfg.size);
+    let local = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or("the blaster socket has no address")?;
+    let payloads = if cfg.sip {
+        (0..cfg.contacts.min(SIP_REQUESTS_MAX))
+            .map(|i| sip_request(&layout, i, local.port()))
+            .collect()
+    } else {
+        vec![vec![b'k'; cfg.size]]
+    };
+    let buf_len = payloads.iter().map(Vec::len).max().unwrap_or(1);
+    let mut send = SendBatch::new(BATCH, buf_len);
     let mut recv = RecvBatch::new(BATCH, DATAGRAM_MAX);
 
     let (mut sent, mut echoed, mut lost) = (0u64, 0u64, 0u64);
@@ -212,7 +234,8 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         while room > 0 && !send.is_full() {
             let dest = layout.addr(next % cfg.contacts);
             next += 1;
-            send.push(&payload, &dest, None);
+            let payload = &payloads[(next % payloads.len() as u64) as usize];
+            send.push(payload, &dest, None);
             room -= 1;
         }
         if send.pending() > 0 {
@@ -243,8 +266,9 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
     Ok(CeilingReport {
         contacts: cfg.contacts,
         seconds: cfg.seconds,
-        size: cfg.size,
+        size: buf_len,
         window: cfg.window,
+        sip: cfg.sip,
         round_trips_per_s: sorted[sorted.len() / 2],
         min_per_s: sorted[0],
         max_per_s: sorted[sorted.len() - 1],
@@ -254,4 +278,24 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         lost,
         responder,
     })
+}
+
+/// Contact `i`'s OPTIONS in kaping's template shape (DESIGN §2), with a
+/// fixed-width token derived from `i`. Setup only: it allocates.
+fn sip_request(layout: &Layout, i: u64, local_port: u16) -> Vec<u8> {
+    let mut uri = Vec::new();
+    crate::contacts::push_uri(&mut uri, layout, i);
+    let uri = String::from_utf8(uri).expect("ASCII URI");
+    let token = format!("LGEN{i:024}");
+    format!(
+        "OPTIONS {uri} SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK{token}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:kaping@127.0.0.1>;tag={token}\r\n\
+To: <sip:u{i}@example.com>\r\n\
+Call-ID: {token}@127.0.0.1\r\n\
+CSeq: 0000000001 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
 }
