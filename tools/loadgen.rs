@@ -176,7 +176,7 @@ struct CeilingArgs {
     #[arg(long, default_value_t = 420)]
     size: usize,
     /// Datagrams in flight at most.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 1024)]
     window: usize,
     /// Send kaping-shaped OPTIONS to a SIP `serve` child instead of raw
     /// datagrams to an echo: the responder's own rate (--size is then the
@@ -289,6 +289,11 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
             "{} contacts, {}-byte datagrams, window {}: sent {}, echoed {}, lost {}",
             report.contacts, report.size, report.window, report.sent, report.echoed, report.lost
         );
+        if let (Some(cpu), Some(rate)) =
+            (report.responder_cpu_s, report.responder_answered_per_cpu_s)
+        {
+            println!("responder used {cpu:.2} CPU s: {rate} answered per responder CPU second");
+        }
     }
     Ok(())
 }

@@ -32,8 +32,12 @@ use serde::Serialize;
 use crate::contacts::Layout;
 use crate::serve::{BATCH, DATAGRAM_MAX};
 
-/// Echoes missing this long are counted lost.
-const STALL_MS: u64 = 20;
+/// Echoes missing this long are written off and the window reopens (long
+/// enough that a descheduled child on a busy machine does not trigger it).
+const STALL_MS: u64 = 200;
+/// Linux reports `/proc/PID/stat` times in USER_HZ ticks, 100 per second on
+/// every architecture's ABI.
+const USER_HZ: f64 = 100.0;
 /// How long trailing echoes are awaited after the last second.
 const DRAIN_MS: u64 = 100;
 /// Distinct pre-rendered requests in `sip` mode (they cycle beyond this).
@@ -66,6 +70,11 @@ pub struct CeilingReport {
     pub sent: u64,
     pub echoed: u64,
     pub lost: u64,
+    /// CPU seconds (user + system) the responder process used in its life.
+    pub responder_cpu_s: Option<f64>,
+    /// Datagrams the responder answered per CPU second it used: its
+    /// capacity, independent of what else the machine was running.
+    pub responder_answered_per_cpu_s: Option<u64>,
     /// The child's own counters (`serve --json`), when it reported them.
     pub responder: Option<serde_json::Value>,
 }
@@ -133,6 +142,18 @@ impl EchoChild {
         me.stderr = Some(stderr);
         let port = port.ok_or("the echo responder did not say where it listens")?;
         Ok((me, port))
+    }
+
+    /// CPU seconds the child has used so far, from `/proc/PID/stat`.
+    fn cpu_s(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the parenthesised command name: state is field 3,
+        // utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut fields = rest.split(' ');
+        let utime: u64 = fields.nth(11)?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some((utime + stime) as f64 / USER_HZ)
     }
 
     /// Closes stdin, waits for the exit and returns the child's stdout.
@@ -259,7 +280,13 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         }
     }
     let lost = sent.saturating_sub(echoed);
-    let responder = serde_json::from_str(child.finish().trim()).ok();
+    let responder_cpu_s = child.cpu_s();
+    let responder: Option<serde_json::Value> = serde_json::from_str(child.finish().trim()).ok();
+    let answered = responder.as_ref().and_then(|r| r["answered"].as_u64());
+    let responder_answered_per_cpu_s = match (answered, responder_cpu_s) {
+        (Some(a), Some(cpu)) if cpu > 0.0 => Some((a as f64 / cpu) as u64),
+        _ => None,
+    };
 
     let mut sorted = per_second.clone();
     sorted.sort_unstable();
@@ -276,6 +303,8 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         sent,
         echoed,
         lost,
+        responder_cpu_s,
+        responder_answered_per_cpu_s,
         responder,
     })
 }
