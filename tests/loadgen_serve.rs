@@ -386,10 +386,12 @@ fn duplicates_malformed_loss_and_latency() {
 
 #[test]
 fn several_ports_and_threads() {
-    // Three consecutive free ports: try a few random bases.
+    // Three consecutive free ports: try a few bases below the ephemeral
+    // range (32768..), so no other test's port-0 responder can be joined
+    // through SO_REUSEPORT (same user, same port: the kernel allows it).
     let mut server = None;
     for attempt in 0..20u16 {
-        let base = 20000 + (std::process::id() as u16 % 20000) + attempt * 7;
+        let base = 20000 + (std::process::id() % 10000) as u16 + attempt * 7;
         let spec = format!("0.0.0.0:{base}-{}", base + 2);
         if let Ok(s) = Server::try_start(&["--listen", &spec, "--threads", "2"]) {
             server = Some(s);
@@ -514,4 +516,29 @@ fn ceiling_drives_the_sip_responder() {
     assert!(r["round_trips_per_s"].as_u64().unwrap() > 1000, "{r}");
     assert_eq!(r["responder"]["unparsable"], 0, "{r}");
     assert_eq!(r["responder"]["answered"], r["responder"]["received"]);
+}
+
+#[test]
+fn answers_over_ipv6() {
+    let Ok(sock) = UdpSocket::bind("[::1]:0") else {
+        eprintln!("SKIP: no IPv6 loopback on this machine");
+        return;
+    };
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let server = Server::start(&["--listen", "[::]:0"]);
+    let dest: SocketAddr = format!("[::1]:{}", server.port()).parse().unwrap();
+    let local = sock.local_addr().unwrap();
+    let req = options(&format!("sip:u0@{dest}"), local, &token(1), 1, "sip:u0@x");
+    sock.send_to(req.as_bytes(), dest).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf).expect("a response over IPv6");
+    assert_eq!(from, dest);
+    let resp = std::str::from_utf8(&buf[..n]).unwrap();
+    assert!(resp.starts_with("SIP/2.0 200 OK\r\n"), "{resp}");
+    assert_eq!(
+        header(resp, "Via"),
+        [format!("SIP/2.0/UDP {local};branch=z9hG4bK{}", token(1))],
+        "same host as the source: no received="
+    );
+    assert_eq!(server.stop()["answered"], 1);
 }

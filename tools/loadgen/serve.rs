@@ -15,6 +15,11 @@
 //! it for several) until a datagram arrives or the next delayed reply is due,
 //! so an idle responder costs nothing and adds no polling delay.
 //!
+//! Caution: with `--threads` > 1 the sockets join a `SO_REUSEPORT` group,
+//! and Linux lets any process of the same user join it by binding the same
+//! port with the option set; such a process would silently take a share of
+//! the traffic. Give each responder its own ports.
+//!
 //! Delayed replies (`--latency`, `--latency-dist`) are copied into a
 //! preallocated slot pool ordered by a min-heap of due times preallocated to
 //! the same capacity: a bounded timer structure, flushed on time; a reply

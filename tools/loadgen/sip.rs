@@ -476,10 +476,13 @@ fn write_top_via(out: &mut Out<'_>, value: &[u8], source: SocketAddr) {
         o.put_ip(source.ip());
         o.len
     };
-    let differs = match sent_by_host(parm) {
-        Some(host) => !host.eq_ignore_ascii_case(&ip_text[..ip_len]),
-        None => true,
-    };
+    // §18.2.1: `received` when the sent-by is a name or another address.
+    // Compared as addresses (std's parser does not allocate), so `[::1]`
+    // and the uncompressed form written below are the same host.
+    let differs = sent_by_host(parm)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| h.parse::<IpAddr>().ok())
+        .map_or(true, |ip| ip != source.ip());
     match rport {
         Some((at, end)) if at == end => {
             out.put(&parm[..at]);
