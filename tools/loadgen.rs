@@ -1,1 +1,299 @@
-fn main() {}
+//! `kaping-loadgen`: the bundled responder and load generator (DESIGN §8).
+//!
+//! * `contacts` writes N simulated contacts spread over 127.0.0.0/8 (or
+//!   `[::1]`) and ports, and optionally the fate `serve` will give each one.
+//! * `serve` answers every SIP request from the exact address that was pinged,
+//!   with configurable latency, loss, dead and flapping contacts, error codes,
+//!   malformed and duplicate replies, and reports its counters.
+//! * `ceiling` measures the raw UDP round-trip ceiling of the machine against
+//!   a `serve --raw-echo` child.
+//!
+//! This binary contains no `unsafe`: every system call goes through
+//! `kaping::io::udp`, socket2 or std. It stops on `--seconds` or on stdin EOF
+//! (`--stop-on-stdin-eof`); SIGINT/SIGTERM end it at once without a counter
+//! report (catching them needs a small signal-flag helper in the library).
+#![forbid(unsafe_code)]
+
+#[path = "loadgen/ceiling.rs"]
+mod ceiling;
+#[path = "loadgen/contacts.rs"]
+mod contacts;
+#[path = "loadgen/fate.rs"]
+mod fate;
+#[path = "loadgen/serve.rs"]
+mod serve;
+#[path = "loadgen/sip.rs"]
+mod sip;
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::fate::{parse_duration_ns, FatePlan, LatencyDist};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kaping-loadgen",
+    version,
+    about = "kaping's bundled SIP responder and load generator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a contacts file: one SIP URI per line, sip:u<i>@127.a.b.c:P.
+    Contacts(ContactsArgs),
+    /// Answer SIP requests on loopback (or anywhere) from the pinged address.
+    Serve(ServeArgs),
+    /// Measure the raw UDP echo ceiling against a `serve --raw-echo` child.
+    Ceiling(CeilingArgs),
+}
+
+/// The stable, per-contact fates: shared by `contacts --fates` and `serve`,
+/// which must be given the same values to agree.
+#[derive(Args, Debug, Clone)]
+struct FateArgs {
+    /// Seed of the per-contact hash (and of the per-packet generator).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of contacts that never answer.
+    #[arg(long, default_value_t = 0.0)]
+    dead: f64,
+    /// Fraction of contacts answered with --error-code.
+    #[arg(long, default_value_t = 0.0)]
+    error: f64,
+    /// Status code of the error contacts.
+    #[arg(long, default_value_t = 503)]
+    error_code: u16,
+    /// Fraction of contacts alternating answering and silent periods.
+    #[arg(long, default_value_t = 0.0)]
+    flap: f64,
+    /// Length of each answering or silent period of a flapping contact.
+    #[arg(long = "flap-period", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_ns)]
+    flap_period_ns: u64,
+}
+
+impl FateArgs {
+    fn plan(&self) -> Result<FatePlan, String> {
+        FatePlan::new(
+            self.seed,
+            self.dead,
+            self.error,
+            self.error_code,
+            self.flap,
+            self.flap_period_ns / 1_000_000,
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+struct ContactsArgs {
+    /// Number of contacts.
+    #[arg(long)]
+    count: u64,
+    /// First port the contacts listen on.
+    #[arg(long, default_value_t = 5060)]
+    port: u16,
+    /// Spread contacts over ports P..P+K-1 (the port varies fastest).
+    #[arg(long, default_value_t = 1)]
+    ports: u16,
+    /// All contacts on [::1] instead of 127.0.0.0/8.
+    #[arg(long)]
+    ipv6: bool,
+    /// Output file (default: stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write `uri<TAB>fate` lines (ok, dead, error:<code>, flap:<phase_ms>).
+    #[arg(long)]
+    fates: Option<PathBuf>,
+    #[command(flatten)]
+    fate: FateArgs,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// ADDR:PORT[-LASTPORT] to answer on; repeatable. 0.0.0.0:P answers for every 127.a.b.c:P.
+    #[arg(long, required = true, value_parser = serve::ListenSpec::parse)]
+    listen: Vec<serve::ListenSpec>,
+    /// Responder threads (each with its own SO_REUSEPORT socket per port).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Echo every datagram back unparsed (the raw UDP ceiling).
+    #[arg(long)]
+    raw_echo: bool,
+    /// Fixed delay added to every reply.
+    #[arg(long = "latency", value_name = "DURATION", default_value = "0", value_parser = parse_duration_ns)]
+    latency_ns: u64,
+    /// Random delay added on top: uniform:LO..HI or exp:MEAN.
+    #[arg(long, value_parser = LatencyDist::parse)]
+    latency_dist: Option<LatencyDist>,
+    /// Fraction of requests dropped at random.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Fraction of replies replaced by a malformed variant.
+    #[arg(long, default_value_t = 0.0)]
+    malformed: f64,
+    /// Fraction of replies sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate: f64,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Stop when stdin reaches end of file.
+    #[arg(long)]
+    stop_on_stdin_eof: bool,
+    /// Print the counters as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Requested SO_RCVBUF per socket, bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    rcvbuf: usize,
+    /// Requested SO_SNDBUF per socket, bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    sndbuf: usize,
+    /// Delayed replies each thread can hold (2 KiB each).
+    #[arg(long, default_value_t = 16384)]
+    delay_slots: usize,
+    #[command(flatten)]
+    fate: FateArgs,
+}
+
+#[derive(Args, Debug)]
+struct CeilingArgs {
+    /// Distinct destination addresses across 127.0.0.0/8.
+    #[arg(long, default_value_t = 10_000)]
+    contacts: u64,
+    /// Measured seconds (one rate per second; the median is reported).
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Datagram size in bytes.
+    #[arg(long, default_value_t = 420)]
+    size: usize,
+    /// Datagrams in flight at most.
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Send kaping-shaped OPTIONS to a SIP `serve` child instead of raw
+    /// datagrams to an echo: the responder's own rate (--size is then the
+    /// request size).
+    #[arg(long)]
+    sip: bool,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Contacts(a) => run_contacts(a),
+        Cmd::Serve(a) => run_serve(a),
+        Cmd::Ceiling(a) => run_ceiling(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kaping-loadgen: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn create(path: &PathBuf) -> Result<BufWriter<File>, String> {
+    File::create(path)
+        .map(BufWriter::new)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+fn run_contacts(a: ContactsArgs) -> Result<(), String> {
+    let layout = contacts::Layout::new(a.port, a.ports, a.ipv6)?;
+    let plan = a.fate.plan()?;
+    let mut out: Box<dyn Write> = match &a.out {
+        Some(p) => Box::new(create(p)?),
+        None => Box::new(io::stdout().lock()),
+    };
+    let mut fates_file = match &a.fates {
+        Some(p) => Some(create(p)?),
+        None => None,
+    };
+    let fates = fates_file.as_mut().map(|w| (&plan, w as &mut dyn Write));
+    contacts::write_contacts(&layout, a.count, &mut out, fates)
+        .map_err(|e| format!("cannot write contacts: {e}"))
+}
+
+fn run_serve(a: ServeArgs) -> Result<(), String> {
+    let cfg = serve::ServeConfig {
+        listen: a.listen,
+        threads: a.threads,
+        raw_echo: a.raw_echo,
+        plan: a.fate.plan()?,
+        noise: serve::Noise {
+            loss: a.loss,
+            malformed: a.malformed,
+            duplicate: a.duplicate,
+            latency_ns: a.latency_ns,
+            dist: a.latency_dist.unwrap_or(LatencyDist::None),
+        },
+        seed: a.fate.seed,
+        seconds: a.seconds,
+        stop_on_stdin_eof: a.stop_on_stdin_eof,
+        recv_buffer_bytes: a.rcvbuf,
+        send_buffer_bytes: a.sndbuf,
+        delay_slots: a.delay_slots,
+    };
+    let counters = serve::run(cfg)?;
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&counters).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())?;
+    } else {
+        for (name, value) in counters.fields() {
+            writeln!(out, "{name} {value}").map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
+    let report = ceiling::run(&ceiling::CeilingConfig {
+        contacts: a.contacts,
+        seconds: a.seconds,
+        size: a.size,
+        window: a.window,
+        sip: a.sip,
+    })?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "{}: {} echoed round trips/s (median of {} one-second rates; min {}, max {})",
+            if report.sip {
+                "sip responder"
+            } else {
+                "raw udp ceiling"
+            },
+            report.round_trips_per_s,
+            report.seconds,
+            report.min_per_s,
+            report.max_per_s
+        );
+        println!(
+            "{} contacts, {}-byte datagrams, window {}: sent {}, echoed {}, lost {}",
+            report.contacts, report.size, report.window, report.sent, report.echoed, report.lost
+        );
+        if let (Some(cpu), Some(rate)) =
+            (report.responder_cpu_s, report.responder_answered_per_cpu_s)
+        {
+            println!("responder used {cpu:.2} CPU s: {rate} answered per responder CPU second");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Simulated contacts: the mapping from a contact index to its address, and
+//! the `contacts` subcommand that writes them (and their expected fates).
+//!
+//! Mapping (shared with `ceiling`, and what a benchmark of kaping relies on):
+//! contact `i` (0-based) is `sip:u<i>@<addr>:<port>` with
+//! `port = P + i % K` and, for IPv4, address index `j = i / K` mapped to
+//! `127.a.b.c` with `c = 1 + j % 254`, `b = (j / 254) % 256`,
+//! `a = (j / 65024) % 256`: host bytes .0 and .255 are skipped (they look like
+//! network/broadcast addresses to some tools), 127.0.0.1 is the first address,
+//! and 16,646,144 addresses × K ports are distinct before the mapping wraps
+//! (user parts stay distinct regardless). For IPv6 every contact is on
+//! `[::1]`, spread over the K ports only. The whole of 127.0.0.0/8 is local on
+//! Linux, so one socket bound to 0.0.0.0:P receives for every 127.a.b.c:P.
+//!
+//! Writing never formats per line: digits are produced into a stack array and
+//! lines are appended to a 1 MiB buffer flushed with one `write_all`.
+//! Callers: `main` (`contacts` subcommand), `ceiling` (destinations).
+
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::fate::{Fate, FatePlan};
+
+/// Distinct IPv4 addresses the mapping uses before wrapping.
+pub const V4_ADDRS: u64 = 254 * 256 * 256;
+
+/// Flush threshold of the output buffers.
+const BUF_BYTES: usize = 1 << 20;
+
+/// Where contacts live: base port, number of ports, family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub base_port: u16,
+    pub ports: u16,
+    pub ipv6: bool,
+}
+
+impl Layout {
+    pub fn new(base_port: u16, ports: u16, ipv6: bool) -> Result<Layout, String> {
+        if base_port == 0 {
+            return Err("--port must be a real port (1..=65535)".to_string());
+        }
+        if ports == 0 || u32::from(base_port) + u32::from(ports) - 1 > 65535 {
+            return Err(format!(
+                "--ports {ports} from --port {base_port} leaves the port range"
+            ));
+        }
+        Ok(Layout {
+            base_port,
+            ports,
+            ipv6,
+        })
+    }
+
+    /// The address of contact `i`.
+    #[inline]
+    pub fn addr(&self, i: u64) -> SocketAddr {
+        let port = self.base_port + (i % u64::from(self.ports)) as u16;
+        let ip = if self.ipv6 {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(ipv4_for(i / u64::from(self.ports)))
+        };
+        SocketAddr::new(ip, port)
+    }
+}
+
+/// The `j`-th address of 127.0.0.0/8 in the mapping above.
+#[inline]
+pub fn ipv4_for(j: u64) -> Ipv4Addr {
+    let j = j % V4_ADDRS;
+    let c = 1 + (j % 254) as u8;
+    let b = ((j / 254) % 256) as u8;
+    let a = (j / (254 * 256)) as u8;
+    Ipv4Addr::new(127, a, b, c)
+}
+
+/// Appends the decimal digits of `n`.
+#[inline]
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends the URI of contact `i`.
+#[inline]
+pub fn push_uri(out: &mut Vec<u8>, layout: &Layout, i: u64) {
+    out.extend_from_slice(b"sip:u");
+    push_u64(out, i);
+    out.push(b'@');
+    let addr = layout.addr(i);
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            for (k, o) in ip.octets().iter().enumerate() {
+                if k > 0 {
+                    out.push(b'.');
+                }
+                push_u64(out, u64::from(*o));
+            }
+        }
+        // The mapping only ever uses ::1.
+        IpAddr::V6(_) => out.extend_from_slice(b"[::1]"),
+    }
+    out.push(b':');
+    push_u64(out, u64::from(addr.port()));
+}
+
+/// Appends the fate word written to the fates file.
+fn push_fate(out: &mut Vec<u8>, fate: Fate) {
+    match fate {
+        Fate::Ok => out.extend_from_slice(b"ok"),
+        Fate::Dead => out.extend_from_slice(b"dead"),
+        Fate::Error(code) => {
+            out.extend_from_slice(b"error:");
+            push_u64(out, u64::from(code));
+        }
+        Fate::Flap { phase_ms } => {
+            out.extend_from_slice(b"flap:");
+            push_u64(out, phase_ms);
+        }
+    }
+}
+
+/// Writes `count` contact URIs, one per line, to `out`; with `fates`, also
+/// `uri<TAB>fate` lines (`ok`, `dead`, `error:<code>`, `flap:<phase_ms>`).
+pub fn write_contacts(
+    layout: &Layout,
+    count: u64,
+    out: &mut dyn Write,
+    mut fates: Option<(&FatePlan, &mut dyn Write)>,
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(BUF_BYTES + 256);
+    let mut fate_buf = Vec::with_capacity(if fates.is_some() { BUF_BYTES + 256 } else { 0 });
+    for i in 0..count {
+        let start = buf.len();
+        push_uri(&mut buf, layout, i);
+        if let Some((plan, _)) = &fates {
+            let uri = &buf[start..];
+            fate_buf.extend_from_slice(uri);
+            fate_buf.push(b'\t');
+            push_fate(&mut fate_buf, plan.fate(plan.contact_hash(uri)));
+            fate_buf.push(b'\n');
+        }
+        buf.push(b'\n');
+        if buf.len() >= BUF_BYTES {
+            out.write_all(&buf)?;
+            buf.clear();
+        }
+        if fate_buf.len() >= BUF_BYTES {
+            if let Some((_, w)) = fates.as_mut() {
+                w.write_all(&fate_buf)?;
+            }
+            fate_buf.clear();
+        }
+    }
+    out.write_all(&buf)?;
+    out.flush()?;
+    if let Some((_, w)) = fates.as_mut() {
+        w.write_all(&fate_buf)?;
+        w.flush()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_skips_network_and_broadcast_bytes() {
+        assert_eq!(ipv4_for(0), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(ipv4_for(253), Ipv4Addr::new(127, 0, 0, 254));
+        assert_eq!(ipv4_for(254), Ipv4Addr::new(127, 0, 1, 1));
+        assert_eq!(ipv4_for(254 * 256), Ipv4Addr::new(127, 1, 0, 1));
+        assert_eq!(ipv4_for(V4_ADDRS - 1), Ipv4Addr::new(127, 255, 255, 254));
+        assert_eq!(ipv4_for(V4_ADDRS), Ipv4Addr::new(127, 0, 0, 1));
+    }
+
+    #[test]
+    fn ports_vary_fastest() {
+        let l = Layout::new(5060, 3, false).unwrap();
+        assert_eq!(l.addr(0), "127.0.0.1:5060".parse().unwrap());
+        assert_eq!(l.addr(2), "127.0.0.1:5062".parse().unwrap());
+        assert_eq!(l.addr(3), "127.0.0.2:5060".parse().unwrap());
+        let v6 = Layout::new(5060, 2, true).unwrap();
+        assert_eq!(v6.addr(5), "[::1]:5061".parse().unwrap());
+        assert!(Layout::new(65535, 2, false).is_err());
+        assert!(Layout::new(0, 1, false).is_err());
+    }
+
+    #[test]
+    fn uris_match_the_formatted_text() {
+        for (layout, i) in [
+            (Layout::new(5060, 1, false).unwrap(), 0u64),
+            (Layout::new(5060, 7, false).unwrap(), 123_456_789),
+            (Layout::new(40000, 3, true).unwrap(), 10),
+        ] {
+            let mut buf = Vec::new();
+            push_uri(&mut buf, &layout, i);
+            let addr = layout.addr(i);
+            let host = match addr.ip() {
+                IpAddr::V4(ip) => ip.to_string(),
+                IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            assert_eq!(
+                String::from_utf8(buf).unwrap(),
+                format!("sip:u{i}@{host}:{}", addr.port())
+            );
+        }
+    }
+}
