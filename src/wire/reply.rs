@@ -215,23 +215,18 @@ pub fn parse(datagram: &[u8]) -> Result<Reply<'_>, Reject> {
             return Err(Reject::Truncated);
         };
         let lf = pos + k;
-        let line = trim_cr(&d[pos..lf]);
-        let Some(&first) = line.first() else {
-            break lf + 1; // the empty line (§7.5)
-        };
-        if !matches!(first, b'f' | b'F' | b'c' | b'C' | b'l' | b'L') {
-            pos = lf + 1;
-            continue;
-        }
-        let Some(colon) = memchr(b':', line) else {
-            pos = lf + 1;
-            continue;
-        };
-        let slot = match HeaderName::of(trim_end_wsp(&line[..colon])) {
-            HeaderName::Other => {
-                pos = lf + 1;
-                continue;
+        let line = &d[pos..lf];
+        // Only a line whose first byte can start a name we read is looked at
+        // further: that also skips continuation lines (first byte SP/HTAB)
+        // of headers we ignore, and the empty line falls out of the same test.
+        let Some((name, value_at)) = header_of(line) else {
+            if line.is_empty() || line == b"\r" {
+                break lf + 1; // the empty line (§7.5)
             }
+            pos = lf + 1;
+            continue;
+        };
+        let slot = match name {
             HeaderName::From if from.is_some() => return Err(Reject::DuplicateFrom),
             HeaderName::From => &mut from,
             HeaderName::CSeq => &mut cseq,
@@ -240,8 +235,7 @@ pub fn parse(datagram: &[u8]) -> Result<Reply<'_>, Reject> {
         // The value runs to the end of the logical header: folded lines
         // (§7.3.1) are part of it, and their CR LF count as whitespace.
         let end = logical_header_end(d, lf)?;
-        let value = &d[pos + colon + 1..end];
-        if slot.replace(value).is_some() {
+        if slot.replace(&d[pos + value_at..end]).is_some() {
             return Err(Reject::BadHeader);
         }
         pos = end + 1;
@@ -340,23 +334,70 @@ enum HeaderName {
     From,
     CSeq,
     ContentLength,
-    Other,
 }
 
-impl HeaderName {
-    /// Header names are case-insensitive (§7.3.1); compact forms per §7.3.3.
-    /// `c` is Content-Type, not CSeq: CSeq has no compact form.
-    fn of(name: &[u8]) -> HeaderName {
-        if name.eq_ignore_ascii_case(b"from") || name.eq_ignore_ascii_case(b"f") {
-            HeaderName::From
-        } else if name.eq_ignore_ascii_case(b"cseq") {
-            HeaderName::CSeq
-        } else if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
-            HeaderName::ContentLength
-        } else {
-            HeaderName::Other
+/// Recognises `header-name HCOLON` at the start of `line` for the headers
+/// [`parse`] reads, returning the offset just past the colon.
+///
+/// Header names are case-insensitive (§7.3.1); compact forms per §7.3.3 (`f`
+/// From, `l` Content-Length; `c` is Content-Type: CSeq has no compact form).
+/// `HCOLON = *( SP / HTAB ) ":" SWS` (§25.1), so a name is followed only by
+/// SP, HTAB or `:`; requiring that is what tells `From` from `Froms`.
+///
+/// Names are compared as words with `| 0x20`: for the lowercase letters of
+/// these names the only bytes that map onto them are that letter in either
+/// case, so the comparison is exact (the `-` of `content-length`, which CR
+/// would also match, is checked separately). No byte loop, no `memchr`: this
+/// runs on every header line starting with `c`, `f` or `l`.
+#[inline]
+fn header_of(line: &[u8]) -> Option<(HeaderName, usize)> {
+    const LOWER4: u32 = 0x2020_2020;
+    const LOWER8: u64 = 0x2020_2020_2020_2020;
+    let first = *line.first()? | 0x20;
+    let (name, name_len) = match first {
+        b'f' | b'l' if matches!(line.get(1), Some(b' ' | b'\t' | b':')) => (
+            if first == b'f' {
+                HeaderName::From
+            } else {
+                HeaderName::ContentLength
+            },
+            1,
+        ),
+        b'f' | b'c' => {
+            let &[a, b, c, d, ..] = line else {
+                return None;
+            };
+            let w = u32::from_le_bytes([a, b, c, d]) | LOWER4;
+            if w == u32::from_le_bytes(*b"from") {
+                (HeaderName::From, 4)
+            } else if w == u32::from_le_bytes(*b"cseq") {
+                (HeaderName::CSeq, 4)
+            } else if w == u32::from_le_bytes(*b"cont") {
+                let &[n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, ..] = line else {
+                    return None;
+                };
+                let head = u64::from_le_bytes([n0, n1, n2, n3, n4, n5, n6, n7]);
+                let tail = u64::from_le_bytes([n6, n7, n8, n9, n10, n11, n12, n13]);
+                if n7 != b'-'
+                    || head | LOWER8 != u64::from_le_bytes(*b"content-")
+                    || tail | LOWER8 != u64::from_le_bytes(*b"t-length")
+                {
+                    return None;
+                }
+                (HeaderName::ContentLength, 14)
+            } else {
+                return None;
+            }
         }
+        _ => return None,
+    };
+    let mut i = name_len;
+    while let Some(b' ' | b'\t') = line.get(i) {
+        i += 1;
     }
+    // A name we read not followed by HCOLON is another header (or a broken
+    // line): the caller skips it like any line it does not read.
+    (line.get(i) == Some(&b':')).then_some((name, i + 1))
 }
 
 /// Index of the LF that ends the logical header whose first line ends at
@@ -385,18 +426,23 @@ fn logical_header_end(d: &[u8], mut lf: usize) -> Result<usize, Reject> {
 /// With `<...>`, parameters inside the brackets belong to the URI and are
 /// skipped whole; without, every `;` parameter is a header parameter (§20.10).
 fn parse_from_tag(v: &[u8]) -> Result<&[u8], Reject> {
-    if skip_lws(v, 0) == v.len() {
+    let mut i = skip_lws(v, 0);
+    if i == v.len() {
         return Err(Reject::BadHeader);
     }
     // Find where the header parameters start: after the `>` of a name-addr,
     // or at the first `;` of an addr-spec. A `"` starts a quoted display name
     // whose content (which may hold `<`, `;`, `tag=`) is skipped.
-    let mut i = 0;
     let params_at = loop {
-        let Some(k) = memchr3(b'"', b'<', b';', &v[i..]) else {
-            return Err(Reject::NoTag);
+        // `<` first is the form UAs echo back (`<uri>;tag=`): no search.
+        let j = if v.get(i) == Some(&b'<') {
+            i
+        } else {
+            match memchr3(b'"', b'<', b';', v.get(i..).unwrap_or_default()) {
+                Some(k) => i + k,
+                None => return Err(Reject::NoTag),
+            }
         };
-        let j = i + k;
         match v[j] {
             b'"' => i = skip_quoted_string(v, j)?,
             b'<' => match memchr(b'>', &v[j + 1..]) {
@@ -433,11 +479,7 @@ fn parse_from_tag(v: &[u8]) -> Result<&[u8], Reject> {
             } else {
                 // gen-value = token / host / quoted-string: runs to the next
                 // whitespace or `;` (a host may hold `[`, `]`, `:`).
-                let mut q = p;
-                while q < v.len() && !is_lws(v[q]) && v[q] != b';' {
-                    q += 1;
-                }
-                q
+                skip_while(v, p, &PARAM_VALUE_CHARS)
             };
             value = &v[value_at..p];
         }
@@ -517,12 +559,34 @@ fn skip_lws(v: &[u8], mut i: usize) -> usize {
 }
 
 #[inline]
-fn skip_token(v: &[u8], mut i: usize) -> usize {
-    while i < v.len() && is_token_char(v[i]) {
-        i += 1;
-    }
-    i
+fn skip_token(v: &[u8], i: usize) -> usize {
+    skip_while(v, i, &TOKEN_CHARS)
 }
+
+/// Index of the first byte at or after `i` that is not in `set` (or the end).
+#[inline]
+fn skip_while(v: &[u8], i: usize, set: &[bool; 256]) -> usize {
+    match v.get(i..) {
+        Some(rest) => {
+            i + rest
+                .iter()
+                .position(|&b| !set[usize::from(b)])
+                .unwrap_or(rest.len())
+        }
+        None => v.len(),
+    }
+}
+
+/// Bytes of an unquoted generic-param value: anything up to LWS or `;`.
+const PARAM_VALUE_CHARS: [bool; 256] = {
+    let mut t = [true; 256];
+    t[b' ' as usize] = false;
+    t[b'\t' as usize] = false;
+    t[b'\r' as usize] = false;
+    t[b'\n' as usize] = false;
+    t[b';' as usize] = false;
+    t
+};
 
 /// `token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")` (§25.1).
 const TOKEN_CHARS: [bool; 256] = {
@@ -728,6 +792,38 @@ mod tests {
             b" SIP/2.0",
         ] {
             assert_eq!(parse_status_line(bad), Err(Reject::NotSip), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn header_names_and_hcolon() {
+        use HeaderName::*;
+        type Case = (&'static [u8], Option<(HeaderName, usize)>);
+        let cases: [Case; 20] = [
+            (b"From: x", Some((From, 5))),
+            (b"FROM:x", Some((From, 5))),
+            (b"fRoM \t : x", Some((From, 8))),
+            (b"f:x", Some((From, 2))),
+            (b"F :x", Some((From, 3))),
+            (b"CSeq: 1 OPTIONS", Some((CSeq, 5))),
+            (b"cseq\t:1 OPTIONS", Some((CSeq, 6))),
+            (b"Content-Length: 0", Some((ContentLength, 15))),
+            (b"CONTENT-LENGTH:0", Some((ContentLength, 15))),
+            (b"l: 0", Some((ContentLength, 2))),
+            (b"c: application/sdp", None), // Content-Type, not CSeq
+            (b"Contact: <sip:a@b>", None),
+            (b"Call-ID: x", None),
+            (b"Content-Type: x", None),
+            (b"Content_Length: 0", None),
+            (b"Froms: x", None),
+            (b"From x", None),
+            (b"From", None),
+            (b" From: x", None), // a continuation line
+            (b"", None),
+        ];
+        for (line, want) in cases {
+            let got = header_of(line);
+            assert!(got == want, "{:?}", String::from_utf8_lossy(line));
         }
     }
 

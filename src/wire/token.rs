@@ -11,29 +11,27 @@
 //! # Format
 //!
 //! ```text
-//!  0    4                                            28
-//!  +----+--------------------------------------------+
-//!  |IIII| 24 chars = 144 bits = 18 bytes              |
-//!  +----+--------------------------------------------+
-//!   ^     bytes  0      worker      (8 bits)
-//!   |     bytes  1..4   slot        (24 bits, big-endian)
-//!   |     bytes  4..6   generation  (16 bits, big-endian)
-//!   |     bytes  6..8   seq         (16 bits, big-endian)
-//!   |     bytes  8..12  sent_us     (32 bits, big-endian)
-//!   |     bytes 12..18  MAC         (48 bits, big-endian)
-//!   instance prefix: the 24-bit instance id, 4 × 6 bits, most significant first
+//!  0    4                 12                20              28
+//!  +----+------------------+------------------+---------------+
+//!  |IIII| hi: 8 chars      | lo: 8 chars      | MAC: 8 chars  |
+//!  +----+------------------+------------------+---------------+
+//!   |     hi  = worker (8) ‖ slot (24) ‖ generation (16)   48 bits
+//!   |     lo  = seq (16) ‖ sent_us (32)                     48 bits
+//!   |     MAC = SipHash-2-4 (48 bits)                       48 bits
+//!   instance prefix: the 24-bit instance id, 4 × 6 bits
 //! ```
 //!
-//! The 18 bytes are written 3 at a time as 4 characters of 6 bits each (the
-//! base64 bit order), over [`ALPHABET`]: 64 characters that are all RFC 3261
-//! `token` characters (§25.1), so the token is valid unquoted in a tag, a
-//! branch and a Call-ID `word`. Since the alphabet has exactly 64 symbols, the
-//! character ↔ 6-bit mapping is a bijection: any change of a character either
-//! leaves the alphabet ([`TokenError::Alphabet`]) or changes payload or MAC
-//! bits ([`TokenError::Mac`], except with probability 2⁻⁴⁸).
+//! Every 48-bit word is written as 8 characters of 6 bits, most significant
+//! first, over [`ALPHABET`]: 64 characters that are all RFC 3261 `token`
+//! characters (§25.1), so the token is valid unquoted in a tag, a branch and
+//! a Call-ID `word`. (Equivalently: the 18 bytes `payload ‖ MAC` in base64
+//! bit order.) Since the alphabet has exactly 64 symbols, the character ↔
+//! 6-bit mapping is a bijection: any change of a character either leaves the
+//! alphabet ([`TokenError::Alphabet`]) or changes payload or MAC bits
+//! ([`TokenError::Mac`], except with probability 2⁻⁴⁸).
 //!
 //! The MAC is the low 48 bits of SipHash-2-4, keyed with the 128-bit per-run
-//! secret, over the 16 bytes `instance prefix ‖ payload`. A reply forged
+//! secret, over the 16 bytes `instance prefix ‖ hi ‖ lo` (big-endian). A reply forged
 //! without the secret is believed with probability 2⁻⁴⁸ per attempt; a reply
 //! for another kaping instance sharing the port fails the prefix check before
 //! any hashing.
@@ -41,7 +39,9 @@
 //! # Invariants and guarantees
 //!
 //! * [`encode`] and [`decode`] never allocate, never format and never panic;
-//!   their cost is one SipHash of 16 bytes plus table lookups (tens of ns).
+//!   their cost is one SipHash of 16 bytes plus 24 table lookups (tens of
+//!   ns). Both work on 48-bit words in registers, never on byte arrays that
+//!   are then re-read as words (store-forwarding stalls).
 //! * `decode(key, encode(key, f)) == Ok(f)` for every field value (slots are
 //!   24-bit: `encode` keeps the low 24 bits of `slot`, and debug builds assert
 //!   that nothing was lost).
@@ -64,23 +64,14 @@ pub const SLOT_MAX: u32 = (1 << 24) - 1;
 /// Number of distinct worker ids a token can carry: worker ids are 8-bit.
 pub const WORKERS_MAX: usize = 256;
 
-/// Payload bytes (worker, slot, generation, seq, sent_us).
-const PAYLOAD_LEN: usize = 12;
-/// MAC bytes: 48 bits of SipHash-2-4.
-const MAC_LEN: usize = 6;
-/// Payload and MAC as raw bytes, before the 6-bit encoding.
-const RAW_LEN: usize = PAYLOAD_LEN + MAC_LEN;
-/// Number of 3-byte / 4-character groups in the encoded payload and MAC.
-const GROUPS: usize = RAW_LEN / 3;
-const MAC_MASK: u64 = (1 << (8 * MAC_LEN)) - 1;
+/// Bits per encoded word (`hi`, `lo`, MAC) and characters per word.
+const WORD_BITS: u32 = 48;
+const WORD_CHARS: usize = 8;
+const WORD_MASK: u64 = (1 << WORD_BITS) - 1;
 const INSTANCE_MASK: u32 = (1 << 24) - 1;
 
-const _: () = assert!(RAW_LEN % 3 == 0);
-const _: () = assert!(INSTANCE_LEN + GROUPS * 4 == TOKEN_LEN);
-const _: () = assert!(
-    INSTANCE_LEN + PAYLOAD_LEN == 16,
-    "MAC input is one 16-byte message"
-);
+const _: () = assert!(WORD_CHARS as u32 * 6 == WORD_BITS);
+const _: () = assert!(INSTANCE_LEN + 3 * WORD_CHARS == TOKEN_LEN);
 
 /// The alphabet: 64 RFC 3261 `token` characters (A-Z a-z 0-9 '-' '.'), 6 bits
 /// each; index = value.
@@ -152,13 +143,14 @@ impl TokenKey {
         self.instance_id
     }
 
-    /// 48-bit MAC over `prefix ‖ payload`.
+    /// 48-bit MAC over the 16 bytes `prefix ‖ hi ‖ lo`, built as one
+    /// big-endian u128 so the hasher reads it back without partial stores.
     #[inline]
-    fn mac(&self, payload: &[u8; PAYLOAD_LEN]) -> u64 {
-        let mut msg = [0u8; INSTANCE_LEN + PAYLOAD_LEN];
-        msg[..INSTANCE_LEN].copy_from_slice(&self.prefix);
-        msg[INSTANCE_LEN..].copy_from_slice(payload);
-        self.hasher.hash(&msg) & MAC_MASK
+    fn mac(&self, hi: u64, lo: u64) -> u64 {
+        let msg = u128::from(u32::from_be_bytes(self.prefix)) << 96
+            | u128::from(hi) << 48
+            | u128::from(lo);
+        self.hasher.hash(&msg.to_be_bytes()) & WORD_MASK
     }
 }
 
@@ -212,27 +204,18 @@ pub fn encode(key: &TokenKey, fields: &TokenFields, out: &mut [u8; TOKEN_LEN]) {
         "slot {} does not fit in 24 bits",
         fields.slot
     );
-    let mut raw = [0u8; RAW_LEN];
-    raw[0] = fields.worker;
-    raw[1..4].copy_from_slice(&(fields.slot & SLOT_MAX).to_be_bytes()[1..]);
-    raw[4..6].copy_from_slice(&fields.generation.to_be_bytes());
-    raw[6..8].copy_from_slice(&fields.seq.to_be_bytes());
-    raw[8..12].copy_from_slice(&fields.sent_us.to_be_bytes());
-    let mut payload = [0u8; PAYLOAD_LEN];
-    payload.copy_from_slice(&raw[..PAYLOAD_LEN]);
-    let mac = key.mac(&payload);
-    raw[PAYLOAD_LEN..].copy_from_slice(&mac.to_be_bytes()[8 - MAC_LEN..]);
-
-    out[..INSTANCE_LEN].copy_from_slice(&key.prefix);
-    for g in 0..GROUPS {
-        let v = u32::from(raw[3 * g]) << 16
-            | u32::from(raw[3 * g + 1]) << 8
-            | u32::from(raw[3 * g + 2]);
-        let o = INSTANCE_LEN + 4 * g;
-        out[o] = ALPHABET[(v >> 18) as usize & 63];
-        out[o + 1] = ALPHABET[(v >> 12) as usize & 63];
-        out[o + 2] = ALPHABET[(v >> 6) as usize & 63];
-        out[o + 3] = ALPHABET[v as usize & 63];
+    let hi = u64::from(fields.worker) << 40
+        | u64::from(fields.slot & SLOT_MAX) << 16
+        | u64::from(fields.generation);
+    let lo = u64::from(fields.seq) << 32 | u64::from(fields.sent_us);
+    let mac = key.mac(hi, lo);
+    let (prefix, rest) = out.split_at_mut(INSTANCE_LEN);
+    prefix.copy_from_slice(&key.prefix);
+    for (chars, word) in rest.chunks_exact_mut(WORD_CHARS).zip([hi, lo, mac]) {
+        for (i, c) in chars.iter_mut().enumerate() {
+            let shift = WORD_BITS - 6 * (i as u32 + 1);
+            *c = ALPHABET[(word >> shift) as usize & 63];
+        }
     }
 }
 
@@ -246,45 +229,33 @@ pub fn decode(key: &TokenKey, token: &[u8]) -> Result<TokenFields, TokenError> {
     let Ok(token) = <&[u8; TOKEN_LEN]>::try_from(token) else {
         return Err(TokenError::Length);
     };
-    if token[..INSTANCE_LEN] != key.prefix {
+    let (prefix, rest) = token.split_at(INSTANCE_LEN);
+    if prefix != key.prefix {
         return Err(TokenError::Instance);
     }
-    let mut raw = [0u8; RAW_LEN];
     let mut invalid = 0u8;
-    for g in 0..GROUPS {
-        let i = INSTANCE_LEN + 4 * g;
-        let (a, b, c, d) = (
-            DECODE[usize::from(token[i])],
-            DECODE[usize::from(token[i + 1])],
-            DECODE[usize::from(token[i + 2])],
-            DECODE[usize::from(token[i + 3])],
-        );
-        invalid |= a | b | c | d;
-        let v = u32::from(a & 63) << 18
-            | u32::from(b & 63) << 12
-            | u32::from(c & 63) << 6
-            | u32::from(d & 63);
-        raw[3 * g] = (v >> 16) as u8;
-        raw[3 * g + 1] = (v >> 8) as u8;
-        raw[3 * g + 2] = v as u8;
+    let mut words = [0u64; 3];
+    for (word, chars) in words.iter_mut().zip(rest.chunks_exact(WORD_CHARS)) {
+        for &c in chars {
+            let v = DECODE[usize::from(c)];
+            invalid |= v;
+            *word = *word << 6 | u64::from(v & 63);
+        }
     }
     // Valid entries are 0..=63; only INVALID has the high bit.
     if invalid & 0x80 != 0 {
         return Err(TokenError::Alphabet);
     }
-    let mut payload = [0u8; PAYLOAD_LEN];
-    payload.copy_from_slice(&raw[..PAYLOAD_LEN]);
-    let mut mac = [0u8; 8];
-    mac[8 - MAC_LEN..].copy_from_slice(&raw[PAYLOAD_LEN..]);
-    if u64::from_be_bytes(mac) != key.mac(&payload) {
+    let [hi, lo, mac] = words;
+    if mac != key.mac(hi, lo) {
         return Err(TokenError::Mac);
     }
     Ok(TokenFields {
-        worker: payload[0],
-        slot: u32::from_be_bytes([0, payload[1], payload[2], payload[3]]),
-        generation: u16::from_be_bytes([payload[4], payload[5]]),
-        seq: u16::from_be_bytes([payload[6], payload[7]]),
-        sent_us: u32::from_be_bytes([payload[8], payload[9], payload[10], payload[11]]),
+        worker: (hi >> 40) as u8,
+        slot: (hi >> 16) as u32 & SLOT_MAX,
+        generation: hi as u16,
+        seq: (lo >> 32) as u16,
+        sent_us: lo as u32,
     })
 }
 
