@@ -179,16 +179,29 @@ pub struct Reply<'a> {
 /// A verified reply to one of our pings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Match {
+    /// Worker that sent the ping; the engine checks it is the receiving one.
     pub worker: u8,
+    /// Slab slot of the contact.
     pub slot: u32,
+    /// Slab generation at send time; the engine checks it is still current.
     pub generation: u16,
+    /// Ping sequence number.
     pub seq: u16,
+    /// Low 32 bits of the µs send time (RTT by wrapping subtraction).
     pub sent_us: u32,
+    /// Response status code, 100..=699.
     pub status: u16,
 }
 
 /// Parses a datagram as a SIP response, extracting status, From tag and CSeq
 /// method. Never panics or allocates.
+///
+/// When several causes apply, the first in this order is reported: size
+/// (Oversized), status line (Truncated, NotSip, Request, BadStatus), header
+/// section as it is walked (Truncated, DuplicateFrom, BadHeader for a
+/// repeated CSeq or Content-Length), Content-Length against the body
+/// (BadHeader, Oversized, Truncated), then From (NoFrom, BadHeader, NoTag)
+/// and CSeq (NoCSeq, BadHeader).
 pub fn parse(datagram: &[u8]) -> Result<Reply<'_>, Reject> {
     let d = datagram;
     if d.len() > REPLY_LEN_MAX {
@@ -203,9 +216,7 @@ pub fn parse(datagram: &[u8]) -> Result<Reply<'_>, Reject> {
     };
     let status = parse_status_line(trim_cr(&d[..status_lf]))?;
 
-    // Header section (§7.3): one `memchr` per physical line. Only lines whose
-    // first byte can start a name we read are looked at further; that also
-    // skips continuation lines (first byte SP/HTAB) of headers we ignore.
+    // Header section (§7.3): one `memchr` per physical line.
     let mut from: Option<&[u8]> = None;
     let mut cseq: Option<&[u8]> = None;
     let mut content_length: Option<&[u8]> = None;
