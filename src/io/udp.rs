@@ -703,6 +703,57 @@ fn write_src_cmsg(buf: &mut CmsgBuf, src: IpAddr) -> usize {
     }
 }
 
+/// Sleeps until one of `fds` is readable (or has an error pending) or
+/// `timeout` passes; returns a bitmask of the ready descriptors (bit i for
+/// `fds[i]`, at most 64). An interrupted wait returns 0.
+pub fn wait_readable(fds: &[RawFd], timeout: std::time::Duration) -> io::Result<u64> {
+    assert!(
+        fds.len() <= 64,
+        "wait_readable takes at most 64 descriptors"
+    );
+    let mut polls = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 64];
+    for (p, &fd) in polls.iter_mut().zip(fds) {
+        *p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+    }
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: the first fds.len() entries of `polls` are initialised and
+    // `ts` is valid; both live across the call.
+    let rc = unsafe {
+        libc::ppoll(
+            polls.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(err)
+        };
+    }
+    let mut ready = 0u64;
+    for (i, p) in polls[..fds.len()].iter().enumerate() {
+        if p.revents != 0 {
+            ready |= 1 << i;
+        }
+    }
+    Ok(ready)
+}
+
 /// One ICMP error read from a socket's error queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IcmpError {
@@ -969,6 +1020,25 @@ mod tests {
         let mut batch = RecvBatch::new(4, 16);
         let got = recv_until(&mut batch, rx.as_raw_fd(), 1);
         assert_eq!(got[0].data, b"live");
+    }
+
+    #[test]
+    fn wait_readable_reports_which_socket() {
+        let (a, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let (b, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
+        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        let t = Instant::now();
+        assert_eq!(wait_readable(&fds, Duration::from_millis(20)).unwrap(), 0);
+        assert!(
+            t.elapsed() >= Duration::from_millis(15),
+            "slept for the timeout"
+        );
+        let b_addr = b.local_addr().unwrap().as_socket().unwrap();
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .send_to(b"x", b_addr)
+            .unwrap();
+        assert_eq!(wait_readable(&fds, Duration::from_secs(5)).unwrap(), 0b10);
     }
 
     #[test]
