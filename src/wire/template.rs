@@ -30,8 +30,10 @@
 //!   From URI and local host parse, extra headers are `Name: value` lines
 //!   with a token name and no CR/LF (no header injection), and none of them
 //!   duplicates a header the template writes (§8.1.1: each exactly once).
-//! * The contact's strings are validated at add time ([`check_contact`]);
-//!   `render` only copies them (checked by `debug_assert!`).
+//! * The contact's strings are validated at add time ([`check_contact`]):
+//!   `uri` is already the R-URI ([`request_uri`]), `to` the To URI
+//!   ([`to_uri`]); `render` copies them verbatim without scanning them
+//!   (checked by `debug_assert!`).
 //! * After `render`, the token and CSeq positions hold placeholders (valid
 //!   token characters and digits), so the bytes always form a well-formed
 //!   request; after [`patch`] they hold the ping's own values and no byte of
@@ -147,7 +149,8 @@ pub enum TemplateError {
 /// [`check_contact`] when the contact is added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ContactText<'a> {
-    /// The contact URI; sent as the R-URI without any `?headers`.
+    /// The R-URI: the contact URI without `?headers` ([`request_uri`]),
+    /// copied verbatim by `render`.
     pub uri: &'a str,
     /// The To URI, already normalized ([`to_uri`]).
     pub to: &'a str,
@@ -183,27 +186,50 @@ impl Layout {
     }
 }
 
-/// The fixed pieces of the request, in order, with the contact's strings
-/// going between them:
-/// `head` R-URI `via` [Route] `from` To-URI `tail`.
+/// A piece of the template's fixed bytes: `bytes[start..end]`.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    start: usize,
+    end: usize,
+}
+
+impl Piece {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// The fixed bytes of the request, in one allocation, cut into the pieces
+/// that go between the contact's strings:
+/// * no Path: `head` R-URI `via` `from` To-URI `tail`;
+/// * Path:    `head` R-URI `via_route` Path `from_route` To-URI `tail`,
+///
+/// where `via_route` ends in `Route: ` and `from_route` starts with the
+/// CRLF ending the Route line, so a Path costs one copy, not three.
 #[derive(Clone, Debug)]
 pub struct Template {
+    bytes: Box<[u8]>,
     /// `METHOD ` (method and the space of the request line).
-    head: Box<[u8]>,
+    head: Piece,
     /// ` SIP/2.0\r\nVia: ...;branch=z9hG4bK<ph>;rport\r\n`.
-    via: Box<[u8]>,
-    branch_in_via: usize,
+    via: Piece,
+    /// `via` followed by `Route: `.
+    via_route: Piece,
     /// `Max-Forwards: N\r\nFrom: <uri>;tag=<ph>\r\nTo: <`.
-    from: Box<[u8]>,
-    tag_in_from: usize,
+    from: Piece,
+    /// `\r\n` followed by `from`.
+    from_route: Piece,
     /// `>\r\nCall-ID: <ph>@host\r\nCSeq: <ph> METHOD\r\n...Content-Length: 0\r\n\r\n`.
-    tail: Box<[u8]>,
+    tail: Piece,
+    branch_in_via: usize,
+    tag_in_from: usize,
     call_id_in_tail: usize,
     cseq_in_tail: usize,
 }
 
-const ROUTE_PREFIX: &[u8] = b"Route: ";
-const CRLF: &[u8] = b"\r\n";
+const ROUTE_PREFIX: &str = "Route: ";
+const CRLF: &str = "\r\n";
 
 /// Methods that cannot serve as a keepalive, and why.
 const UNSUITABLE_METHODS: [(&str, &str); 3] = [
@@ -317,48 +343,66 @@ impl Template {
                 have: REQUEST_LEN_MAX,
             });
         }
+        let mut bytes = String::with_capacity(2 * fixed_len + ROUTE_PREFIX.len() + CRLF.len());
+        let mut piece = |parts: &[&str]| {
+            let start = bytes.len();
+            parts.iter().for_each(|p| bytes.push_str(p));
+            Piece {
+                start,
+                end: bytes.len(),
+            }
+        };
+        let head = piece(&[&head]);
+        let via_piece = piece(&[&via]);
+        let via_route = piece(&[&via, ROUTE_PREFIX]);
+        let from_piece = piece(&[&from]);
+        let from_route = piece(&[CRLF, &from]);
+        let tail_piece = piece(&[&tail]);
         Ok(Template {
-            head: head.into_bytes().into_boxed_slice(),
+            bytes: bytes.into_bytes().into_boxed_slice(),
+            head,
+            via: via_piece,
+            via_route,
+            from: from_piece,
+            from_route,
+            tail: tail_piece,
             branch_in_via: via_prefix.len(),
-            via: via.into_bytes().into_boxed_slice(),
             tag_in_from: from_prefix.len(),
-            from: from.into_bytes().into_boxed_slice(),
             call_id_in_tail: call_id_prefix.len(),
             cseq_in_tail: cseq_prefix.len(),
-            tail: tail.into_bytes().into_boxed_slice(),
         })
     }
 
     /// The request method, as written in the request line and CSeq (what
     /// reply matching compares the CSeq method with).
     pub fn method(&self) -> &[u8] {
-        &self.head[..self.head.len() - 1]
+        &self.bytes[self.head.start..self.head.end - 1]
     }
 
     /// Length `render` will produce for `c`.
     #[inline]
     pub fn rendered_len(&self, c: &ContactText<'_>) -> usize {
-        self.len_with(request_uri(c.uri), c)
-    }
-
-    #[inline]
-    fn len_with(&self, ruri: &str, c: &ContactText<'_>) -> usize {
+        let fixed = self.head.len() + self.via.len() + self.from.len() + self.tail.len();
         let route = c
             .route
             .map_or(0, |r| ROUTE_PREFIX.len() + r.len() + CRLF.len());
-        self.head.len()
-            + ruri.len()
-            + self.via.len()
-            + route
-            + self.from.len()
-            + c.to.len()
-            + self.tail.len()
+        fixed + c.uri.len() + route + c.to.len()
+    }
+
+    #[inline(always)]
+    fn piece(&self, p: Piece) -> &[u8] {
+        &self.bytes[p.start..p.end]
     }
 
     /// Copies the fixed pieces and the contact's strings into `out` and
-    /// returns where the token and CSeq go. Placeholders fill those fields
-    /// until [`patch`]. Only memcpy: no allocation, no formatting. Bytes of
-    /// `out` past `Layout::len` are not touched.
+    /// returns where the token and CSeq go: 6 copies (7 with a Path), no
+    /// scanning, no allocation, no formatting. Placeholders fill the token
+    /// and CSeq fields until [`patch`]. Bytes of `out` past `Layout::len`
+    /// are not touched.
+    ///
+    /// `c.uri` is copied verbatim as the R-URI: pass [`request_uri`] of the
+    /// contact, computed once at add time ([`check_contact`] refuses a URI
+    /// with `?headers`).
     ///
     /// Errors: `TooLong` when `out` is shorter than the request or the
     /// request would exceed [`REQUEST_LEN_MAX`].
@@ -368,8 +412,7 @@ impl Template {
             check_contact(c).is_ok(),
             "contact text not validated: {c:?}"
         );
-        let ruri = request_uri(c.uri);
-        let len = self.len_with(ruri, c);
+        let len = self.rendered_len(c);
         if len > out.len() || len > REQUEST_LEN_MAX {
             return Err(TemplateError::TooLong {
                 needed: len,
@@ -380,21 +423,29 @@ impl Template {
             out: &mut out[..len],
             pos: 0,
         };
-        w.put(&self.head);
-        w.put(ruri.as_bytes());
+        w.put(self.piece(self.head));
+        w.put(c.uri.as_bytes());
         let branch_at = w.pos + self.branch_in_via;
-        w.put(&self.via);
-        if let Some(route) = c.route {
-            w.put(ROUTE_PREFIX);
-            w.put(route.as_bytes());
-            w.put(CRLF);
-        }
-        let tag_at = w.pos + self.tag_in_from;
-        w.put(&self.from);
+        let tag_at = match c.route {
+            None => {
+                w.put(self.piece(self.via));
+                w.pos + self.tag_in_from
+            }
+            Some(route) => {
+                w.put(self.piece(self.via_route));
+                w.put(route.as_bytes());
+                w.pos + CRLF.len() + self.tag_in_from
+            }
+        };
+        w.put(self.piece(if c.route.is_some() {
+            self.from_route
+        } else {
+            self.from
+        }));
         w.put(c.to.as_bytes());
         let call_id_at = w.pos + self.call_id_in_tail;
         let cseq_at = w.pos + self.cseq_in_tail;
-        w.put(&self.tail);
+        w.put(self.piece(self.tail));
         debug_assert_eq!(w.pos, len);
 
         // All offsets are < len ≤ REQUEST_LEN_MAX, checked above.
@@ -447,26 +498,55 @@ pub fn patch(buf: &mut [u8], layout: &Layout, token: &[u8; TOKEN_LEN], cseq: u32
     write_digits(&mut buf[at..at + CSEQ_WIDTH], cseq & CSEQ_MASK);
 }
 
-/// Right-aligned, zero-padded decimal. `u32::MAX` has 10 digits, so
-/// `CSEQ_WIDTH` digits always hold the whole number.
-#[inline(always)]
-fn write_digits(field: &mut [u8], mut n: u32) {
-    debug_assert_eq!(field.len(), CSEQ_WIDTH);
-    for d in field.iter_mut().rev() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
+/// `"00" "01" ... "99"`: two digits per lookup.
+const DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut t = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
     }
+    t
+};
+
+/// Right-aligned, zero-padded decimal. `u32::MAX` has 10 digits, so
+/// `CSEQ_WIDTH` digits always hold the whole number. Five two-digit steps,
+/// as two independent chains (high and low five digits), each `/ 100` a
+/// multiply-shift: a few cycles of latency, no formatting machinery.
+#[inline(always)]
+fn write_digits(field: &mut [u8], n: u32) {
+    debug_assert_eq!(field.len(), CSEQ_WIDTH);
+    let (high, low) = field.split_at_mut(CSEQ_WIDTH / 2);
+    write_5_digits(high, n / 100_000);
+    write_5_digits(low, n % 100_000);
+}
+
+#[inline(always)]
+fn write_5_digits(out: &mut [u8], v: u32) {
+    debug_assert!(v < 100_000 && out.len() == 5);
+    let (top, rest) = (v / 10_000, v % 10_000);
+    out[0] = b'0' + top as u8;
+    out[1..3].copy_from_slice(&DIGIT_PAIRS[(rest / 100) as usize]);
+    out[3..5].copy_from_slice(&DIGIT_PAIRS[(rest % 100) as usize]);
 }
 
 /// The R-URI as sent: the contact URI minus any `?headers` part (headers
 /// are not allowed in a Request-URI, RFC 3261 §19.1.1 table 1). `?` may
 /// occur in the user part (`user-unreserved`) but nowhere after the `@`
 /// before the headers, so the headers start at the first `?` after the last
-/// `@`. No allocation; cheap enough for the send path.
+/// `@`. No allocation; call it once when the contact is added and keep the
+/// result (a prefix of the contact) as `ContactText::uri`.
 #[inline]
 pub fn request_uri(contact: &str) -> &str {
     let b = contact.as_bytes();
+    // Common case first: no '?' at all, one scan.
+    let Some(first) = memchr::memchr(b'?', b) else {
+        return contact;
+    };
     let from = memchr::memrchr(b'@', b).map_or(0, |at| at + 1);
+    if first >= from {
+        return &contact[..first];
+    }
     match memchr::memchr(b'?', &b[from..]) {
         Some(q) => &contact[..from + q],
         None => contact,
@@ -474,16 +554,21 @@ pub fn request_uri(contact: &str) -> &str {
 }
 
 /// Validates a contact's strings when it is added, so that `render` may
-/// copy them blindly: `uri` and `to` are SIP URIs (the To URI without
-/// `?headers`), `route` is a Path value with a `<uri>` hop and no control
-/// characters (no header injection).
+/// copy them blindly: `uri` and `to` are SIP URIs without `?headers` (`uri`
+/// being the R-URI, [`request_uri`] of the contact), `route` is a Path
+/// value with a `<uri>` hop and no control characters (no header
+/// injection).
 pub fn check_contact(c: &ContactText<'_>) -> Result<(), TemplateError> {
     let refuse = |field: &'static str, text: &str, why: String| TemplateError::Contact {
         field,
         text: text.to_owned(),
         why,
     };
-    SipUri::parse(c.uri).map_err(|e| refuse("uri", c.uri, e.to_string()))?;
+    let uri = SipUri::parse(c.uri).map_err(|e| refuse("uri", c.uri, e.to_string()))?;
+    if !uri.headers.is_empty() {
+        let why = "carries '?headers' (pass request_uri() of the contact)".to_owned();
+        return Err(refuse("uri", c.uri, why));
+    }
     let to = SipUri::parse(c.to).map_err(|e| refuse("to", c.to, e.to_string()))?;
     if !to.headers.is_empty() {
         return Err(refuse("to", c.to, "carries '?headers'".to_owned()));
