@@ -65,6 +65,20 @@ fn bench_wire(c: &mut Criterion) {
         })
     });
 
+    // Reference point: copying a whole pre-rendered request (what storing
+    // one request per contact would cost per ping, before patching). It
+    // also calibrates the machine: render cannot beat one memcpy of its
+    // output.
+    let whole = buf;
+    let whole_len = usize::from(layout.len);
+    let mut copy = [0u8; SLOT_LEN];
+    group.bench_function("baseline/memcpy-request", |b| {
+        b.iter(|| {
+            black_box(&mut copy)[..whole_len]
+                .copy_from_slice(&black_box(&whole)[..black_box(whole_len)]);
+        })
+    });
+
     for (name, contact) in [("render+patch", TYPICAL), ("render+patch/path", WITH_PATH)] {
         let mut buf = [0u8; SLOT_LEN];
         group.bench_function(name, |b| {
