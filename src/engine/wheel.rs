@@ -29,6 +29,9 @@
 //! * Cancelling or re-arming an index removes it from wherever it is,
 //!   including the pending list, so a cancelled or moved timer never comes out
 //!   stale, even between two limited polls.
+//! * Order: due entries come out tick by tick (all of an earlier tick before
+//!   any of a later one reached by the same poll), in no particular order
+//!   within a tick; an entry armed with a past deadline joins what is due now.
 //! * Every `u64` deadline is exact, up to `u64::MAX`. With 64 slots per level
 //!   each level covers 6 more bits of the deadline; 11 levels cover all 64
 //!   bits (the top level uses 16 of its slots), so there is no overflow list
@@ -64,9 +67,9 @@
 //! # Data structure
 //!
 //! Each level is 64 slots of list heads plus a `u64` occupied bitmap (bit
-//! `s` set iff slot `s` is non-empty); the next occupied slot at or after the current one
-//! is `occupied.rotate_right(now_slot).trailing_zeros()`, as in tokio and the
-//! Linux kernel (LWN 646056). The lists are doubly linked through `u32`
+//! `s` set iff slot `s` is non-empty); the next occupied slot at or after
+//! the current one is `occupied.rotate_right(now_slot).trailing_zeros()`, as
+//! in tokio and the Linux kernel (LWN 646056). The lists are doubly linked through `u32`
 //! indexes into the link column (`NIL` ends a list), so insert and cancel are
 //! O(1) with no pointers and no `unsafe`. A link does not record which list it
 //! is in: by the invariant below, the list follows from the deadline and
@@ -98,11 +101,14 @@
 //! slot; the worker wakes there, `poll_expired` cascades the slot, returns
 //! nothing, and the next `next_deadline` is closer: at most one early wake per
 //! level, never a late one. Making it exact would mean scanning the slot's
-//! list, O(n) per call.
+//! list, O(n) per call. While due entries wait (after a limited poll, or an
+//! insert with a past deadline) it returns a lower bound of their deadlines,
+//! `<= now_tick()`: "poll now".
 //!
 //! # Never
 //!
-//! No allocation after [`Wheel::new`] (`poll_expired` pushes into the
+//! No allocation after [`Wheel::new`] (16 bytes per index for the column
+//! plus 11 KiB of list heads, once; `poll_expired` pushes into the
 //! caller's `Vec`; reserve `limit` in it once and it never grows), no
 //! `unsafe`, no blocking, no I/O. Panics only on a caller bug: `insert` with
 //! an index outside the capacity (an `assert!`, since the slab guarantees
@@ -330,6 +336,12 @@ impl Wheel {
             }
             if self.pending == EMPTY_LANES {
                 self.pending_min_tick = u64::MAX;
+                if self.elapsed == now_tick {
+                    // Every entry left in the wheel is due after `elapsed`:
+                    // done, without another bitmap scan (the common case of
+                    // one poll per tick).
+                    return count;
+                }
             }
             if count == limit {
                 // Anything still due stays pending (or in its slot) for the
