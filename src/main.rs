@@ -1,1 +1,170 @@
-fn main() {}
+//! `kaping`: the daemon (`run`), the demo (`demo`) and, later, the control
+//! client. Every failure to start is one line on stderr and a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use kaping::config::{DurationValue, RawConfig, Settings};
+use kaping::daemon::Daemon;
+use kaping::io::signal;
+
+#[derive(Parser)]
+#[command(
+    name = "kaping",
+    version,
+    about = "SIP keepalive pinger for millions of contacts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pinger daemon.
+    Run(RunArgs),
+}
+
+/// Flags of `kaping run`; each overrides the same-named setting of the
+/// config file (see kaping.example.toml for what each means).
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Contacts file (SIP URI per line, JSON lines, or Kamailio ul.dump JSON).
+    #[arg(long)]
+    contacts: Option<PathBuf>,
+    #[arg(long, value_name = "auto|lines|jsonl|uldump")]
+    contacts_format: Option<String>,
+    /// Shared-memory file read by kaping-stat.
+    #[arg(long)]
+    shm: Option<PathBuf>,
+    /// Local IPv4 (or IPv6) address; first port of the range in port-per-worker mode.
+    #[arg(long, value_name = "IP:PORT")]
+    bind: Option<String>,
+    #[arg(long, value_name = "[IPv6]:PORT")]
+    bind6: Option<String>,
+    #[arg(long, value_name = "port-per-worker|shared-port")]
+    steering: Option<String>,
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long)]
+    workers: Option<u32>,
+    #[arg(long)]
+    max_contacts: Option<u32>,
+    #[arg(long, value_name = "auto|uring|mmsg")]
+    backend: Option<String>,
+    #[arg(long)]
+    instance: Option<String>,
+    /// "-" for stdout, "none", or a file.
+    #[arg(long)]
+    events: Option<String>,
+    #[arg(long)]
+    interval: Option<DurationValue>,
+    #[arg(long)]
+    jitter: Option<DurationValue>,
+    #[arg(long)]
+    reply_timeout: Option<DurationValue>,
+    #[arg(long)]
+    retries: Option<u8>,
+    #[arg(long)]
+    down_after: Option<u16>,
+    #[arg(long)]
+    remove_after: Option<u16>,
+    #[arg(long)]
+    alive_codes: Option<String>,
+    #[arg(long)]
+    rate_limit: Option<u64>,
+    #[arg(long)]
+    method: Option<String>,
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long = "extra-header")]
+    extra_headers: Vec<String>,
+    #[arg(long)]
+    recv_buffer: Option<u64>,
+    #[arg(long)]
+    send_buffer: Option<u64>,
+    #[arg(long)]
+    pin_workers: Option<bool>,
+    /// Stop by itself after this long (for tests and benchmarks).
+    #[arg(long)]
+    run_for: Option<DurationValue>,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> RawConfig {
+        RawConfig {
+            instance: self.instance.clone(),
+            workers: self.workers,
+            max_contacts: self.max_contacts,
+            backend: self.backend.clone(),
+            bind: self.bind.clone(),
+            bind6: self.bind6.clone(),
+            steering: self.steering.clone(),
+            advertise: self.advertise.clone(),
+            shm: self.shm.clone(),
+            events: self.events.clone(),
+            contacts: self.contacts.clone(),
+            contacts_format: self.contacts_format.clone(),
+            recv_buffer: self.recv_buffer,
+            send_buffer: self.send_buffer,
+            pin_workers: self.pin_workers,
+            method: self.method.clone(),
+            from: self.from.clone(),
+            domain: self.domain.clone(),
+            extra_headers: (!self.extra_headers.is_empty()).then(|| self.extra_headers.clone()),
+            interval: self.interval.clone(),
+            jitter: self.jitter.clone(),
+            reply_timeout: self.reply_timeout.clone(),
+            retries: self.retries,
+            down_after: self.down_after,
+            remove_after: self.remove_after,
+            alive_codes: self.alive_codes.clone(),
+            rate_limit: self.rate_limit,
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let mut raw = match &args.config {
+        Some(path) => RawConfig::from_file(path).map_err(|e| e.to_string())?,
+        None => RawConfig::default(),
+    };
+    raw.overlay(&args.overrides());
+    let explicit_advertise = raw.advertise.as_deref().is_some_and(|a| !a.is_empty());
+    let settings = Settings::from_raw(&raw).map_err(|e| e.to_string())?;
+    let run_for = match &args.run_for {
+        Some(v) => Some(
+            kaping::duration::parse_duration(match v {
+                DurationValue::Text(t) => t,
+                DurationValue::Seconds(_) => unreachable!("flags parse as text"),
+            })
+            .map_err(|e| format!("--run-for: {e}"))?,
+        ),
+        None => None,
+    };
+    signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut daemon = Daemon::start(settings, explicit_advertise).map_err(|e| e.to_string())?;
+    daemon.load_contacts().map_err(|e| e.to_string())?;
+    daemon.wait(run_for, |_| {}).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kaping: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -381,6 +381,32 @@ impl Liveness {
         self.miss(p, Reason::Unreachable)
     }
 
+    /// The sub-µs parts of the RTT estimator (SRTT, RTTVAR), which the
+    /// published µs fields round away. A worker that keeps only the
+    /// published fields (the shm slot) saves these two bytes beside them and
+    /// hands them back to [`Liveness::resume_estimator`], so no precision is
+    /// lost between samples.
+    pub fn estimator_fractions(&self) -> (u8, u8) {
+        ((self.srtt_fp & 0xff) as u8, (self.rttvar_fp & 0xff) as u8)
+    }
+
+    /// Rebuilds the private estimator state of a record whose public fields
+    /// were restored from a published copy, given the fractions that
+    /// [`Liveness::estimator_fractions`] returned when it was published.
+    pub fn resume_estimator(&mut self, srtt_frac: u8, rttvar_frac: u8) {
+        // round_fp rounds half up: a fraction >= 1/2 was rounded into the µs.
+        let unround = |us: u32, frac: u8| -> u64 {
+            let floor = u64::from(us).saturating_sub(u64::from(frac >= 0x80));
+            (floor << RTT_FRAC_BITS) | u64::from(frac)
+        };
+        // Every reply takes an RTT sample, so any answer means the estimator
+        // has started (the counter wraps only after 2^32 replies; the
+        // extremes are non-zero after any non-zero sample).
+        self.has_rtt = self.answered != 0 || self.rtt_max_us != 0;
+        self.srtt_fp = unround(self.srtt_us, srtt_frac);
+        self.rttvar_fp = unround(self.rttvar_us, rttvar_frac);
+    }
+
     /// The operator removed the contact: Removed with [`Reason::Removed`],
     /// unless it already was.
     pub fn on_removed(&mut self) -> Option<Transition> {
@@ -818,5 +844,43 @@ mod tests {
     fn names() {
         assert_eq!(State::Down.name(), "down");
         assert_eq!(Reason::ErrorReply.name(), "error_reply");
+    }
+
+    #[test]
+    fn resuming_from_published_fields_loses_nothing() {
+        let p = Policy {
+            down_after: 3,
+            remove_after: 0,
+            alive: AliveCodes::any(),
+        };
+        let mut exact = Liveness::new();
+        let mut copied = Liveness::new();
+        let mut fractions = (0, 0);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for i in 0..5000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let rtt = 200 + (x % 5000) as u32;
+            exact.on_reply(200, rtt, u64::from(i), &p);
+            // What a worker does: rebuild from the published fields.
+            let mut l = Liveness::new();
+            l.state = copied.state;
+            l.answered = copied.answered;
+            l.rtt_last_us = copied.rtt_last_us;
+            l.rtt_min_us = copied.rtt_min_us;
+            l.rtt_max_us = copied.rtt_max_us;
+            l.srtt_us = copied.srtt_us;
+            l.rttvar_us = copied.rttvar_us;
+            l.resume_estimator(fractions.0, fractions.1);
+            l.on_reply(200, rtt, u64::from(i), &p);
+            fractions = l.estimator_fractions();
+            copied = l;
+            assert_eq!(
+                (copied.srtt_us, copied.rttvar_us),
+                (exact.srtt_us, exact.rttvar_us),
+                "sample {i}"
+            );
+        }
     }
 }

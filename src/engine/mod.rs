@@ -2,3 +2,4 @@
 pub mod liveness;
 pub mod slab;
 pub mod wheel;
+pub mod worker;

@@ -1,0 +1,729 @@
+//! Daemon configuration: a TOML file, overridden by command-line flags,
+//! validated once into [`Settings`] before anything starts.
+//!
+//! Every setting is documented in `kaping.example.toml` at the top of the
+//! repository; this module and that file list the same names. An invalid
+//! value is refused with the setting's name and the reason, and an unknown
+//! name is refused too (a typo must not silently fall back to a default).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration::parse_duration;
+use crate::engine::liveness::AliveCodes;
+use crate::sources::Format;
+use crate::wire::template::{TemplateConfig, TemplateError};
+
+/// A duration in the file: a number of seconds or a string with a unit.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(f64),
+    Text(String),
+}
+
+impl DurationValue {
+    fn parse(&self, setting: &str) -> Result<Duration, ConfigError> {
+        match self {
+            DurationValue::Seconds(s) if s.is_finite() && *s >= 0.0 => {
+                Ok(Duration::from_secs_f64(*s))
+            }
+            DurationValue::Seconds(s) => Err(ConfigError::invalid(
+                setting,
+                format!("{s} is not a duration"),
+            )),
+            DurationValue::Text(t) => {
+                parse_duration(t).map_err(|e| ConfigError::invalid(setting, e))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for DurationValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s)?; // refuse early, with clap naming the flag
+        Ok(DurationValue::Text(s.to_string()))
+    }
+}
+
+/// The raw settings as written in the file or on the command line. `None`
+/// means "not given here".
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub instance: Option<String>,
+    pub workers: Option<u32>,
+    pub max_contacts: Option<u32>,
+    pub backend: Option<String>,
+    pub bind: Option<String>,
+    pub bind6: Option<String>,
+    pub steering: Option<String>,
+    pub advertise: Option<String>,
+    pub shm: Option<PathBuf>,
+    pub events: Option<String>,
+    pub contacts: Option<PathBuf>,
+    pub contacts_format: Option<String>,
+    pub recv_buffer: Option<u64>,
+    pub send_buffer: Option<u64>,
+    pub pin_workers: Option<bool>,
+
+    pub method: Option<String>,
+    pub from: Option<String>,
+    pub domain: Option<String>,
+    pub extra_headers: Option<Vec<String>>,
+    pub interval: Option<DurationValue>,
+    pub jitter: Option<DurationValue>,
+    pub reply_timeout: Option<DurationValue>,
+    pub retries: Option<u8>,
+    pub down_after: Option<u16>,
+    pub remove_after: Option<u16>,
+    pub alive_codes: Option<String>,
+    pub rate_limit: Option<u64>,
+}
+
+macro_rules! overlay {
+    ($dst:ident, $src:ident, $($field:ident),*) => {
+        $( if $src.$field.is_some() { $dst.$field = $src.$field.clone(); } )*
+    };
+}
+
+impl RawConfig {
+    /// Reads a TOML file; errors name the file and the offending setting.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|why| ConfigError::File {
+            path: path.to_path_buf(),
+            why,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Settings given in `other` replace ours (command line over file).
+    pub fn overlay(&mut self, other: &RawConfig) {
+        overlay!(
+            self,
+            other,
+            instance,
+            workers,
+            max_contacts,
+            backend,
+            bind,
+            bind6,
+            steering,
+            advertise,
+            shm,
+            events,
+            contacts,
+            contacts_format,
+            recv_buffer,
+            send_buffer,
+            pin_workers,
+            method,
+            from,
+            domain,
+            extra_headers,
+            interval,
+            jitter,
+            reply_timeout,
+            retries,
+            down_after,
+            remove_after,
+            alive_codes,
+            rate_limit
+        );
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("setting '{setting}': {why}")]
+    Invalid { setting: &'static str, why: String },
+}
+
+impl ConfigError {
+    fn invalid(setting: &str, why: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            // Settings names are the static field names below; leaking the
+            // handful of distinct names is bounded.
+            setting: static_name(setting),
+            why: why.into(),
+        }
+    }
+}
+
+fn static_name(s: &str) -> &'static str {
+    const NAMES: &[&str] = &[
+        "instance",
+        "workers",
+        "max_contacts",
+        "backend",
+        "bind",
+        "bind6",
+        "steering",
+        "advertise",
+        "shm",
+        "events",
+        "contacts",
+        "contacts_format",
+        "recv_buffer",
+        "send_buffer",
+        "pin_workers",
+        "method",
+        "from",
+        "domain",
+        "extra_headers",
+        "interval",
+        "jitter",
+        "reply_timeout",
+        "retries",
+        "down_after",
+        "remove_after",
+        "alive_codes",
+        "rate_limit",
+    ];
+    NAMES.iter().find(|n| **n == s).copied().unwrap_or("?")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring, falling back to mmsg when the kernel refuses it.
+    Auto,
+    Uring,
+    Mmsg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steering {
+    /// Worker `i` owns local port `bind.port + i`.
+    PortPerWorker,
+    /// All workers share `bind`'s port; the kernel steers replies by source
+    /// address hash (SO_REUSEPORT + classic BPF).
+    SharedPort,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventsTo {
+    None,
+    Stdout,
+    File(PathBuf),
+}
+
+/// Validated settings: everything typed, every cross-setting rule checked.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub instance: String,
+    pub workers: u32,
+    pub max_contacts: u32,
+    pub backend: BackendChoice,
+    pub bind: Option<SocketAddr>,
+    pub bind6: Option<SocketAddr>,
+    pub steering: Steering,
+    pub advertise: String,
+    pub shm: PathBuf,
+    pub events: EventsTo,
+    pub contacts: Option<PathBuf>,
+    pub contacts_format: Format,
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+    pub pin_workers: bool,
+    pub template: TemplateConfig,
+    pub domain: Option<String>,
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub reply_timeout: Duration,
+    pub retries: u8,
+    pub down_after: u16,
+    pub remove_after: u16,
+    pub alive_codes: AliveCodes,
+    pub alive_codes_text: String,
+    pub rate_limit: u64,
+}
+
+/// Defaults, as documented in kaping.example.toml.
+pub mod defaults {
+    pub const INSTANCE: &str = "default";
+    pub const MAX_CONTACTS: u32 = 1_000_000;
+    pub const BIND: &str = "0.0.0.0:5070";
+    pub const INTERVAL_S: u64 = 30;
+    pub const REPLY_TIMEOUT_MS: u64 = 2000;
+    pub const DOWN_AFTER: u16 = 3;
+    pub const RECV_BUFFER: u64 = 32 << 20;
+    pub const SEND_BUFFER: u64 = 8 << 20;
+    /// Workers are identified by 8 bits in the token.
+    pub const WORKERS_MAX: u32 = 256;
+}
+
+/// The shared-memory path a given instance uses by default.
+pub fn default_shm_path(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/kaping-{instance}"))
+}
+
+impl Settings {
+    /// Validates `raw` (file + flags already overlaid).
+    pub fn from_raw(raw: &RawConfig) -> Result<Settings, ConfigError> {
+        let instance = raw
+            .instance
+            .clone()
+            .unwrap_or_else(|| defaults::INSTANCE.into());
+        if instance.is_empty()
+            || instance.len() > 32
+            || !instance
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::invalid(
+                "instance",
+                format!("'{instance}' must be 1-32 characters of letters, digits, '-' or '_'"),
+            ));
+        }
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let workers = match raw.workers.unwrap_or(0) {
+            0 => online.min(defaults::WORKERS_MAX),
+            n if n > defaults::WORKERS_MAX => {
+                return Err(ConfigError::invalid(
+                    "workers",
+                    format!(
+                        "{n} is more than the {} a token can name",
+                        defaults::WORKERS_MAX
+                    ),
+                ))
+            }
+            n => n,
+        };
+        let max_contacts = raw.max_contacts.unwrap_or(defaults::MAX_CONTACTS);
+        if max_contacts == 0 {
+            return Err(ConfigError::invalid("max_contacts", "must be at least 1"));
+        }
+        let backend = match raw.backend.as_deref().unwrap_or("auto") {
+            "auto" => BackendChoice::Auto,
+            "uring" | "io_uring" => BackendChoice::Uring,
+            "mmsg" => BackendChoice::Mmsg,
+            other => {
+                return Err(ConfigError::invalid(
+                    "backend",
+                    format!("'{other}' is not one of auto, uring, mmsg"),
+                ))
+            }
+        };
+        let bind = parse_bind("bind", raw.bind.as_deref().unwrap_or(defaults::BIND), false)?;
+        let bind6 = parse_bind("bind6", raw.bind6.as_deref().unwrap_or(""), true)?;
+        // `bind` may itself be IPv6 when there is no IPv4 side at all.
+        let (bind, bind6) = match (bind, bind6) {
+            (Some(b), None) if b.is_ipv6() => (None, Some(b)),
+            (Some(b), Some(_)) if b.is_ipv6() => {
+                return Err(ConfigError::invalid(
+                    "bind",
+                    "IPv6 in both bind and bind6; give bind an IPv4 address",
+                ))
+            }
+            other => other,
+        };
+        if bind.is_none() && bind6.is_none() {
+            return Err(ConfigError::invalid(
+                "bind",
+                "no local address: set bind and/or bind6",
+            ));
+        }
+        let steering = match raw.steering.as_deref().unwrap_or("port-per-worker") {
+            "port-per-worker" => Steering::PortPerWorker,
+            "shared-port" => Steering::SharedPort,
+            other => {
+                return Err(ConfigError::invalid(
+                    "steering",
+                    format!("'{other}' is not one of port-per-worker, shared-port"),
+                ))
+            }
+        };
+        if steering == Steering::PortPerWorker {
+            for (name, b) in [("bind", bind), ("bind6", bind6)] {
+                if let Some(b) = b {
+                    if b.port() == 0 {
+                        return Err(ConfigError::invalid(
+                            name,
+                            "port 0: port-per-worker needs a fixed first port",
+                        ));
+                    }
+                    if b.port() as u32 + workers - 1 > u16::MAX as u32 {
+                        return Err(ConfigError::invalid(
+                            name,
+                            format!(
+                                "ports {}..{} do not fit for {workers} workers",
+                                b.port(),
+                                b.port() as u32 + workers - 1
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let local = bind.or(bind6).expect("checked above");
+        let advertise = match raw.advertise.as_deref() {
+            Some(a) if !a.is_empty() => a.to_string(),
+            _ if local.ip().is_unspecified() => {
+                if local.is_ipv6() {
+                    "::1".into()
+                } else {
+                    "127.0.0.1".into()
+                }
+            }
+            _ => local.ip().to_string(),
+        };
+        let shm = raw
+            .shm
+            .clone()
+            .unwrap_or_else(|| default_shm_path(&instance));
+        let events = match raw.events.as_deref() {
+            None | Some("-") => EventsTo::Stdout,
+            Some("") | Some("none") => EventsTo::None,
+            Some(p) => EventsTo::File(PathBuf::from(p)),
+        };
+        let contacts_format: Format = raw
+            .contacts_format
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(|e: String| ConfigError::invalid("contacts_format", e))?;
+        let buffer = |name, v: Option<u64>, d| -> Result<usize, ConfigError> {
+            let v = v.unwrap_or(d);
+            if v > i32::MAX as u64 {
+                return Err(ConfigError::invalid(
+                    name,
+                    format!("{v} bytes is more than the kernel accepts"),
+                ));
+            }
+            Ok(v as usize)
+        };
+        let recv_buffer = buffer("recv_buffer", raw.recv_buffer, defaults::RECV_BUFFER)?;
+        let send_buffer = buffer("send_buffer", raw.send_buffer, defaults::SEND_BUFFER)?;
+
+        let method = raw.method.clone().unwrap_or_else(|| "OPTIONS".into());
+        let advertise_in_uri = match advertise.parse::<IpAddr>() {
+            Ok(IpAddr::V6(_)) => format!("[{advertise}]"),
+            _ => advertise.clone(),
+        };
+        let from = match raw.from.as_deref() {
+            Some(f) if !f.is_empty() => f.to_string(),
+            _ => format!("sip:kaping@{advertise_in_uri}"),
+        };
+        let template = TemplateConfig {
+            method,
+            from_uri: from,
+            local_host: advertise.clone(),
+            local_port: local.port(),
+            extra_headers: raw.extra_headers.clone().unwrap_or_default(),
+            ..TemplateConfig::default()
+        };
+        // Template::new validates method, from, headers and host; do it now
+        // so a bad value is reported by setting name before anything starts.
+        if let Err(e) = crate::wire::template::Template::new(&template) {
+            return Err(ConfigError::invalid(template_setting(&e), e.to_string()));
+        }
+        let domain = raw.domain.clone().filter(|d| !d.is_empty());
+        if let Some(d) = &domain {
+            crate::wire::template::to_uri("x", Some(d))
+                .map_err(|e| ConfigError::invalid("domain", e.to_string()))?;
+        }
+
+        let interval = raw
+            .interval
+            .as_ref()
+            .map_or(Ok(Duration::from_secs(defaults::INTERVAL_S)), |v| {
+                v.parse("interval")
+            })?;
+        if interval < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "interval",
+                format!("{interval:?} is below the 10 ms minimum"),
+            ));
+        }
+        let jitter = raw
+            .jitter
+            .as_ref()
+            .map_or(Ok(Duration::ZERO), |v| v.parse("jitter"))?;
+        if jitter >= interval {
+            return Err(ConfigError::invalid(
+                "jitter",
+                format!("{jitter:?} must be below interval {interval:?}"),
+            ));
+        }
+        let reply_timeout = raw
+            .reply_timeout
+            .as_ref()
+            .map_or(Ok(Duration::from_millis(defaults::REPLY_TIMEOUT_MS)), |v| {
+                v.parse("reply_timeout")
+            })?;
+        if reply_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::invalid(
+                "reply_timeout",
+                "must be at least 1ms",
+            ));
+        }
+        if reply_timeout >= interval {
+            return Err(ConfigError::invalid(
+                "reply_timeout",
+                format!("{reply_timeout:?} must be shorter than interval {interval:?} (one ping in flight per contact)"),
+            ));
+        }
+        let retries = raw.retries.unwrap_or(0);
+        if retries > 6 {
+            return Err(ConfigError::invalid(
+                "retries",
+                format!("{retries} is more than 6"),
+            ));
+        }
+        // Retransmission k waits T1·2^k (RFC 3261 §17.1.2.2), the last
+        // transmission reply_timeout: the whole ping must end before the next.
+        let window = Duration::from_millis(500 * ((1u64 << retries) - 1)) + reply_timeout;
+        if retries > 0 && window >= interval {
+            return Err(ConfigError::invalid(
+                "retries",
+                format!(
+                    "{retries} retransmissions (500ms doubling) plus reply_timeout take {window:?}, \
+                     not shorter than interval {interval:?}"
+                ),
+            ));
+        }
+        let down_after = raw.down_after.unwrap_or(defaults::DOWN_AFTER);
+        if down_after == 0 {
+            return Err(ConfigError::invalid(
+                "down_after",
+                "must be at least 1 miss",
+            ));
+        }
+        let remove_after = raw.remove_after.unwrap_or(0);
+        if remove_after != 0 && remove_after < down_after {
+            return Err(ConfigError::invalid(
+                "remove_after",
+                format!("{remove_after} must be 0 (never) or at least down_after ({down_after})"),
+            ));
+        }
+        let alive_codes_text = raw.alive_codes.clone().unwrap_or_else(|| "any".into());
+        let alive_codes = AliveCodes::parse(&alive_codes_text)
+            .map_err(|e| ConfigError::invalid("alive_codes", e.to_string()))?;
+        Ok(Settings {
+            instance,
+            workers,
+            max_contacts,
+            backend,
+            bind,
+            bind6,
+            steering,
+            advertise,
+            shm,
+            events,
+            contacts: raw.contacts.clone(),
+            contacts_format,
+            recv_buffer,
+            send_buffer,
+            pin_workers: raw.pin_workers.unwrap_or(true),
+            template,
+            domain,
+            interval,
+            jitter,
+            reply_timeout,
+            retries,
+            down_after,
+            remove_after,
+            alive_codes,
+            alive_codes_text,
+            rate_limit: raw.rate_limit.unwrap_or(0),
+        })
+    }
+}
+
+/// Which setting a template error is about.
+fn template_setting(e: &TemplateError) -> &'static str {
+    match e {
+        TemplateError::Method(_) | TemplateError::MethodUnsuitable { .. } => "method",
+        TemplateError::FromUri { .. } | TemplateError::FromHeaders(_) => "from",
+        TemplateError::ExtraHeader { .. } => "extra_headers",
+        TemplateError::LocalHost { .. } => "advertise",
+        TemplateError::LocalPort => "bind",
+        _ => "advertise",
+    }
+}
+
+fn parse_bind(setting: &str, s: &str, v6_only: bool) -> Result<Option<SocketAddr>, ConfigError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        ConfigError::invalid(
+            setting,
+            format!("'{s}' is not IP:PORT (IPv6 as [addr]:port)"),
+        )
+    })?;
+    if v6_only && addr.is_ipv4() {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("'{s}' is not an IPv6 address"),
+        ));
+    }
+    Ok(Some(addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Result<Settings, ConfigError> {
+        Settings::from_raw(&RawConfig::from_toml(toml).unwrap())
+    }
+
+    fn err(toml: &str) -> String {
+        settings(toml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_complete() {
+        let text = include_str!("../kaping.example.toml");
+        let raw = RawConfig::from_toml(text).unwrap();
+        Settings::from_raw(&raw).unwrap();
+        // Every setting is documented there (commented out or not).
+        for name in [
+            "instance",
+            "workers",
+            "max_contacts",
+            "backend",
+            "bind",
+            "bind6",
+            "steering",
+            "advertise",
+            "shm",
+            "events",
+            "contacts",
+            "contacts_format",
+            "recv_buffer",
+            "send_buffer",
+            "pin_workers",
+            "method",
+            "from",
+            "domain",
+            "extra_headers",
+            "interval",
+            "jitter",
+            "reply_timeout",
+            "retries",
+            "down_after",
+            "remove_after",
+            "alive_codes",
+            "rate_limit",
+        ] {
+            assert!(
+                text.contains(&format!("\n{name} =")) || text.contains(&format!("\n# {name} =")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = settings("").unwrap();
+        assert_eq!(s.interval, Duration::from_secs(30));
+        assert_eq!(s.reply_timeout, Duration::from_secs(2));
+        assert_eq!(s.down_after, 3);
+        assert_eq!(s.bind, Some("0.0.0.0:5070".parse().unwrap()));
+        assert_eq!(s.advertise, "127.0.0.1");
+        assert_eq!(s.template.from_uri, "sip:kaping@127.0.0.1");
+        assert_eq!(s.shm, PathBuf::from("/dev/shm/kaping-default"));
+        assert_eq!(s.events, EventsTo::Stdout);
+        assert!(s.workers >= 1);
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        let s = settings("interval = 0.5\nreply_timeout = \"200ms\"").unwrap();
+        assert_eq!(s.interval, Duration::from_millis(500));
+        assert_eq!(s.reply_timeout, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut raw = RawConfig::from_toml("interval = \"10s\"\ndown_after = 5").unwrap();
+        raw.overlay(&RawConfig {
+            interval: Some(DurationValue::Text("5s".into())),
+            ..RawConfig::default()
+        });
+        let s = Settings::from_raw(&raw).unwrap();
+        assert_eq!(s.interval, Duration::from_secs(5));
+        assert_eq!(s.down_after, 5);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        for (toml, starts) in [
+            ("intervall = 3", "unknown field `intervall`"),
+            (
+                "interval = \"3 fortnights\"",
+                "setting 'interval': unknown unit",
+            ),
+            ("interval = \"5ms\"", "setting 'interval':"),
+            (
+                "reply_timeout = \"40s\"",
+                "setting 'reply_timeout': 40s must be shorter",
+            ),
+            ("workers = 300", "setting 'workers':"),
+            (
+                "backend = \"dpdk\"",
+                "setting 'backend': 'dpdk' is not one of",
+            ),
+            (
+                "bind = \"localhost\"",
+                "setting 'bind': 'localhost' is not IP:PORT",
+            ),
+            ("bind6 = \"127.0.0.1:5\"", "setting 'bind6':"),
+            ("steering = \"magic\"", "setting 'steering':"),
+            ("down_after = 0", "setting 'down_after':"),
+            (
+                "interval = 3\nretries = 2",
+                "setting 'retries': 2 retransmissions",
+            ),
+            (
+                "down_after = 3\nremove_after = 2",
+                "setting 'remove_after':",
+            ),
+            ("alive_codes = \"2xx\"", "setting 'alive_codes':"),
+            ("method = \"OPT IONS\"", "setting 'method':"),
+            (
+                "extra_headers = [\"X-A: 1\\r\\nX-B: 2\"]",
+                "setting 'extra_headers':",
+            ),
+            ("instance = \"a/b\"", "setting 'instance':"),
+            ("contacts_format = \"csv\"", "setting 'contacts_format':"),
+            (
+                "bind = \"0.0.0.0:65535\"\nworkers = 2",
+                "setting 'bind': ports",
+            ),
+        ] {
+            let e = if toml.contains("intervall") {
+                RawConfig::from_toml(toml).unwrap_err()
+            } else {
+                err(toml)
+            };
+            assert!(e.contains(starts), "{toml:?} gave {e:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_only_bind() {
+        let s = settings("bind = \"[::1]:5090\"").unwrap();
+        assert_eq!(
+            (s.bind, s.bind6),
+            (None, Some("[::1]:5090".parse().unwrap()))
+        );
+        assert_eq!(s.advertise, "::1");
+        assert_eq!(s.template.from_uri, "sip:kaping@[::1]");
+    }
+}

@@ -1,0 +1,178 @@
+//! The contact model: what a contact file, Kamailio's `ul.dump` or (later)
+//! the control socket tells us about one SIP contact, and how that becomes
+//! the address a ping is sent to.
+//!
+//! This is the control path: it allocates freely and may block on DNS. The
+//! worker never sees a `ContactSpec`; it gets the resolved address and the
+//! strings its request template needs.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::wire::uri::{self, Target, Transport, UriError, UriPart};
+
+/// One contact as given by its source. Strings are kept as given (after
+/// trimming) so that what we report back is what the operator wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContactSpec {
+    /// The Contact URI; it is also the Request-URI of every ping.
+    pub uri: String,
+    /// Address-of-record (To header); derived from `uri` when absent.
+    pub aor: Option<String>,
+    /// Kamailio `received`: the source address the REGISTER came from.
+    pub received: Option<String>,
+    /// The Path header value stored with the registration (sent as Route).
+    pub path: Option<String>,
+    /// The local socket the contact registered on (`udp:198.51.100.10:5060`).
+    pub socket: Option<String>,
+    /// Per-contact ping interval, overriding the configured one.
+    pub interval: Option<Duration>,
+    /// Explicit destination (`ip:port`), overriding received/Path/URI.
+    pub send_to: Option<SocketAddr>,
+    /// Kamailio's record id, kept to name the contact in reports.
+    pub ruid: Option<String>,
+}
+
+/// Why a contact cannot be pinged.
+#[derive(Debug, thiserror::Error)]
+pub enum ContactError {
+    #[error("contact URI: {0}")]
+    Uri(UriError),
+    #[error("{field}: {source}")]
+    Field {
+        field: &'static str,
+        source: UriError,
+    },
+    #[error("transport {0:?} is not supported yet (kaping pings over UDP)")]
+    Transport(Transport),
+    #[error("cannot resolve host '{host}': {why}")]
+    Resolve { host: String, why: String },
+}
+
+impl ContactSpec {
+    /// A contact known only by its URI.
+    pub fn from_uri(uri: impl Into<String>) -> ContactSpec {
+        ContactSpec {
+            uri: uri.into(),
+            ..ContactSpec::default()
+        }
+    }
+
+    /// The address pings go to, in Kamailio's order (explicit destination,
+    /// `received`, first Path hop, the contact itself), with host names
+    /// resolved through `resolver`. Only UDP is pingable for now.
+    pub fn destination(&self, resolver: &mut Resolver) -> Result<SocketAddr, ContactError> {
+        // Validate the URI even when another field decides the destination:
+        // it is the Request-URI of every ping.
+        let contact = uri::SipUri::parse(&self.uri).map_err(ContactError::Uri)?;
+        let transport = contact.transport();
+        if transport != Transport::Udp {
+            return Err(ContactError::Transport(transport));
+        }
+        if let Some(addr) = self.send_to {
+            return Ok(addr);
+        }
+        let dest = uri::destination_of(&self.uri, self.received.as_deref(), self.path.as_deref())
+            .map_err(|e| match e.part {
+            UriPart::Contact => ContactError::Uri(e.error),
+            UriPart::Received => ContactError::Field {
+                field: "received",
+                source: e.error,
+            },
+            UriPart::Path => ContactError::Field {
+                field: "path",
+                source: e.error,
+            },
+        })?;
+        if dest.transport != Transport::Udp {
+            return Err(ContactError::Transport(dest.transport));
+        }
+        match dest.target {
+            Target::Addr(addr) => Ok(addr),
+            Target::Name { host, port } => resolver.resolve(&host, port),
+        }
+    }
+}
+
+/// Resolves host names once each (a million contacts usually name a
+/// handful of hosts), preferring IPv4 answers unless told otherwise.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    cache: HashMap<(String, u16), Result<SocketAddr, String>>,
+    pub prefer_ipv6: bool,
+}
+
+impl Resolver {
+    pub fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, ContactError> {
+        let prefer_ipv6 = self.prefer_ipv6;
+        let entry = self
+            .cache
+            .entry((host.to_ascii_lowercase(), port))
+            .or_insert_with(|| {
+                let addrs: Vec<SocketAddr> = (host, port)
+                    .to_socket_addrs()
+                    .map_err(|e| e.to_string())?
+                    .collect();
+                addrs
+                    .iter()
+                    .find(|a| a.is_ipv6() == prefer_ipv6)
+                    .or(addrs.first())
+                    .copied()
+                    .ok_or_else(|| "no address".to_string())
+            });
+        entry.clone().map_err(|why| ContactError::Resolve {
+            host: host.to_string(),
+            why,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(spec: &ContactSpec) -> Result<SocketAddr, ContactError> {
+        spec.destination(&mut Resolver::default())
+    }
+
+    #[test]
+    fn destination_follows_kamailio_order() {
+        let mut c = ContactSpec::from_uri("sip:alice@192.0.2.1:5070");
+        assert_eq!(dest(&c).unwrap(), "192.0.2.1:5070".parse().unwrap());
+        c.path = Some("<sip:198.51.100.9:5080;lr>".into());
+        assert_eq!(dest(&c).unwrap(), "198.51.100.9:5080".parse().unwrap());
+        c.received = Some("sip:203.0.113.7:41022".into());
+        assert_eq!(dest(&c).unwrap(), "203.0.113.7:41022".parse().unwrap());
+        c.send_to = Some("127.0.0.5:5060".parse().unwrap());
+        assert_eq!(dest(&c).unwrap(), "127.0.0.5:5060".parse().unwrap());
+    }
+
+    #[test]
+    fn host_names_resolve_once() {
+        let mut r = Resolver::default();
+        let c = ContactSpec::from_uri("sip:bob@localhost:5099");
+        let a = c.destination(&mut r).unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 5099, "{a}");
+        assert_eq!(r.cache.len(), 1);
+        c.destination(&mut r).unwrap();
+        assert_eq!(r.cache.len(), 1);
+    }
+
+    #[test]
+    fn unpingable_contacts_say_why() {
+        let e = dest(&ContactSpec::from_uri(
+            "sip:bob@10.0.0.6:5061;transport=tls",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+        let e = dest(&ContactSpec::from_uri("sip:bob@10.0.0.6:99999")).unwrap_err();
+        assert!(e.to_string().starts_with("contact URI:"), "{e}");
+        let mut c = ContactSpec::from_uri("sip:bob@10.0.0.6");
+        c.received = Some("sip:203.0.113.7:0".into());
+        let e = dest(&c).unwrap_err();
+        assert!(e.to_string().starts_with("received:"), "{e}");
+        let e = dest(&ContactSpec::from_uri("sip:x@no-such-host.invalid")).unwrap_err();
+        assert!(e.to_string().contains("cannot resolve"), "{e}");
+    }
+}

@@ -1,0 +1,621 @@
+//! `kaping run`: the main thread of the daemon (DESIGN §1).
+//!
+//! It validates nothing itself (that is `config`), and touches no packet:
+//! it creates the shared-memory file and the sockets, starts one pinned
+//! worker per CPU with its own backend, loads contacts and shards them by
+//! destination hash, then writes events and the heartbeat until SIGINT or
+//! SIGTERM. On stop it lets workers drain the replies in flight, flushes
+//! events, marks the shm file stopped and returns.
+//!
+//! Errors that prevent starting (a port in use, a missing permission, an
+//! unreadable contacts file) come back as one clear line.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use crossbeam::queue::ArrayQueue;
+use socket2::Socket;
+
+use crate::config::{BackendChoice, EventsTo, Settings, Steering};
+use crate::contact::{ContactSpec, Resolver};
+use crate::engine::liveness::{Policy, Reason, State};
+use crate::engine::worker::{
+    Command, Event, NewContact, Peers, Worker, WorkerConfig, HANDOFF_QUEUE,
+};
+use crate::io::mmsg::MmsgBackend;
+use crate::io::udp::{bind_udp, SocketOptions};
+use crate::io::uring::{self, UringBackend};
+use crate::io::waker::Waker;
+use crate::io::{signal, steer, TX_DATAGRAM_MAX};
+use crate::shm::writer::{ShmConfig, ShmFile};
+use crate::sources::{self, LoadReport, Verdict};
+use crate::wire::template::{
+    check_contact, request_uri, to_uri, ContactText, Template, TemplateConfig,
+};
+use crate::wire::token::TokenKey;
+use crate::wire::uri::SipUri;
+
+/// Contacts sent to a worker per command.
+const ADD_BATCH: usize = 4096;
+/// Average bytes of URI + AoR text reserved per slot in shared memory.
+const STRING_BYTES_PER_SLOT: u32 = 160;
+
+/// A failure to start or run, as one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DaemonError(pub String);
+
+fn err(msg: impl Into<String>) -> DaemonError {
+    DaemonError(msg.into())
+}
+
+/// What `run` reports when it returns.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub backend: &'static str,
+    pub load: Option<LoadReport>,
+}
+
+struct WorkerHandle {
+    commands: Sender<Command>,
+    waker: Waker,
+    thread: JoinHandle<io::Result<()>>,
+    /// Contacts sent to it so far (its slab holds `capacity`).
+    count: u32,
+    pending: Vec<NewContact>,
+}
+
+/// A running daemon: workers started, contacts loaded. [`Daemon::wait`]
+/// runs the main loop until a stop signal.
+pub struct Daemon {
+    settings: Settings,
+    shm: ShmFile,
+    workers: Vec<WorkerHandle>,
+    events_rx: Receiver<Event>,
+    events_out: Option<Box<dyn Write + Send>>,
+    capacity: u32,
+    /// Which address families have a socket: [v4, v6] -> socket index.
+    family_sock: [Option<u8>; 2],
+    template_check: Vec<Template>,
+    seen: HashSet<u64>,
+    resolver: Resolver,
+    pub backend: &'static str,
+}
+
+fn key_hash(uri: &str, dest: &SocketAddr) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    uri.hash(&mut h);
+    dest.hash(&mut h);
+    h.finish()
+}
+
+/// Host for Via/Call-ID of a socket bound to `addr`.
+fn advertise_for(settings: &Settings, addr: &SocketAddr, explicit: bool) -> String {
+    if explicit {
+        return settings.advertise.clone();
+    }
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => "::1".into(),
+        ip => ip.to_string(),
+    }
+}
+
+fn bind_error(addr: SocketAddr, worker: u32, e: io::Error) -> DaemonError {
+    let hint = match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            " (another process holds this port: stop it or choose another --bind)"
+        }
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+        io::ErrorKind::AddrNotAvailable => " (this address is not configured on any interface)",
+        _ => "",
+    };
+    err(format!("cannot bind {addr} for worker {worker}: {e}{hint}"))
+}
+
+impl Daemon {
+    /// Creates shm, sockets and workers. Nothing is pinged until contacts
+    /// are added.
+    pub fn start(settings: Settings, explicit_advertise: bool) -> Result<Daemon, DaemonError> {
+        let n = settings.workers;
+        let per_worker = settings.max_contacts.div_ceil(n);
+        if per_worker > crate::wire::token::SLOT_MAX + 1 {
+            return Err(err(format!(
+                "max_contacts {} over {n} workers is more than {} per worker: add workers",
+                settings.max_contacts,
+                crate::wire::token::SLOT_MAX + 1
+            )));
+        }
+        let shm = ShmFile::create(&ShmConfig {
+            path: settings.shm.clone(),
+            workers: n,
+            slots_per_worker: per_worker,
+            string_bytes_per_worker: per_worker.saturating_mul(STRING_BYTES_PER_SLOT),
+            instance: settings.instance.clone(),
+            backend: "starting".into(),
+        })
+        .map_err(|e| {
+            err(format!(
+                "cannot create shared memory {}: {e}",
+                settings.shm.display()
+            ))
+        })?;
+
+        // Sockets, in worker order (shared-port steering indexes the
+        // reuseport group by join order).
+        let mut binds: Vec<SocketAddr> = Vec::new();
+        let mut family_sock = [None, None];
+        for b in [settings.bind, settings.bind6].into_iter().flatten() {
+            family_sock[b.is_ipv6() as usize] = Some(binds.len() as u8);
+            binds.push(b);
+        }
+        let shared = settings.steering == Steering::SharedPort;
+        let opts = SocketOptions {
+            recv_buffer_bytes: settings.recv_buffer,
+            send_buffer_bytes: settings.send_buffer,
+            reuse_port: shared,
+            pktinfo: false,
+            timestamps: true,
+            recv_errors: true,
+            nonblocking: true,
+        };
+        let mut sockets: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
+        let mut clamp_reported = false;
+        for (i, &b) in binds.iter().enumerate() {
+            let mut first_port = b.port();
+            for w in 0..n {
+                let mut addr = b;
+                if !shared {
+                    addr.set_port(b.port() + w as u16);
+                } else if w > 0 {
+                    addr.set_port(first_port);
+                }
+                let (s, report) = bind_udp(addr, &opts).map_err(|e| bind_error(addr, w, e))?;
+                if w == 0 && shared {
+                    first_port = s
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .map_or(b.port(), |a| a.port());
+                }
+                if (report.recv_clamped || report.send_clamped) && !clamp_reported {
+                    clamp_reported = true;
+                    eprintln!(
+                        "kaping: socket buffers clamped by the kernel (receive {} of {} bytes, send {} of {}): \
+                         raise net.core.rmem_max / wmem_max or grant CAP_NET_ADMIN",
+                        report.recv_buffer_bytes, settings.recv_buffer, report.send_buffer_bytes, settings.send_buffer
+                    );
+                }
+                sockets[w as usize].push(s);
+            }
+            if shared && n > 1 {
+                steer::attach(&sockets[0][i], n, b.is_ipv6()).map_err(|e| {
+                    err(format!("cannot attach the reply-steering BPF program: {e}"))
+                })?;
+            }
+        }
+
+        let key = TokenKey::random(instance_id(&settings.instance))
+            .map_err(|e| err(format!("cannot get random bytes for the token key: {e}")))?;
+        let explicit = explicit_advertise;
+        let templates_for = |socks: &[Socket]| -> Result<Vec<Template>, DaemonError> {
+            socks
+                .iter()
+                .map(|s| {
+                    let local = s
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .expect("bound socket");
+                    let cfg = TemplateConfig {
+                        local_host: advertise_for(&settings, &local, explicit),
+                        local_port: local.port(),
+                        ..settings.template.clone()
+                    };
+                    Template::new(&cfg).map_err(|e| err(format!("request template: {e}")))
+                })
+                .collect()
+        };
+        let template_check = templates_for(&sockets[0])?;
+
+        let (events_tx, events_rx) = channel::unbounded();
+        let wakers: Vec<Waker> = (0..n)
+            .map(|_| Waker::new())
+            .collect::<io::Result<_>>()
+            .map_err(|e| err(format!("cannot create eventfd: {e}")))?;
+        let peers = shared.then(|| Peers {
+            queues: (0..n)
+                .map(|_| ArrayQueue::new(HANDOFF_QUEUE))
+                .collect::<Vec<_>>()
+                .into(),
+            wakers: wakers.clone().into(),
+        });
+        let policy = Policy {
+            down_after: settings.down_after,
+            remove_after: settings.remove_after,
+            alive: settings.alive_codes.clone(),
+        };
+        let backend_name = match settings.backend {
+            BackendChoice::Mmsg => "mmsg",
+            BackendChoice::Uring => {
+                uring::probe().map_err(|why| err(format!("backend uring: {why}")))?;
+                "uring"
+            }
+            BackendChoice::Auto => match uring::probe() {
+                Ok(()) => "uring",
+                Err(why) => {
+                    eprintln!("kaping: {why}; using the sendmmsg/recvmmsg backend");
+                    "mmsg"
+                }
+            },
+        };
+        shm.set_backend(backend_name);
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let rate_share = if settings.rate_limit == 0 {
+            0
+        } else {
+            settings.rate_limit.div_ceil(n as u64)
+        };
+        let mut workers = Vec::with_capacity(n as usize);
+        for (w, socks) in sockets.into_iter().enumerate() {
+            let templates = templates_for(&socks)?;
+            let cfg = WorkerConfig {
+                id: w as u8,
+                key: key.clone(),
+                templates,
+                method: settings.template.method.as_bytes().to_vec(),
+                capacity: per_worker,
+                interval: settings.interval,
+                jitter: settings.jitter,
+                reply_timeout: settings.reply_timeout,
+                retries: settings.retries,
+                policy: policy.clone(),
+                rate_limit: rate_share,
+                seed: key_hash(
+                    &settings.instance,
+                    &SocketAddr::from(([0, 0, 0, 0], w as u16)),
+                ) ^ std::process::id() as u64,
+            };
+            let (tx, rx) = channel::unbounded();
+            let shm_w = shm.worker(w as u32);
+            let waker = wakers[w].clone();
+            let events = events_tx.clone();
+            let peers = peers.clone();
+            let core = if settings.pin_workers {
+                cores.get(w % cores.len().max(1)).copied()
+            } else {
+                None
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("kaping-w{w}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            eprintln!(
+                                "kaping: worker {w}: could not pin to CPU {} (continuing unpinned)",
+                                core.id
+                            );
+                        }
+                    }
+                    if backend_name == "uring" {
+                        let backend = UringBackend::new(socks, waker)?;
+                        Worker::new(cfg, shm_w, backend, rx, events, peers).run()
+                    } else {
+                        let backend = MmsgBackend::new(socks, waker);
+                        Worker::new(cfg, shm_w, backend, rx, events, peers).run()
+                    }
+                })
+                .map_err(|e| err(format!("cannot start worker thread: {e}")))?;
+            workers.push(WorkerHandle {
+                commands: tx,
+                waker: wakers[w].clone(),
+                thread,
+                count: 0,
+                pending: Vec::with_capacity(ADD_BATCH),
+            });
+        }
+        drop(events_tx);
+
+        let events_out: Option<Box<dyn Write + Send>> = match &settings.events {
+            EventsTo::None => None,
+            EventsTo::Stdout => Some(Box::new(BufWriter::new(io::stdout()))),
+            EventsTo::File(p) => Some(Box::new(BufWriter::new(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| err(format!("cannot open events file {}: {e}", p.display())))?,
+            ))),
+        };
+        eprintln!(
+            "kaping: instance '{}', {n} workers, backend {backend_name}, {} steering, {} slots per worker, shm {}",
+            settings.instance,
+            if shared { "shared-port" } else { "port-per-worker" },
+            per_worker,
+            settings.shm.display()
+        );
+        shm.heartbeat();
+        Ok(Daemon {
+            settings,
+            shm,
+            workers,
+            events_rx,
+            events_out,
+            capacity: per_worker,
+            family_sock,
+            template_check,
+            seen: HashSet::new(),
+            resolver: Resolver::default(),
+            backend: backend_name,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Validates one contact and queues it for its worker.
+    pub fn add(&mut self, spec: &ContactSpec) -> Verdict {
+        let dest = match spec.destination(&mut self.resolver) {
+            Ok(d) => d,
+            Err(e) => return Verdict::Skip(e.to_string()),
+        };
+        let Some(sock) = self.family_sock[dest.is_ipv6() as usize] else {
+            let (fam, setting) = if dest.is_ipv6() {
+                ("IPv6", "bind6")
+            } else {
+                ("IPv4", "bind")
+            };
+            return Verdict::Skip(format!(
+                "{fam} destination {dest} but no {fam} socket (set {setting})"
+            ));
+        };
+        let hash = key_hash(&spec.uri, &dest);
+        if !self.seen.insert(hash) {
+            return Verdict::Skip(format!(
+                "duplicate of an earlier contact ({} to {dest})",
+                spec.uri
+            ));
+        }
+        // To header: the AoR (domain added to a user-only one, Kamailio
+        // ka_domain), else the contact URI without parameters.
+        let to = match &spec.aor {
+            Some(aor) => match to_uri(aor, self.settings.domain.as_deref()) {
+                Ok(t) => t,
+                Err(e) => return Verdict::Skip(format!("AoR '{aor}': {e}")),
+            },
+            None => match SipUri::parse(&spec.uri) {
+                Ok(u) => strip_params(&spec.uri, &u),
+                Err(e) => return Verdict::Skip(format!("contact URI: {e}")),
+            },
+        };
+        let uri = request_uri(&spec.uri).to_string();
+        let text = ContactText {
+            uri: &uri,
+            to: &to,
+            route: spec.path.as_deref(),
+        };
+        if let Err(e) = check_contact(&text) {
+            return Verdict::Skip(e.to_string());
+        }
+        let len = self.template_check[sock as usize].rendered_len(&text);
+        // Port digits differ between workers: keep a margin of 5 bytes × 2.
+        if len + 10 > TX_DATAGRAM_MAX
+            || uri.len() > u16::MAX as usize
+            || to.len() > u16::MAX as usize
+        {
+            return Verdict::Skip(format!(
+                "request would be {len} bytes, over the {TX_DATAGRAM_MAX}-byte UDP limit"
+            ));
+        }
+        let w = steer::shard_of(&dest, self.settings.workers) as usize;
+        let worker = &mut self.workers[w];
+        if worker.count >= self.capacity {
+            self.seen.remove(&hash);
+            return Verdict::Skip(format!(
+                "worker {w} is full ({} contacts): raise max_contacts",
+                self.capacity
+            ));
+        }
+        worker.count += 1;
+        worker.pending.push(NewContact {
+            aor: spec.aor.clone().unwrap_or_else(|| to.clone()),
+            uri,
+            to,
+            route: spec.path.clone(),
+            dest,
+            sock,
+            interval: spec.interval,
+            key_hash: hash,
+        });
+        if worker.pending.len() >= ADD_BATCH {
+            Self::send_pending(worker);
+        }
+        Verdict::Loaded
+    }
+
+    fn send_pending(worker: &mut WorkerHandle) {
+        if !worker.pending.is_empty() {
+            let batch = std::mem::replace(&mut worker.pending, Vec::with_capacity(ADD_BATCH));
+            let _ = worker.commands.send(Command::Add(batch));
+            worker.waker.wake();
+        }
+    }
+
+    /// Sends every queued contact to its worker.
+    pub fn flush_adds(&mut self) {
+        for w in &mut self.workers {
+            Self::send_pending(w);
+        }
+    }
+
+    /// Loads the configured contacts file, if any.
+    pub fn load_contacts(&mut self) -> Result<Option<LoadReport>, DaemonError> {
+        let Some(path) = self.settings.contacts.clone() else {
+            return Ok(None);
+        };
+        let format = self.settings.contacts_format;
+        let report =
+            sources::load(&path, format, |spec| self.add(&spec)).map_err(|e| err(e.to_string()))?;
+        self.flush_adds();
+        for p in &report.problems {
+            eprintln!("kaping: skipped {p}");
+        }
+        if report.skipped > report.problems.len() {
+            eprintln!(
+                "kaping: ... and {} more skipped",
+                report.skipped - report.problems.len()
+            );
+        }
+        eprintln!("kaping: {report}");
+        Ok(Some(report))
+    }
+
+    /// Writes pending events; returns how many.
+    pub fn drain_events(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(e) = self.events_rx.try_recv() {
+            n += 1;
+            if let Some(out) = &mut self.events_out {
+                let _ = writeln!(out, "{}", event_json(&e));
+            }
+        }
+        if n > 0 {
+            if let Some(out) = &mut self.events_out {
+                let _ = out.flush();
+            }
+        }
+        n
+    }
+
+    /// A worker thread that ended on its own (error or panic) is fatal.
+    fn check_workers(&self) -> Result<(), DaemonError> {
+        for (i, w) in self.workers.iter().enumerate() {
+            if w.thread.is_finished() {
+                return Err(err(format!("worker {i} stopped unexpectedly")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the main loop until SIGINT/SIGTERM or `until` elapses, then
+    /// stops everything in order.
+    pub fn wait(
+        mut self,
+        until: Option<Duration>,
+        mut tick: impl FnMut(&ShmFile),
+    ) -> Result<(), DaemonError> {
+        let started = Instant::now();
+        let mut last_beat = Instant::now();
+        let result = loop {
+            if signal::stop_requested() || until.is_some_and(|u| started.elapsed() >= u) {
+                break Ok(());
+            }
+            if signal::take_reload() {
+                eprintln!(
+                    "kaping: SIGHUP: live reload is not supported yet; restart to apply changes"
+                );
+            }
+            if let Err(e) = self.check_workers() {
+                break Err(e);
+            }
+            self.drain_events();
+            if last_beat.elapsed() >= Duration::from_secs(1) {
+                self.shm.heartbeat();
+                tick(&self.shm);
+                last_beat = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.stop()?;
+        result
+    }
+
+    /// Stops workers (they drain in-flight replies up to reply_timeout),
+    /// flushes events and marks the shm file stopped.
+    pub fn stop(mut self) -> Result<(), DaemonError> {
+        for w in &self.workers {
+            let _ = w.commands.send(Command::Stop);
+            w.waker.wake();
+        }
+        let mut failure = None;
+        for (i, w) in std::mem::take(&mut self.workers).into_iter().enumerate() {
+            match w.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(err(format!("worker {i}: {e}"))),
+                Err(_) => failure = Some(err(format!("worker {i} panicked"))),
+            }
+        }
+        self.drain_events();
+        self.shm.heartbeat();
+        self.shm.mark_stopped();
+        failure.map_or(Ok(()), Err)
+    }
+
+    pub fn shm(&self) -> &ShmFile {
+        &self.shm
+    }
+}
+
+/// A stable 24-bit instance id: a hash of the instance name and this run's
+/// start time, so replies to a previous run are told apart from forgeries.
+fn instance_id(instance: &str) -> u32 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    instance.hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    (h.finish() & 0xFF_FFFF) as u32
+}
+
+/// `scheme:user@host:port` of a parsed URI, without parameters or headers.
+fn strip_params(text: &str, uri: &SipUri<'_>) -> String {
+    let cut = text.len() - uri.params.len() - uri.headers.len();
+    text[..cut].trim().to_string()
+}
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Unknown => "unknown",
+        State::Up => "up",
+        State::Down => "down",
+        State::Removed => "removed",
+    }
+}
+
+fn reason_name(r: Reason) -> &'static str {
+    match r {
+        Reason::Reply => "reply",
+        Reason::Timeout => "timeout",
+        Reason::ErrorReply => "error_reply",
+        Reason::Unreachable => "unreachable",
+        Reason::Removed => "removed",
+    }
+}
+
+/// One event as a JSON line (DESIGN §6: time, contact, old, new, reason, rtt).
+pub fn event_json(e: &Event) -> String {
+    let mut v = serde_json::json!({
+        "time": crate::timefmt::rfc3339_ms(e.time_ms),
+        "time_ms": e.time_ms,
+        "uri": e.uri,
+        "dest": e.dest.to_string(),
+        "worker": e.worker,
+        "slot": e.slot,
+        "old": state_name(e.old),
+        "new": state_name(e.new),
+        "reason": reason_name(e.reason),
+        "misses": e.misses,
+    });
+    if let Some(rtt) = e.rtt_us {
+        v["rtt_us"] = rtt.into();
+    }
+    if e.code != 0 {
+        v["code"] = e.code.into();
+    }
+    v.to_string()
+}

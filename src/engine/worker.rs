@@ -1,0 +1,794 @@
+//! One worker: a pinned thread that owns a shard of contacts and everything
+//! its hot path touches — slab, timer wheel, request templates, token key,
+//! shared-memory region, sockets and I/O backend. No locks, no shared
+//! mutable state: the main thread talks to it through a command queue and
+//! its waker; it talks back through the event queue and shared memory.
+//!
+//! Per contact there is exactly one timer, meaning either "next ping due"
+//! or "reply deadline of the ping in flight". A round of the loop:
+//!
+//! 1. take commands (adds, stop);
+//! 2. expire due timers in bounded batches: send pings (rendered into the
+//!    backend's transmit buffers, token and CSeq patched in place) or count
+//!    misses / retransmit;
+//! 3. poll the backend until the next wheel deadline: every reply is matched
+//!    statelessly from its From-tag (MAC, worker, slot, generation, seq) and
+//!    its RTT taken from the kernel receive timestamp.
+//!
+//! The liveness record of each contact lives in its shared-memory slot (the
+//! worker is its only writer and reads it back without the seqlock), so
+//! per-contact memory in the worker is just the hot fields below.
+//!
+//! Never allocates per packet; allocates per contact added and per state
+//! change event.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam::channel::{Receiver, Sender};
+use crossbeam::queue::ArrayQueue;
+
+use crate::engine::liveness::{Liveness, Policy, Reason, State, Transition};
+use crate::engine::slab::{Handle, Slab};
+use crate::engine::wheel::Wheel;
+use crate::io::waker::Waker;
+use crate::io::{Backend, Datagram, Handler, IcmpError};
+use crate::shm::layout::{Counter, SlotRecord};
+use crate::shm::writer::WorkerShm;
+use crate::wire::reply::{self, Match, Reject};
+use crate::wire::template::{patch, ContactText, Template};
+use crate::wire::token::{self, TokenFields, TokenKey, TOKEN_LEN};
+
+/// Due timers taken from the wheel per batch.
+const DUE_BATCH: usize = 1024;
+/// Longest sleep, so commands, stop requests and the token bucket are
+/// looked at even when the wheel is idle.
+const POLL_MAX: Duration = Duration::from_millis(50);
+/// First retransmission interval (RFC 3261 T1), doubling after each.
+const T1_MS: u64 = 500;
+/// Replies handed over between workers, per receiving worker.
+pub const HANDOFF_QUEUE: usize = 4096;
+
+/// How a worker is set up; built by the daemon, moved into the thread.
+pub struct WorkerConfig {
+    pub id: u8,
+    pub key: TokenKey,
+    /// Request template per socket (index = socket index in the backend).
+    pub templates: Vec<Template>,
+    /// The method we send, to check the CSeq of replies.
+    pub method: Vec<u8>,
+    pub capacity: u32,
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub reply_timeout: Duration,
+    pub retries: u8,
+    pub policy: Policy,
+    /// This worker's share of the global pings-per-second cap; 0 = none.
+    pub rate_limit: u64,
+    pub seed: u64,
+}
+
+/// A contact handed to a worker.
+#[derive(Clone, Debug)]
+pub struct NewContact {
+    /// Request-URI.
+    pub uri: String,
+    /// To URI (AoR, normalized).
+    pub to: String,
+    /// Path, sent as Route.
+    pub route: Option<String>,
+    /// Text shown by readers as the AoR.
+    pub aor: String,
+    pub dest: SocketAddr,
+    /// Socket index (address family) in the worker's backend.
+    pub sock: u8,
+    pub interval: Option<Duration>,
+    pub key_hash: u64,
+}
+
+pub enum Command {
+    Add(Vec<NewContact>),
+    /// Stop sending, wait for the replies in flight (up to their deadline),
+    /// then return.
+    Stop,
+}
+
+/// One state change, for the event stream.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub time_ms: u64,
+    pub worker: u8,
+    pub slot: u32,
+    pub uri: String,
+    pub dest: SocketAddr,
+    pub old: State,
+    pub new: State,
+    pub reason: Reason,
+    pub rtt_us: Option<u32>,
+    pub code: u16,
+    pub misses: u16,
+}
+
+/// A reply that landed on the wrong worker (shared-port mode), already
+/// MAC-checked, passed to its owner.
+#[derive(Clone, Copy, Debug)]
+pub struct Handoff {
+    pub m: Match,
+    pub rx_us: u32,
+}
+
+/// The hand-off queues and wakers of all workers (shared-port mode).
+#[derive(Clone)]
+pub struct Peers {
+    pub queues: Arc<[ArrayQueue<Handoff>]>,
+    pub wakers: Arc<[Waker]>,
+}
+
+/// The hot per-contact record. Liveness is in the shm slot.
+struct Contact {
+    /// uri ++ to ++ route, rendered into every ping.
+    text: Box<[u8]>,
+    uri_len: u16,
+    to_len: u16,
+    dest: SocketAddr,
+    /// Tick the current ping was due; the next is due at anchor + interval.
+    anchor_tick: u64,
+    interval_ms: u32,
+    /// Wall-clock µs (low 32 bits) of the latest transmission.
+    sent_us: u32,
+    seq: u16,
+    /// Transmissions of the ping in flight (0 = none in flight).
+    tries: u8,
+    sock: u8,
+    /// Sub-µs parts of SRTT and RTTVAR (see `Liveness::estimator_fractions`).
+    srtt_frac: u8,
+    rttvar_frac: u8,
+}
+
+impl Contact {
+    fn texts(&self) -> (&str, &str, Option<&str>) {
+        // The text was built from three `String`s, split at char
+        // boundaries, so these conversions cannot fail.
+        let (uri, rest) = self.text.split_at(self.uri_len as usize);
+        let (to, route) = rest.split_at(self.to_len as usize);
+        let s = |b| std::str::from_utf8(b).expect("contact text is UTF-8");
+        (
+            s(uri),
+            s(to),
+            if route.is_empty() {
+                None
+            } else {
+                Some(s(route))
+            },
+        )
+    }
+}
+
+/// Everything but the backend, so the backend can call back into it.
+struct Core {
+    cfg: WorkerConfig,
+    slab: Slab<Contact>,
+    wheel: Wheel,
+    shm: WorkerShm,
+    events: Sender<Event>,
+    peers: Option<Peers>,
+    start: Instant,
+    /// Wall-clock µs at `start`, to turn ticks into wall time cheaply.
+    start_wall_us: u64,
+    rng: u64,
+    in_flight: u32,
+    stopping: bool,
+    /// Contacts per state, indexed by the shm state code.
+    by_state: [u64; 5],
+    bucket: TokenBucket,
+    due: Vec<u32>,
+}
+
+/// Spends one token per ping; refilled by elapsed time.
+struct TokenBucket {
+    rate: u64,
+    tokens: f64,
+    last_tick: u64,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now_tick: u64) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        if now_tick > self.last_tick {
+            let add = (now_tick - self.last_tick) as f64 * self.rate as f64 / 1000.0;
+            // Allow a burst of at most 10 ms worth of pings.
+            self.tokens = (self.tokens + add).min((self.rate as f64 / 100.0).max(1.0));
+            self.last_tick = now_tick;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn state_code(s: State) -> usize {
+    s as u8 as usize
+}
+
+/// Shm record -> liveness: the published fields, typed, plus the
+/// estimator's sub-µs fractions kept in the contact record.
+fn liveness_of(rec: &SlotRecord, fractions: (u8, u8)) -> Liveness {
+    let mut l = Liveness::new();
+    l.state = match rec.state {
+        2 => State::Up,
+        3 => State::Down,
+        4 => State::Removed,
+        _ => State::Unknown,
+    };
+    l.misses = rec.misses;
+    l.sent = rec.sent;
+    l.answered = rec.answered;
+    l.rtt_last_us = rec.rtt_last_us;
+    l.rtt_min_us = rec.rtt_min_us;
+    l.rtt_max_us = rec.rtt_max_us;
+    l.srtt_us = rec.srtt_us;
+    l.rttvar_us = rec.rttvar_us;
+    l.last_code = rec.last_code;
+    l.last_ping_ms = rec.last_ping_ms;
+    l.last_reply_ms = rec.last_reply_ms;
+    l.resume_estimator(fractions.0, fractions.1);
+    l
+}
+
+fn store_liveness(rec: &mut SlotRecord, l: &Liveness) {
+    rec.state = l.state as u8;
+    rec.misses = l.misses;
+    rec.sent = l.sent;
+    rec.answered = l.answered;
+    rec.rtt_last_us = l.rtt_last_us;
+    rec.rtt_min_us = l.rtt_min_us;
+    rec.rtt_max_us = l.rtt_max_us;
+    rec.srtt_us = l.srtt_us;
+    rec.rttvar_us = l.rttvar_us;
+    rec.last_code = l.last_code;
+    rec.last_ping_ms = l.last_ping_ms;
+    rec.last_reply_ms = l.last_reply_ms;
+}
+
+fn addr_fields(addr: &SocketAddr) -> (u8, [u8; 16], u16) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.ip().octets());
+            (4, b, a.port())
+        }
+        SocketAddr::V6(a) => (6, a.ip().octets(), a.port()),
+    }
+}
+
+impl Core {
+    fn now_tick(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn tick_to_wall_ms(&self, tick: u64) -> u64 {
+        self.start_wall_us / 1000 + tick
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: phases and jitter need spread, not secrecy.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn set_state_gauges(&self) {
+        self.shm.set(Counter::ContactsUnknown, self.by_state[1]);
+        self.shm.set(Counter::ContactsUp, self.by_state[2]);
+        self.shm.set(Counter::ContactsDown, self.by_state[3]);
+        self.shm.set(Counter::ContactsRemoved, self.by_state[4]);
+    }
+
+    fn add(&mut self, batch: Vec<NewContact>) {
+        let now = self.now_tick();
+        for c in batch {
+            let mut text = Vec::with_capacity(
+                c.uri.len() + c.to.len() + c.route.as_ref().map_or(0, |r| r.len()),
+            );
+            text.extend_from_slice(c.uri.as_bytes());
+            text.extend_from_slice(c.to.as_bytes());
+            if let Some(r) = &c.route {
+                text.extend_from_slice(r.as_bytes());
+            }
+            let interval_ms = c.interval.unwrap_or(self.cfg.interval).as_millis().max(1) as u32;
+            let contact = Contact {
+                text: text.into_boxed_slice(),
+                uri_len: c.uri.len() as u16,
+                to_len: c.to.len() as u16,
+                dest: c.dest,
+                anchor_tick: now,
+                interval_ms,
+                sent_us: 0,
+                seq: 0,
+                tries: 0,
+                sock: c.sock,
+                srtt_frac: 0,
+                rttvar_frac: 0,
+            };
+            // The daemon counts slots before sending, so a full slab here
+            // is a bookkeeping bug, not an operator error.
+            let handle = self
+                .slab
+                .insert(contact)
+                .expect("daemon sent more contacts than slots");
+            let uri_ref = self.shm.alloc_str(c.uri.as_bytes()).unwrap_or_default();
+            let aor_ref = self.shm.alloc_str(c.aor.as_bytes()).unwrap_or_default();
+            let (family, addr, port) = addr_fields(&c.dest);
+            let rec = SlotRecord {
+                generation: handle.generation,
+                state: State::Unknown as u8,
+                family,
+                port,
+                addr,
+                interval_ms,
+                key_hash: c.key_hash,
+                uri: uri_ref,
+                aor: aor_ref,
+                ..SlotRecord::default()
+            };
+            self.shm.write_slot(handle.slot, &rec);
+            self.by_state[state_code(State::Unknown)] += 1;
+            // First ping at a random phase within the interval, so a bulk
+            // load produces an even rate, not a burst (DESIGN §5).
+            let phase = self.next_random() % interval_ms as u64;
+            self.wheel.insert(handle.slot, now + phase);
+        }
+        self.set_state_gauges();
+    }
+
+    fn remove(&mut self, handle: Handle) {
+        self.wheel.cancel(handle.slot);
+        if let Some(c) = self.slab.remove(handle) {
+            if c.tries > 0 {
+                self.in_flight -= 1;
+            }
+        }
+        let rec = self.shm.read_own_slot(handle.slot);
+        self.shm.free_str(rec.uri);
+        self.shm.free_str(rec.aor);
+        self.shm.clear_slot(handle.slot);
+    }
+
+    fn emit(&self, handle: Handle, t: Transition, rtt_us: Option<u32>, l: &Liveness) {
+        let Some(c) = self.slab.get(handle) else {
+            return;
+        };
+        let (uri, _, _) = c.texts();
+        let _ = self.events.send(Event {
+            time_ms: wall_us() / 1000,
+            worker: self.cfg.id,
+            slot: handle.slot,
+            uri: uri.to_string(),
+            dest: c.dest,
+            old: t.old,
+            new: t.new,
+            reason: t.reason,
+            rtt_us,
+            code: l.last_code,
+            misses: l.misses,
+        });
+    }
+
+    /// Applies `f` to the liveness of `handle`, publishes it, and emits an
+    /// event and updates gauges on a state change. Returns the new state.
+    fn update_liveness(
+        &mut self,
+        handle: Handle,
+        rtt_us: Option<u32>,
+        f: impl FnOnce(&mut Liveness, &Policy) -> Option<Transition>,
+    ) -> State {
+        let mut rec = self.shm.read_own_slot(handle.slot);
+        debug_assert_eq!(
+            rec.generation, handle.generation,
+            "slot {} owner",
+            handle.slot
+        );
+        let Some(c) = self.slab.get_mut(handle) else {
+            return State::Removed;
+        };
+        let mut l = liveness_of(&rec, (c.srtt_frac, c.rttvar_frac));
+        let t = f(&mut l, &self.cfg.policy);
+        (c.srtt_frac, c.rttvar_frac) = l.estimator_fractions();
+        store_liveness(&mut rec, &l);
+        self.shm.write_slot(handle.slot, &rec);
+        if let Some(t) = t {
+            self.by_state[state_code(t.old)] -= 1;
+            self.by_state[state_code(t.new)] += 1;
+            self.set_state_gauges();
+            self.emit(handle, t, rtt_us, &l);
+        }
+        l.state
+    }
+
+    /// Deadline of transmission number `tries` (1-based) of a ping: each
+    /// retransmission waits T1·2^k, the last transmission reply_timeout.
+    fn wait_ms(&self, tries: u8) -> u64 {
+        if tries <= self.cfg.retries {
+            T1_MS << (tries - 1)
+        } else {
+            self.cfg.reply_timeout.as_millis() as u64
+        }
+    }
+
+    fn next_ping_tick(&mut self, c_anchor: u64, interval_ms: u32) -> u64 {
+        let jitter = self.cfg.jitter.as_millis() as u64;
+        let base = c_anchor + interval_ms as u64;
+        if jitter == 0 {
+            return base;
+        }
+        let offset = self.next_random() % (2 * jitter + 1);
+        (base + offset).saturating_sub(jitter)
+    }
+
+    /// Renders, patches and queues one ping for `slot`. False when the
+    /// backend has no room (the caller retries on a later tick).
+    fn transmit(&mut self, backend: &mut dyn Backend, slot: u32, now_tick: u64) -> bool {
+        let Some((handle, c)) = self.slab.get_slot_mut(slot) else {
+            return true;
+        };
+        let Some(buf) = backend.tx_buf(c.sock as usize) else {
+            return false;
+        };
+        let template = &self.cfg.templates[c.sock as usize];
+        let (uri, to, route) = {
+            let (u, rest) = c.text.split_at(c.uri_len as usize);
+            let (t, r) = rest.split_at(c.to_len as usize);
+            (u, t, r)
+        };
+        let text = ContactText {
+            // Valid UTF-8 by construction (see Contact::texts).
+            uri: std::str::from_utf8(uri).expect("contact text is UTF-8"),
+            to: std::str::from_utf8(to).expect("contact text is UTF-8"),
+            route: if route.is_empty() {
+                None
+            } else {
+                std::str::from_utf8(route).ok()
+            },
+        };
+        let layout = match template.render(&text, buf) {
+            Ok(l) => l,
+            Err(_) => {
+                // Checked when the contact was added; a contact that no
+                // longer fits is counted and skipped, never sent truncated.
+                self.shm.add(Counter::SendErrors, 1);
+                return true;
+            }
+        };
+        c.seq = c.seq.wrapping_add(1);
+        let sent_us = wall_us() as u32;
+        c.sent_us = sent_us;
+        let fields = TokenFields {
+            worker: self.cfg.id,
+            slot,
+            generation: handle.generation,
+            seq: c.seq,
+            sent_us,
+        };
+        let mut tok = [0u8; TOKEN_LEN];
+        token::encode(&self.cfg.key, &fields, &mut tok);
+        patch(buf, &layout, &tok, c.seq as u32);
+        let dest = c.dest;
+        let sock = c.sock as usize;
+        if c.tries == 0 {
+            self.in_flight += 1;
+        }
+        c.tries += 1;
+        let tries = c.tries;
+        backend.tx_commit(sock, layout.len as usize, &dest, slot);
+        self.shm.add(Counter::Sent, 1);
+        if tries > 1 {
+            self.shm.add(Counter::Retries, 1);
+        }
+        let now_ms = self.tick_to_wall_ms(now_tick);
+        self.update_liveness(handle, None, |l, _| {
+            l.on_sent(now_ms);
+            None
+        });
+        let deadline = now_tick + self.wait_ms(tries);
+        self.wheel.insert(slot, deadline);
+        true
+    }
+
+    /// A timer fired: send the next ping, retransmit, or count a miss.
+    /// False when it must be retried later (no room / rate cap).
+    fn expire(&mut self, backend: &mut dyn Backend, slot: u32, now_tick: u64) -> bool {
+        let Some((handle, c)) = self.slab.get_slot(slot) else {
+            return true;
+        };
+        let (tries, anchor, interval_ms) = (c.tries, c.anchor_tick, c.interval_ms);
+        if tries == 0 {
+            // Next ping due.
+            if self.stopping {
+                return true;
+            }
+            if !self.bucket.take(now_tick) {
+                return false;
+            }
+            if let Some((_, c)) = self.slab.get_slot_mut(slot) {
+                c.anchor_tick = now_tick;
+            }
+            return self.transmit(backend, slot, now_tick);
+        }
+        if tries <= self.cfg.retries {
+            if !self.stopping {
+                return self.transmit(backend, slot, now_tick);
+            }
+            // Stopping: the retransmission we would have sent is not a miss
+            // of the contact's; just stop waiting for it.
+            self.in_flight -= 1;
+            if let Some((_, c)) = self.slab.get_slot_mut(slot) {
+                c.tries = 0;
+            }
+            return true;
+        }
+        // No reply to any transmission of this ping: a miss.
+        self.shm.add(Counter::TimedOut, 1);
+        self.in_flight -= 1;
+        if let Some((_, c)) = self.slab.get_slot_mut(slot) {
+            c.tries = 0;
+        }
+        let state = self.update_liveness(handle, None, |l, p| l.on_miss(p));
+        if state == State::Removed {
+            self.remove(handle);
+            return true;
+        }
+        let next = self.next_ping_tick(anchor, interval_ms);
+        self.wheel.insert(slot, next);
+        true
+    }
+
+    fn on_match(&mut self, m: Match, rx_us: u32) {
+        if m.worker != self.cfg.id {
+            self.hand_over(m, rx_us);
+            return;
+        }
+        let Some((handle, c)) = self.slab.get_slot_mut(m.slot) else {
+            self.shm.add(Counter::Stray, 1);
+            return;
+        };
+        if handle.generation != m.generation {
+            // The slot was freed (and maybe reused) since this ping.
+            self.shm.add(Counter::Stray, 1);
+            return;
+        }
+        // Accept a reply to any transmission of the ping in flight.
+        let age = c.seq.wrapping_sub(m.seq);
+        if c.tries == 0 || age >= c.tries as u16 {
+            self.shm.add(Counter::Late, 1);
+            return;
+        }
+        let rtt_us = rx_us.wrapping_sub(m.sent_us);
+        if rtt_us > i32::MAX as u32 {
+            // The wall clock stepped back between send and receive.
+            self.shm.add(Counter::Late, 1);
+            return;
+        }
+        c.tries = 0;
+        let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
+        self.in_flight -= 1;
+        self.shm.add(Counter::Matched, 1);
+        self.shm.record_rtt(rtt_us);
+        let now_ms = wall_us() / 1000;
+        let state = self.update_liveness(handle, Some(rtt_us), |l, p| {
+            l.on_reply(m.status, rtt_us, now_ms, p)
+        });
+        if state == State::Removed {
+            self.remove(handle);
+            return;
+        }
+        let next = self.next_ping_tick(anchor, interval_ms);
+        self.wheel.insert(m.slot, next);
+    }
+
+    fn hand_over(&mut self, m: Match, rx_us: u32) {
+        let Some(peers) = &self.peers else {
+            // Port-per-worker: a reply for another worker on our port was
+            // mis-addressed by the peer; it is valid but not ours.
+            self.shm.add(Counter::Stray, 1);
+            return;
+        };
+        let to = m.worker as usize;
+        if to >= peers.queues.len() {
+            self.shm.add(Counter::Stray, 1);
+            return;
+        }
+        if peers.queues[to].push(Handoff { m, rx_us }).is_ok() {
+            peers.wakers[to].wake();
+            self.shm.add(Counter::Handoff, 1);
+        } else {
+            self.shm.add(Counter::Stray, 1);
+        }
+    }
+
+    fn take_handoffs(&mut self) {
+        let Some(peers) = self.peers.clone() else {
+            return;
+        };
+        let q = &peers.queues[self.cfg.id as usize];
+        for _ in 0..HANDOFF_QUEUE {
+            let Some(h) = q.pop() else { break };
+            self.on_match(h.m, h.rx_us);
+        }
+    }
+}
+
+impl Handler for Core {
+    fn datagram(&mut self, _sock: usize, d: &Datagram<'_>) {
+        self.shm.add(Counter::Received, 1);
+        let result = if d.truncated {
+            Err(Reject::Oversized)
+        } else {
+            reply::match_reply(&self.cfg.key, &self.cfg.method, d.data)
+        };
+        match result {
+            Ok(m) => {
+                let rx_us = d.rx_ns.map_or_else(wall_us, |ns| ns / 1000) as u32;
+                self.on_match(m, rx_us);
+            }
+            Err(r) => {
+                self.shm.add_reject(r.index(), 1);
+                let counter = match r {
+                    Reject::Forged => Counter::Forged,
+                    Reject::Instance => Counter::Stray,
+                    _ => Counter::ParseErrors,
+                };
+                self.shm.add(counter, 1);
+            }
+        }
+    }
+
+    fn send_failed(&mut self, tag: u32, _err: &io::Error) {
+        self.shm.add(Counter::SendErrors, 1);
+        let Some((handle, _)) = self.slab.get_slot(tag) else {
+            return;
+        };
+        self.update_liveness(handle, None, |l, p| l.on_unreachable(p));
+    }
+
+    fn icmp(&mut self, _e: &IcmpError) {
+        self.shm.add(Counter::Unreachable, 1);
+    }
+}
+
+/// The worker: a core plus its backend.
+pub struct Worker<B: Backend> {
+    core: Core,
+    backend: B,
+    commands: Receiver<Command>,
+}
+
+impl<B: Backend> Worker<B> {
+    pub fn new(
+        cfg: WorkerConfig,
+        shm: WorkerShm,
+        backend: B,
+        commands: Receiver<Command>,
+        events: Sender<Event>,
+        peers: Option<Peers>,
+    ) -> Worker<B> {
+        let capacity = cfg.capacity;
+        let rate = cfg.rate_limit;
+        let seed = cfg.seed | 1;
+        Worker {
+            core: Core {
+                slab: Slab::with_capacity(capacity),
+                wheel: Wheel::new(capacity, 0),
+                shm,
+                events,
+                peers,
+                start: Instant::now(),
+                start_wall_us: wall_us(),
+                rng: seed,
+                in_flight: 0,
+                stopping: false,
+                by_state: [0; 5],
+                bucket: TokenBucket {
+                    rate,
+                    tokens: 0.0,
+                    last_tick: 0,
+                },
+                due: Vec::with_capacity(DUE_BATCH),
+                cfg,
+            },
+            backend,
+            commands,
+        }
+    }
+
+    /// Runs until a `Stop` command (or the command channel closing) and the
+    /// replies in flight have arrived or timed out.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut stop_deadline: Option<u64> = None;
+        loop {
+            while let Ok(cmd) = self.commands.try_recv() {
+                match cmd {
+                    Command::Add(batch) => self.core.add(batch),
+                    Command::Stop => self.begin_stop(&mut stop_deadline),
+                }
+            }
+            if self.commands.is_empty() && stop_deadline.is_none() && self.commands_closed() {
+                self.begin_stop(&mut stop_deadline);
+            }
+            self.core.take_handoffs();
+            let now = self.core.now_tick();
+            if let Some(deadline) = stop_deadline {
+                if self.core.in_flight == 0 || now >= deadline {
+                    self.backend.flush(&mut self.core)?;
+                    return Ok(());
+                }
+            }
+            let more_due = self.expire_due(now)?;
+            let timeout = if more_due {
+                Duration::ZERO
+            } else {
+                match self.core.wheel.next_deadline() {
+                    Some(t) if t <= now => Duration::ZERO,
+                    Some(t) => Duration::from_millis(t - now).min(POLL_MAX),
+                    None => POLL_MAX,
+                }
+            };
+            self.backend.poll(timeout, &mut self.core)?;
+        }
+    }
+
+    fn commands_closed(&self) -> bool {
+        // A disconnected channel means the daemon is gone: stop.
+        matches!(
+            self.commands.try_recv(),
+            Err(crossbeam::channel::TryRecvError::Disconnected)
+        )
+    }
+
+    fn begin_stop(&mut self, stop_deadline: &mut Option<u64>) {
+        if stop_deadline.is_none() {
+            self.core.stopping = true;
+            let longest = self.core.cfg.reply_timeout.as_millis() as u64 + 1;
+            *stop_deadline = Some(self.core.now_tick() + longest);
+        }
+    }
+
+    /// Expires one bounded batch of due timers. True if more are due (or
+    /// some could not be served for lack of room), so the caller polls
+    /// without sleeping.
+    fn expire_due(&mut self, now: u64) -> io::Result<bool> {
+        let mut due = std::mem::take(&mut self.core.due);
+        due.clear();
+        let n = self.core.wheel.poll_expired(now, &mut due, DUE_BATCH);
+        let mut deferred = false;
+        for &slot in &due {
+            if deferred {
+                // Out of room or over the rate cap: try again next tick.
+                self.core.wheel.insert(slot, now + 1);
+                continue;
+            }
+            if !self.core.expire(&mut self.backend, slot, now) {
+                self.backend.flush(&mut self.core)?;
+                if !self.core.expire(&mut self.backend, slot, now) {
+                    deferred = true;
+                    self.core.wheel.insert(slot, now + 1);
+                }
+            }
+        }
+        self.core.due = due;
+        Ok(n == DUE_BATCH && !deferred)
+    }
+}

@@ -1,0 +1,68 @@
+//! JSON lines: one object per line with `uri` and optional `aor`,
+//! `received`, `path`, `socket`, `interval` (seconds, or a string such as
+//! "30s"), `send_to` (`ip:port`) and `ruid`. Unknown fields are refused so a
+//! typo (`recieved`) does not silently change where pings go.
+
+use serde::Deserialize;
+
+use crate::contact::ContactSpec;
+use crate::duration::parse_duration;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    uri: String,
+    aor: Option<String>,
+    received: Option<String>,
+    path: Option<String>,
+    socket: Option<String>,
+    interval: Option<Interval>,
+    send_to: Option<String>,
+    ruid: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Interval {
+    Seconds(f64),
+    Text(String),
+}
+
+/// `None` for a blank line.
+pub(super) fn parse(line: &str) -> Option<Result<ContactSpec, String>> {
+    if line.trim().is_empty() {
+        return None;
+    }
+    Some(parse_record(line))
+}
+
+fn parse_record(line: &str) -> Result<ContactSpec, String> {
+    let r: Record = serde_json::from_str(line).map_err(|e| format!("bad JSON: {e}"))?;
+    let interval = match r.interval {
+        None => None,
+        Some(Interval::Seconds(s)) if s.is_finite() && s > 0.0 => {
+            Some(std::time::Duration::from_secs_f64(s))
+        }
+        Some(Interval::Seconds(s)) => {
+            return Err(format!("interval {s} is not a positive number of seconds"))
+        }
+        Some(Interval::Text(t)) => Some(parse_duration(&t).map_err(|e| format!("interval: {e}"))?),
+    };
+    let send_to = match r.send_to.as_deref() {
+        None => None,
+        Some(s) => Some(
+            s.parse()
+                .map_err(|_| format!("send_to '{s}' is not ip:port (IPv6 as [addr]:port)"))?,
+        ),
+    };
+    Ok(ContactSpec {
+        uri: r.uri.trim().to_string(),
+        aor: super::optional(r.aor.as_deref()),
+        received: super::optional(r.received.as_deref()),
+        path: super::optional(r.path.as_deref()),
+        socket: super::optional(r.socket.as_deref()),
+        interval,
+        send_to,
+        ruid: super::optional(r.ruid.as_deref()),
+    })
+}
