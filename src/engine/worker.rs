@@ -582,6 +582,16 @@ impl Core {
             self.shm.add(Counter::Late, 1);
             return;
         }
+        // Judge lateness by the kernel's receive time, not by when this
+        // (possibly busy) worker got to it: a reply after the deadline of
+        // the latest transmission is late even if its timer has not fired.
+        let tries = c.tries;
+        let since_last_us = rx_us.wrapping_sub(c.sent_us) as i32;
+        if since_last_us > 0 && since_last_us as u64 > self.wait_ms(tries) * 1000 {
+            self.shm.add(Counter::Late, 1);
+            return;
+        }
+        let Some((_, c)) = self.slab.get_slot_mut(m.slot) else { return };
         c.tries = 0;
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
