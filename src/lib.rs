@@ -5,4 +5,5 @@
 pub mod engine;
 pub mod io;
 pub mod shm;
+pub mod sim;
 pub mod wire;
