@@ -547,3 +547,42 @@ fn answers_over_ipv6() {
     );
     assert_eq!(server.stop()["answered"], 1);
 }
+
+#[test]
+fn sigterm_and_sigint_stop_it_with_a_counter_report() {
+    for signal in ["-TERM", "-INT"] {
+        let mut server = Server::start(&["--listen", "127.0.0.1:0"]);
+        let sock = client();
+        let dest = server.addrs[0];
+        let req = options(
+            "sip:u1@127.0.0.1",
+            sock.local_addr().unwrap(),
+            &token(1),
+            1,
+            "sip:u1@x",
+        );
+        sock.send_to(req.as_bytes(), dest).unwrap();
+        let mut buf = [0u8; 2048];
+        sock.recv_from(&mut buf).expect("a response");
+        // stdin stays open: only the signal can stop it.
+        let pid = server.child.id().to_string();
+        let t0 = Instant::now();
+        let kill = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(kill.success());
+        let mut out = String::new();
+        server
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let status = server.child.wait().unwrap();
+        assert!(status.success(), "{signal}: {status}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        let c: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(
+            (c["received"].as_u64(), c["answered"].as_u64()),
+            (Some(1), Some(1))
+        );
+    }
+}
