@@ -1,4 +1,20 @@
-//! kaping: a standalone SIP keepalive pinger (see DESIGN.md).
+//! kaping: a standalone SIP keepalive pinger for millions of contacts.
+//!
+//! The architecture is in DESIGN.md; in brief, leaves first:
+//!
+//! * [`wire`]: SIP bytes only (URIs, the request template patched in place,
+//!   the MAC'd From-tag token, the stateless reply matcher). No I/O.
+//! * [`engine`]: a worker's building blocks (slab, timer wheel, liveness)
+//!   and the worker loop itself.
+//! * [`io`]: the kernel: batched UDP, the io_uring and mmsg backends behind
+//!   one trait, reply steering, wake-ups and signals.
+//! * [`shm`]: the shared-memory contract between the daemon and readers.
+//! * [`config`], [`contact`], [`sources`], [`daemon`]: `kaping run`.
+//! * [`sim`]: the simulated SIP platform (responder, contact plans) used by
+//!   the load generator, the demo and the tests.
+//!
+//! `unsafe` is denied here and allowed only in `io` and `shm`, where every
+//! block states the invariant that makes it sound.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -9,6 +25,7 @@ pub mod duration;
 pub mod engine;
 pub mod io;
 pub mod shm;
+pub mod sim;
 pub mod sources;
 pub mod timefmt;
 pub mod wire;

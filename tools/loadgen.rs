@@ -8,31 +8,38 @@
 //! * `ceiling` measures the raw UDP round-trip ceiling of the machine against
 //!   a `serve --raw-echo` child.
 //!
+//! The simulated platform itself lives in the library (`kaping::sim`), so
+//! `kaping demo` runs the very same responder in-process; this binary is its
+//! command line: flags, the stop conditions of `serve` and the reports.
+//!
 //! This binary contains no `unsafe`: every system call goes through
-//! `kaping::io::udp`, socket2 or std. It stops on `--seconds` or on stdin EOF
-//! (`--stop-on-stdin-eof`); SIGINT/SIGTERM end it at once without a counter
-//! report (catching them needs a small signal-flag helper in the library).
+//! `kaping::io`, socket2 or std. `serve` stops on `--seconds`, on stdin EOF
+//! (`--stop-on-stdin-eof`) or on SIGINT/SIGTERM/SIGHUP, and then prints its
+//! counters.
 #![forbid(unsafe_code)]
 
 #[path = "loadgen/ceiling.rs"]
 mod ceiling;
-#[path = "loadgen/contacts.rs"]
-mod contacts;
-#[path = "loadgen/fate.rs"]
-mod fate;
-#[path = "loadgen/serve.rs"]
-mod serve;
-#[path = "loadgen/sip.rs"]
-mod sip;
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::fate::{parse_duration_ns, FatePlan, LatencyDist};
+use kaping::io::signal;
+use kaping::sim::{
+    parse_duration_ns, FatePlan, LatencyDist, Layout, ListenSpec, Noise, Responder, ServeConfig,
+};
+
+/// How often `serve` looks at its stop conditions (the threads never do:
+/// they are stopped through `Responder::stop`).
+const STOP_CHECK_MS: u64 = 20;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -119,8 +126,8 @@ struct ContactsArgs {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// ADDR:PORT[-LASTPORT] to answer on; repeatable. 0.0.0.0:P answers for every 127.a.b.c:P.
-    #[arg(long, required = true, value_parser = serve::ListenSpec::parse)]
-    listen: Vec<serve::ListenSpec>,
+    #[arg(long, required = true, value_parser = ListenSpec::parse)]
+    listen: Vec<ListenSpec>,
     /// Responder threads (each with its own SO_REUSEPORT socket per port).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -211,7 +218,7 @@ fn create(path: &PathBuf) -> Result<BufWriter<File>, String> {
 }
 
 fn run_contacts(a: ContactsArgs) -> Result<(), String> {
-    let layout = contacts::Layout::new(a.port, a.ports, a.ipv6)?;
+    let layout = Layout::new(a.port, a.ports, a.ipv6)?;
     let plan = a.fate.plan()?;
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(create(p)?),
@@ -222,17 +229,17 @@ fn run_contacts(a: ContactsArgs) -> Result<(), String> {
         None => None,
     };
     let fates = fates_file.as_mut().map(|w| (&plan, w as &mut dyn Write));
-    contacts::write_contacts(&layout, a.count, &mut out, fates)
+    kaping::sim::write_contacts(&layout, a.count, &mut out, fates)
         .map_err(|e| format!("cannot write contacts: {e}"))
 }
 
 fn run_serve(a: ServeArgs) -> Result<(), String> {
-    let cfg = serve::ServeConfig {
+    let cfg = ServeConfig {
         listen: a.listen,
         threads: a.threads,
         raw_echo: a.raw_echo,
         plan: a.fate.plan()?,
-        noise: serve::Noise {
+        noise: Noise {
             loss: a.loss,
             malformed: a.malformed,
             duplicate: a.duplicate,
@@ -240,13 +247,65 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
             dist: a.latency_dist.unwrap_or(LatencyDist::None),
         },
         seed: a.fate.seed,
-        seconds: a.seconds,
-        stop_on_stdin_eof: a.stop_on_stdin_eof,
         recv_buffer_bytes: a.rcvbuf,
         send_buffer_bytes: a.sndbuf,
         delay_slots: a.delay_slots,
     };
-    let counters = serve::run(cfg)?;
+    // Before the threads start, so none of them is the one interrupted.
+    signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let responder = Responder::spawn(cfg)?;
+    if let Some(report) = responder.clamped_buffers() {
+        eprintln!(
+            "kaping-loadgen: socket buffers clamped by the kernel (rcvbuf {} sndbuf {} bytes); raise net.core.rmem_max/wmem_max",
+            report.recv_buffer_bytes, report.send_buffer_bytes
+        );
+    }
+    for addr in responder.local_addrs() {
+        eprintln!("listening {addr}");
+    }
+    eprintln!("ready");
+
+    let stdin_closed = Arc::new(AtomicBool::new(false));
+    if a.stop_on_stdin_eof {
+        let closed = stdin_closed.clone();
+        // Detached: it may still be blocked in read when the process exits.
+        thread::Builder::new()
+            .name("stdin-eof".to_string())
+            .spawn(move || {
+                let mut sink = [0u8; 256];
+                let mut stdin = io::stdin().lock();
+                loop {
+                    match stdin.read(&mut sink) {
+                        Ok(n) if n > 0 => {}
+                        // SIGHUP (or SIGINT, seen by the loop below) cut the read short.
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        _ => break,
+                    }
+                }
+                closed.store(true, Ordering::Relaxed);
+            })
+            .map_err(|e| format!("cannot start the stdin thread: {e}"))?;
+    }
+    let deadline = a
+        .seconds
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    // SIGHUP ends it too, as it did by default before handlers existed.
+    while !signal::stop_requested()
+        && !signal::take_reload()
+        && !stdin_closed.load(Ordering::Relaxed)
+    {
+        let mut nap = Duration::from_millis(STOP_CHECK_MS);
+        if let Some(d) = deadline {
+            let now = Instant::now();
+            if now >= d {
+                break;
+            }
+            nap = nap.min(d - now);
+        }
+        thread::sleep(nap);
+    }
+    let counters = responder.stop();
+
     let mut out = io::stdout().lock();
     if a.json {
         let text = serde_json::to_string(&counters).map_err(|e| e.to_string())?;

@@ -27,10 +27,9 @@ use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kaping::io::udp::{bind_udp, RecvBatch, SendBatch, SocketOptions};
+use kaping::sim::contacts::push_uri;
+use kaping::sim::{Layout, BATCH, DATAGRAM_MAX};
 use serde::Serialize;
-
-use crate::contacts::Layout;
-use crate::serve::{BATCH, DATAGRAM_MAX};
 
 /// Echoes missing this long are written off and the window reopens (long
 /// enough that a descheduled child on a busy machine does not trigger it).
@@ -313,7 +312,7 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
 /// fixed-width token derived from `i`. Setup only: it allocates.
 fn sip_request(layout: &Layout, i: u64, local_port: u16) -> Vec<u8> {
     let mut uri = Vec::new();
-    crate::contacts::push_uri(&mut uri, layout, i);
+    push_uri(&mut uri, layout, i);
     let uri = String::from_utf8(uri).expect("ASCII URI");
     let token = format!("LGEN{i:024}");
     format!(

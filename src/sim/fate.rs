@@ -2,12 +2,13 @@
 //! per-contact fates (dead, flapping, error code) and per-packet noise
 //! (loss, latency, malformed and duplicate replies).
 //!
-//! Ownership: a [`FatePlan`] is built once from the command line and shared
-//! read-only by the `contacts` writer and every `serve` thread; each thread
-//! owns its own [`Rng`]. The fate of a contact is a pure function of its
-//! Request-URI bytes and `--seed` (SipHash-1-3 keyed with the seed), so
-//! `contacts --fates` can write down, in advance and in another process, what
-//! `serve` will do with each contact.
+//! Ownership: a [`FatePlan`] is built once (from the command line or by an
+//! in-process user such as `kaping demo`) and shared read-only by the
+//! contacts writer and every responder thread; each thread owns its own
+//! [`Rng`]. The fate of a contact is a pure function of its Request-URI bytes
+//! and the seed (SipHash-1-3 keyed with the seed), so `contacts --fates` can
+//! write down, in advance and in another process, what the responder will do
+//! with each contact.
 //!
 //! Fate bands: with `u` the contact hash mapped to `[0, 1)`, `u < dead` is
 //! dead, then the next `error` is answered with `--error-code`, then the next
@@ -18,7 +19,8 @@
 //!
 //! Never allocates and never panics on the per-packet path (`contact_hash`,
 //! `fate`, `flap_answers`, `to_tag`, `Rng`, `LatencyDist::sample_ns`).
-//! Callers: `contacts.rs` (fates file) and `serve.rs` (per packet).
+//! Callers: `contacts.rs` (fates file), `responder.rs` (per packet) and the
+//! `kaping-loadgen` CLI (parsing durations and distributions).
 
 use siphasher::sip::SipHasher13;
 
@@ -157,10 +159,12 @@ fn mix(mut z: u64) -> u64 {
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator whose sequence is fixed by `seed`.
     pub fn new(seed: u64) -> Rng {
         Rng(mix(seed ^ 0x9e37_79b9_7f4a_7c15))
     }
 
+    /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
@@ -192,17 +196,13 @@ impl Rng {
 /// The random part of the reply delay, added to the fixed `--latency`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LatencyDist {
+    /// No random part: every reply waits exactly the fixed latency.
     None,
     /// Uniform in `[lo_ns, hi_ns]`.
-    Uniform {
-        lo_ns: u64,
-        hi_ns: u64,
-    },
+    Uniform { lo_ns: u64, hi_ns: u64 },
     /// Exponential with this mean, cut at [`EXP_CAP_MEANS`] means so the delay
     /// queue stays bounded in time.
-    Exp {
-        mean_ns: u64,
-    },
+    Exp { mean_ns: u64 },
 }
 
 /// The exponential tail is cut at this many means (e^-50: never reached in
@@ -232,6 +232,7 @@ impl LatencyDist {
         }
     }
 
+    /// One delay drawn from the distribution, in nanoseconds.
     #[inline]
     pub fn sample_ns(&self, rng: &mut Rng) -> u64 {
         match *self {

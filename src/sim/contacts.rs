@@ -1,5 +1,6 @@
 //! Simulated contacts: the mapping from a contact index to its address, and
-//! the `contacts` subcommand that writes them (and their expected fates).
+//! the writer of contacts files (and of the fates the responder will give
+//! them).
 //!
 //! Mapping (shared with `ceiling`, and what a benchmark of kaping relies on):
 //! contact `i` (0-based) is `sip:u<i>@<addr>:<port>` with
@@ -14,12 +15,16 @@
 //!
 //! Writing never formats per line: digits are produced into a stack array and
 //! lines are appended to a 1 MiB buffer flushed with one `write_all`.
-//! Callers: `main` (`contacts` subcommand), `ceiling` (destinations).
+//! [`contact_uri`] and [`contact_addr`] are the one-contact forms for
+//! in-process users (`kaping demo` builds its contact list with them); they
+//! are setup code (`contact_uri` allocates its `String`).
+//! Callers: `kaping-loadgen` (`contacts` subcommand, `ceiling` destinations)
+//! and `kaping demo`.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::fate::{Fate, FatePlan};
+use super::fate::{Fate, FatePlan};
 
 /// Distinct IPv4 addresses the mapping uses before wrapping.
 pub const V4_ADDRS: u64 = 254 * 256 * 256;
@@ -36,6 +41,9 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Contacts on ports `base_port..base_port + ports`, on [::1] with
+    /// `ipv6`, over 127.0.0.0/8 otherwise. Refuses port 0 and a range that
+    /// leaves the port space.
     pub fn new(base_port: u16, ports: u16, ipv6: bool) -> Result<Layout, String> {
         if base_port == 0 {
             return Err("--port must be a real port (1..=65535)".to_string());
@@ -112,6 +120,29 @@ pub fn push_uri(out: &mut Vec<u8>, layout: &Layout, i: u64) {
     }
     out.push(b':');
     push_u64(out, u64::from(addr.port()));
+}
+
+/// The URI of contact `i` among contacts on `ports` ports from `port`
+/// (`sip:u<i>@127.a.b.c:P`, or `sip:u<i>@[::1]:P` with `ipv6`): exactly the
+/// line `kaping-loadgen contacts` writes for it.
+///
+/// # Panics
+/// When `port` is 0, `ports` is 0 or the ports leave the port space (the
+/// same cases [`Layout::new`] refuses): the caller's configuration is wrong.
+pub fn contact_uri(i: u64, port: u16, ports: u16, ipv6: bool) -> String {
+    let layout = Layout::new(port, ports, ipv6).unwrap_or_else(|e| panic!("contact_uri: {e}"));
+    let mut out = Vec::with_capacity(40);
+    push_uri(&mut out, &layout, i);
+    // push_uri writes ASCII only: digits, dots, brackets, `sip:u`, `@`, `:`.
+    String::from_utf8(out).expect("contact URIs are ASCII")
+}
+
+/// The address contact `i` is pinged at (the host and port of
+/// [`contact_uri`]); panics in the same cases.
+pub fn contact_addr(i: u64, port: u16, ports: u16, ipv6: bool) -> SocketAddr {
+    Layout::new(port, ports, ipv6)
+        .unwrap_or_else(|e| panic!("contact_addr: {e}"))
+        .addr(i)
 }
 
 /// Appends the fate word written to the fates file.
@@ -195,6 +226,26 @@ mod tests {
         assert_eq!(v6.addr(5), "[::1]:5061".parse().unwrap());
         assert!(Layout::new(65535, 2, false).is_err());
         assert!(Layout::new(0, 1, false).is_err());
+    }
+
+    #[test]
+    fn one_contact_forms_match_the_file() {
+        let mut file = Vec::new();
+        let layout = Layout::new(5070, 3, false).unwrap();
+        write_contacts(&layout, 1000, &mut file, None).unwrap();
+        let text = String::from_utf8(file).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            assert_eq!(contact_uri(i as u64, 5070, 3, false), line);
+            let addr = contact_addr(i as u64, 5070, 3, false);
+            assert!(line.ends_with(&format!("@{addr}")), "{line} vs {addr}");
+        }
+        assert_eq!(contact_uri(3, 6000, 2, true), "sip:u3@[::1]:6001");
+    }
+
+    #[test]
+    #[should_panic(expected = "contact_uri")]
+    fn contact_uri_refuses_a_bad_layout() {
+        contact_uri(0, 65535, 2, false);
     }
 
     #[test]

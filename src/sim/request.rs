@@ -13,13 +13,16 @@
 //!
 //! Invariants: never allocates, never panics on any input (every index is
 //! checked; a buffer too small yields `None`), never reads past the datagram.
-//! Caller: `serve.rs`, once per received datagram.
+//! This is deliberately not `crate::wire`: the wire module parses the
+//! *responses* kaping receives; this parses the *requests* a simulated phone
+//! receives, tolerating any well-formed shape (not only kaping's template).
+//! Caller: `responder.rs`, once per received datagram.
 
 use std::net::{IpAddr, SocketAddr};
 
 use memchr::{memchr, memchr2};
 
-use crate::fate::TAG_LEN;
+use super::fate::TAG_LEN;
 
 /// Via header values kept per request; more is refused as unparsable (a
 /// keepalive crosses at most a few proxies).
@@ -36,10 +39,13 @@ pub enum Unparsable {
     HeaderLine,
     /// The datagram ends before the empty line that closes the headers.
     Truncated,
+    /// More than [`VIA_MAX`] Via header lines.
     TooManyVias,
     /// Two From, To, Call-ID or CSeq headers (§20: they appear once).
     DuplicateHeader,
+    /// No Via (or an empty one): nowhere to send the response (§18.2.2).
     NoVia,
+    /// One of the headers every response copies (§8.2.6.2) is missing.
     NoFrom,
     NoTo,
     NoCallId,

@@ -1,58 +1,79 @@
-//! The responder (`serve`): threads that answer every SIP request from the
-//! exact address that was pinged, with configurable fates and noise.
+//! The simulated platform's responder: threads that answer every SIP request
+//! from the exact address that was pinged, with configurable fates and noise.
+//! [`Responder::spawn`] runs it in-process (`kaping demo`); `kaping-loadgen
+//! serve` is a thin command line over the same call.
 //!
 //! Ownership: each thread owns one socket per listen port (all threads join
 //! each port's `SO_REUSEPORT` group, so the kernel spreads contacts over
 //! threads), one [`RecvBatch`], one [`SendBatch`] per socket, a scratch
-//! buffer, a [`DelayQueue`], its [`Rng`] and its [`Counters`]. Nothing is
-//! shared between threads but the read-only configuration and the stop flag;
-//! counters are summed after the threads are joined.
+//! buffer, a [`DelayQueue`], its [`Rng`] and its [`Counters`]. Shared between
+//! threads are only the read-only configuration, the stop flag, one eventfd
+//! [`Waker`] (written once, by [`Responder::stop`]) and one cache-line padded
+//! block of atomics per thread into which that thread alone publishes its
+//! counters after every round of batches ([`Responder::counters`] sums them).
 //!
 //! Per datagram: no allocation, no system call, no formatting. System calls
-//! are per batch (one `recvmmsg` per socket, one `sendmmsg` per socket with
-//! replies). A thread with nothing to do blocks in the kernel (a `MSG_PEEK`
-//! with `SO_RCVTIMEO` for a single socket; helper threads that peek and unpark
-//! it for several) until a datagram arrives or the next delayed reply is due,
-//! so an idle responder costs nothing and adds no polling delay.
+//! are per batch: one `recvmmsg` per readable socket, one `sendmmsg` per
+//! socket with replies. A thread with nothing to receive sleeps in one
+//! `ppoll` ([`wait_readable`]) over all its sockets and the waker, until a
+//! datagram arrives, the earliest delayed reply is due, or it is stopped; so
+//! an idle responder costs nothing, adds no polling delay and stops at once.
+//! A socket whose last `recvmmsg` filled a whole batch is read again without
+//! polling (more is very likely queued); one that returned less is drained
+//! and waits for `ppoll` to report it again. Hence at most
+//! [`SOCKETS_PER_THREAD_MAX`] listen ports (`ppoll` here takes 64
+//! descriptors, one of which is the waker).
 //!
-//! Caution: with `--threads` > 1 the sockets join a `SO_REUSEPORT` group,
+//! Stopping: in-process users call [`Responder::stop`] (or drop the
+//! responder); the process-wide signal flag is never consulted here, so a
+//! demo's responder does not stop because the daemon half got SIGINT before
+//! it printed its summary. The CLI maps its signals to `stop` itself.
+//!
+//! Caution: with `threads` > 1 the sockets join a `SO_REUSEPORT` group,
 //! and Linux lets any process of the same user join it by binding the same
 //! port with the option set; such a process would silently take a share of
 //! the traffic. Give each responder its own ports.
 //!
-//! Delayed replies (`--latency`, `--latency-dist`) are copied into a
-//! preallocated slot pool ordered by a min-heap of due times preallocated to
-//! the same capacity: a bounded timer structure, flushed on time; a reply
-//! that finds the pool full is sent at once and counted (`delay_overflow`).
+//! Delayed replies (`latency_ns`, `dist`) are copied into a preallocated slot
+//! pool ordered by a min-heap of due times preallocated to the same capacity:
+//! a bounded timer structure, flushed on time; a reply that finds the pool
+//! full is sent at once and counted (`delay_overflow`).
 //!
-//! Caller: `main` (`serve` subcommand) and, as a child process, `ceiling`.
+//! Never panics on any input datagram; never allocates after `spawn`.
+//! Callers: `kaping demo` and `kaping-loadgen serve` (also as the child of
+//! `kaping-loadgen ceiling`).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, Read};
-use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, Thread};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kaping::io::udp::{bind_udp, RecvBatch, SendBatch, SocketOptions};
+use crossbeam::utils::CachePadded;
 use serde::Serialize;
 use socket2::Socket;
 
-use crate::fate::{to_tag, Fate, FatePlan, LatencyDist, Rng};
-use crate::sip::{self, Malform, ReplyParams};
+use super::fate::{to_tag, Fate, FatePlan, LatencyDist, Rng};
+use super::request::{self, Malform, ReplyParams};
+use crate::io::udp::{bind_udp, wait_readable, RecvBatch, SendBatch, SocketOptions, SocketReport};
+use crate::io::waker::Waker;
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
 pub const BATCH: usize = 64;
 /// Largest datagram handled; a longer one arrives truncated and is unparsable
 /// (RFC 3261 §18.1.1 keeps UDP requests under the path MTU anyway).
 pub const DATAGRAM_MAX: usize = 2048;
-/// Longest a thread blocks before looking at the stop flag again.
+/// Sockets one thread serves: one per listen port, all waited on in one
+/// `ppoll` of at most 64 descriptors together with the waker.
+pub const SOCKETS_PER_THREAD_MAX: usize = 63;
+/// Longest a thread sleeps without looking at the stop flag: a backstop only,
+/// since `stop` also wakes it through the eventfd.
 const IDLE_MAX_NS: u64 = 100_000_000;
-/// Below this wait, yielding beats arming a kernel timeout.
+/// Below this wait for a delayed reply, `ppoll` is called with a zero
+/// timeout (a timer this short would only add the kernel's timer slack).
 const SPIN_NS: u64 = 20_000;
 /// Longest reply delay accepted: held replies occupy pool slots, so a delay
 /// this long would only measure the pool size.
@@ -60,6 +81,8 @@ const DELAY_MAX_NS: u64 = 60_000_000_000;
 /// `sendmmsg` rounds tried on a full socket buffer before the rest of a
 /// batch is dropped and counted.
 const SEND_RETRIES: u32 = 1000;
+/// Number of fields of [`Counters`].
+const COUNTER_FIELDS: usize = 15;
 
 /// One `--listen` argument: an address and the last port of its range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,17 +131,35 @@ impl ListenSpec {
     }
 }
 
-/// Per-packet noise (not stable per contact).
+/// Per-packet noise (not stable per contact). The default is none.
 #[derive(Clone, Copy, Debug)]
 pub struct Noise {
+    /// Fraction of requests dropped at random.
     pub loss: f64,
+    /// Fraction of replies replaced by a malformed variant.
     pub malformed: f64,
+    /// Fraction of replies sent twice.
     pub duplicate: f64,
+    /// Fixed delay added to every reply.
     pub latency_ns: u64,
+    /// Random delay added on top.
     pub dist: LatencyDist,
 }
 
+impl Default for Noise {
+    fn default() -> Noise {
+        Noise {
+            loss: 0.0,
+            malformed: 0.0,
+            duplicate: 0.0,
+            latency_ns: 0,
+            dist: LatencyDist::None,
+        }
+    }
+}
+
 impl Noise {
+    /// Fractions in `[0, 1]`; the longest delay at most 60 s.
     pub fn validate(&self) -> Result<(), String> {
         for (name, v) in [
             ("--loss", self.loss),
@@ -144,21 +185,46 @@ impl Noise {
     }
 }
 
-/// Everything `serve` needs.
+/// Everything a responder needs.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// Addresses and port ranges to answer on (port 0: the kernel picks).
     pub listen: Vec<ListenSpec>,
+    /// Responder threads, each with its own socket per port.
     pub threads: usize,
+    /// Echo every datagram back unparsed (the raw UDP ceiling).
     pub raw_echo: bool,
+    /// Stable per-contact fates.
     pub plan: FatePlan,
+    /// Per-packet noise.
     pub noise: Noise,
+    /// Seed of the per-thread generators (thread `t` mixes in `t`).
     pub seed: u64,
-    pub seconds: Option<f64>,
-    pub stop_on_stdin_eof: bool,
+    /// Requested `SO_RCVBUF` per socket, bytes (0: the kernel default).
     pub recv_buffer_bytes: usize,
+    /// Requested `SO_SNDBUF` per socket, bytes (0: the kernel default).
     pub send_buffer_bytes: usize,
-    /// Delayed replies each thread can hold.
+    /// Delayed replies each thread can hold ([`DATAGRAM_MAX`] bytes each,
+    /// allocated only when the noise delays replies).
     pub delay_slots: usize,
+}
+
+impl ServeConfig {
+    /// One thread answering on `listen` with the fates of `plan`, no noise,
+    /// 4 MiB socket buffers and 16384 delay slots (the CLI's defaults).
+    pub fn new(listen: Vec<ListenSpec>, plan: FatePlan) -> ServeConfig {
+        ServeConfig {
+            listen,
+            threads: 1,
+            raw_echo: false,
+            plan,
+            noise: Noise::default(),
+            seed: 0,
+            recv_buffer_bytes: 4 << 20,
+            send_buffer_bytes: 4 << 20,
+            delay_slots: 16384,
+        }
+    }
 }
 
 /// What a responder did. `answered` counts requests that got a response
@@ -184,6 +250,7 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Adds `o` field by field.
     pub fn add(&mut self, o: &Counters) {
         for (a, b) in self.fields_mut().into_iter().zip(o.fields()) {
             *a += b.1;
@@ -229,6 +296,33 @@ impl Counters {
             &mut self.send_dropped,
             &mut self.pending_at_exit,
         ]
+    }
+}
+
+/// One thread's published counters: stored by that thread alone after each
+/// round of batches (plain relaxed stores of its private totals, no
+/// read-modify-write), loaded by [`Responder::counters`]. Padded to its own
+/// cache lines so publishing never contends with another thread's block.
+struct LiveCounters([AtomicU64; COUNTER_FIELDS]);
+
+impl LiveCounters {
+    fn new() -> LiveCounters {
+        LiveCounters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+
+    #[inline]
+    fn publish(&self, c: &Counters) {
+        for (slot, (_, value)) in self.0.iter().zip(c.fields()) {
+            slot.store(value, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> Counters {
+        let mut c = Counters::default();
+        for (dst, slot) in c.fields_mut().into_iter().zip(&self.0) {
+            *dst = slot.load(Ordering::Relaxed);
+        }
+        c
     }
 }
 
@@ -313,53 +407,11 @@ impl DelayQueue {
     }
 }
 
-/// Wakes a thread that serves several sockets: one helper per socket blocks
-/// in `MSG_PEEK` while the worker is idle and unparks it when data arrives.
-struct Doorbell {
-    worker: Thread,
-    /// Bumped each time the worker goes idle; helpers wait for a new epoch
-    /// before peeking again (so they sleep while the worker is busy).
-    idle_epoch: Mutex<u64>,
-    idle: Condvar,
-}
-
-fn doorbell_helper(bell: Arc<Doorbell>, sock: Socket, stop: Arc<AtomicBool>) {
-    let _ = sock.set_read_timeout(Some(Duration::from_nanos(IDLE_MAX_NS)));
-    let mut seen = 0u64;
-    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-    while !stop.load(Ordering::Relaxed) {
-        {
-            let mut epoch = bell.idle_epoch.lock().unwrap_or_else(|e| e.into_inner());
-            while *epoch == seen && !stop.load(Ordering::Relaxed) {
-                epoch = bell
-                    .idle
-                    .wait_timeout(epoch, Duration::from_nanos(IDLE_MAX_NS))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            seen = *epoch;
-        }
-        // Blocks until a datagram is queued (or the timeout, to see `stop`).
-        while !stop.load(Ordering::Relaxed) {
-            match sock.peek(&mut byte) {
-                Ok(_) => break,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => break,
-            }
-        }
-        bell.worker.unpark();
-    }
-}
-
+/// What one thread owns (see the module docs).
 struct Worker {
-    index: usize,
     socks: Vec<Socket>,
+    /// The sockets' descriptors followed by the waker's: the `ppoll` set.
+    fds: Vec<RawFd>,
     sends: Vec<SendBatch>,
     recv: RecvBatch,
     scratch: Box<[u8]>,
@@ -368,10 +420,9 @@ struct Worker {
     counters: Counters,
     cfg: Arc<ServeConfig>,
     stop: Arc<AtomicBool>,
+    live: Arc<[CachePadded<LiveCounters>]>,
+    index: usize,
     epoch: Instant,
-    /// The `SO_RCVTIMEO` currently set on the single socket.
-    timeout_ns: u64,
-    bell: Option<Arc<Doorbell>>,
 }
 
 impl Worker {
@@ -380,90 +431,73 @@ impl Worker {
     }
 
     fn run(mut self) -> Counters {
-        if self.socks.len() > 1 {
-            let bell = Arc::new(Doorbell {
-                worker: thread::current(),
-                idle_epoch: Mutex::new(0),
-                idle: Condvar::new(),
-            });
-            for (k, s) in self.socks.iter().enumerate() {
-                match s.try_clone() {
-                    Ok(dup) => {
-                        let (b, stop) = (bell.clone(), self.stop.clone());
-                        let spawned = thread::Builder::new()
-                            .name(format!("serve-{}-bell-{k}", self.index))
-                            .spawn(move || doorbell_helper(b, dup, stop));
-                        if let Err(e) = spawned {
-                            eprintln!("kaping-loadgen: cannot start a doorbell thread: {e}");
-                        }
-                    }
-                    Err(e) => eprintln!("kaping-loadgen: cannot dup a socket: {e}"),
+        let socks = self.socks.len();
+        debug_assert!(socks <= SOCKETS_PER_THREAD_MAX && self.fds.len() == socks + 1);
+        let all: u64 = (1u64 << socks) - 1;
+        // Sockets to read without polling first: all of them at start (they
+        // may have queued datagrams while the threads were being started),
+        // then those whose last read filled a batch.
+        let mut ready = all;
+        let mut published = self.counters;
+        while !self.stop.load(Ordering::Acquire) {
+            if ready == 0 {
+                ready = self.wait(all);
+            }
+            self.flush_delayed(self.now_ns());
+            let mut bits = ready;
+            while bits != 0 {
+                let k = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if self.serve_socket(k) < BATCH {
+                    ready &= !(1u64 << k);
                 }
             }
-            self.bell = Some(bell);
-        }
-        while !self.stop.load(Ordering::Relaxed) {
-            let now_ns = self.now_ns();
-            let mut busy = self.flush_delayed(now_ns);
-            for k in 0..self.socks.len() {
-                busy |= self.serve_socket(k);
+            for k in 0..socks {
+                if self.sends[k].pending() > 0 {
+                    self.flush_sends(k);
+                }
             }
-            for k in 0..self.socks.len() {
-                self.flush_sends(k);
-            }
-            if !busy {
-                self.idle_wait();
+            if self.counters != published {
+                published = self.counters;
+                self.live[self.index].publish(&published);
             }
         }
         self.counters.pending_at_exit +=
             self.delay.len() as u64 + self.sends.iter().map(|s| s.pending() as u64).sum::<u64>();
-        if let Some(bell) = &self.bell {
-            bell.idle.notify_all();
-        }
+        self.live[self.index].publish(&self.counters);
         self.counters
     }
 
-    /// Blocks until a datagram arrives or the next delayed reply is due.
-    fn idle_wait(&mut self) {
-        let now_ns = self.now_ns();
-        let wait_ns = self
-            .delay
-            .next_due_ns()
-            .map_or(IDLE_MAX_NS, |due| due.saturating_sub(now_ns))
-            .min(IDLE_MAX_NS);
-        if wait_ns < SPIN_NS {
-            thread::yield_now();
-            return;
-        }
-        match &self.bell {
-            None => {
-                // Re-arm the timeout only when it changes enough to matter.
-                if wait_ns.abs_diff(self.timeout_ns) > wait_ns / 8
-                    && self.socks[0]
-                        .set_read_timeout(Some(Duration::from_nanos(wait_ns)))
-                        .is_ok()
-                {
-                    self.timeout_ns = wait_ns;
+    /// Sleeps in one `ppoll` over every socket and the waker until a datagram
+    /// arrives, the earliest delayed reply is due, or `stop` wakes it;
+    /// returns the readable sockets (the waker's bit removed: the loop looks
+    /// at the stop flag itself).
+    fn wait(&mut self, all: u64) -> u64 {
+        let wait_ns = match self.delay.next_due_ns() {
+            Some(due) => {
+                let left = due.saturating_sub(self.now_ns());
+                if left < SPIN_NS {
+                    0
+                } else {
+                    left.min(IDLE_MAX_NS)
                 }
-                let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-                let _ = self.socks[0].peek(&mut byte);
             }
-            Some(bell) => {
-                {
-                    let mut epoch = bell.idle_epoch.lock().unwrap_or_else(|e| e.into_inner());
-                    *epoch += 1;
-                }
-                bell.idle.notify_all();
-                thread::park_timeout(Duration::from_nanos(wait_ns));
+            None => IDLE_MAX_NS,
+        };
+        match wait_readable(&self.fds, Duration::from_nanos(wait_ns)) {
+            Ok(mask) => mask & all,
+            // EINVAL/ENOMEM cannot be caused by a datagram; read every
+            // socket (recvmmsg will tell) after a pause, rather than spin.
+            Err(_) => {
+                thread::sleep(Duration::from_millis(1));
+                all
             }
         }
     }
 
-    /// Sends every delayed reply that is due; true if any was.
-    fn flush_delayed(&mut self, now_ns: u64) -> bool {
-        let mut any = false;
+    /// Sends every delayed reply that is due.
+    fn flush_delayed(&mut self, now_ns: u64) {
         while let Some(slot) = self.delay.pop_due(now_ns) {
-            any = true;
             let (m, _) = self.delay.get(slot);
             let (sock, copies, dest, src) = (usize::from(m.sock), m.copies, m.dest, m.src);
             for _ in 0..copies {
@@ -477,7 +511,6 @@ impl Worker {
             }
             self.delay.release(slot);
         }
-        any
     }
 
     /// Sends what socket `k`'s batch holds; retries a full socket buffer a
@@ -502,15 +535,18 @@ impl Worker {
         self.counters.send_errors += errors;
     }
 
-    /// One `recvmmsg` on socket `k` and the replies; true if it got datagrams.
-    fn serve_socket(&mut self, k: usize) -> bool {
+    /// One `recvmmsg` on socket `k` and the replies; returns how many
+    /// datagrams it got (`BATCH`: more may be queued).
+    fn serve_socket(&mut self, k: usize) -> usize {
         let fd = self.socks[k].as_raw_fd();
         let n = match self.recv.recv(fd) {
             Ok(n) => n,
-            Err(_) => return true, // a transient error: look again at once
+            // A transient error: ppoll reports the socket again if it is
+            // still readable.
+            Err(_) => return 0,
         };
         if n == 0 {
-            return false;
+            return 0;
         }
         let now_ns = self.now_ns();
         let unix_ms = SystemTime::now()
@@ -573,7 +609,7 @@ impl Worker {
                 }
             }
         }
-        true
+        n
     }
 }
 
@@ -596,7 +632,7 @@ fn answer(
         c.unparsable += 1;
         return None;
     }
-    let req = match sip::parse(data) {
+    let req = match request::parse(data) {
         Ok(r) => r,
         Err(_) => {
             c.unparsable += 1;
@@ -656,7 +692,7 @@ fn answer(
         source: from,
         malform,
     };
-    let Some(len) = sip::write_reply(&req, &params, scratch) else {
+    let Some(len) = request::write_reply(&req, &params, scratch) else {
         c.unparsable += 1; // the response would not fit a datagram
         return None;
     };
@@ -681,9 +717,11 @@ fn delay_ns(rng: &mut Rng, noise: &Noise) -> u64 {
 }
 
 /// Binds every socket: for each listen port, one socket per thread in one
-/// `SO_REUSEPORT` group. Returns the sockets per thread and the bound
-/// addresses (port 0 resolved).
-fn bind_all(cfg: &ServeConfig) -> Result<(Vec<Vec<Socket>>, Vec<SocketAddr>), String> {
+/// `SO_REUSEPORT` group. Returns the sockets per thread, the bound addresses
+/// (port 0 resolved) and the first socket whose buffers the kernel clamped.
+type Bound = (Vec<Vec<Socket>>, Vec<SocketAddr>, Option<SocketReport>);
+
+fn bind_all(cfg: &ServeConfig) -> Result<Bound, String> {
     let opts = SocketOptions {
         recv_buffer_bytes: cfg.recv_buffer_bytes,
         send_buffer_bytes: cfg.send_buffer_bytes,
@@ -691,13 +729,12 @@ fn bind_all(cfg: &ServeConfig) -> Result<(Vec<Vec<Socket>>, Vec<SocketAddr>), St
         pktinfo: true,
         timestamps: false,
         recv_errors: false,
-        // Blocking, so the idle MSG_PEEK waits; recvmmsg/sendmmsg pass
-        // MSG_DONTWAIT and never block.
-        nonblocking: false,
+        // Threads sleep in ppoll, never in a socket call.
+        nonblocking: true,
     };
     let mut per_thread: Vec<Vec<Socket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
-    let mut clamp_reported = false;
+    let mut clamped = None;
     for spec in &cfg.listen {
         for port in spec.addr.port()..=spec.last_port {
             let mut addr = SocketAddr::new(spec.addr.ip(), port);
@@ -713,114 +750,163 @@ fn bind_all(cfg: &ServeConfig) -> Result<(Vec<Vec<Socket>>, Vec<SocketAddr>), St
                         .unwrap_or(addr);
                     bound.push(addr);
                 }
-                if (report.recv_clamped || report.send_clamped) && !clamp_reported {
-                    clamp_reported = true;
-                    eprintln!(
-                        "kaping-loadgen: socket buffers clamped by the kernel (rcvbuf {} sndbuf {} bytes); raise net.core.rmem_max/wmem_max",
-                        report.recv_buffer_bytes, report.send_buffer_bytes
-                    );
+                if (report.recv_clamped || report.send_clamped) && clamped.is_none() {
+                    clamped = Some(report);
                 }
                 socks.push(sock);
             }
         }
     }
-    assert!(
-        bound.len() <= usize::from(u16::MAX),
-        "too many listen ports"
-    );
-    Ok((per_thread, bound))
+    Ok((per_thread, bound, clamped))
 }
 
-/// Runs the responder until `--seconds` elapse or stdin closes (with
-/// `--stop-on-stdin-eof`); prints `listening ADDR` lines and `ready` on
-/// stderr once every socket is bound. Returns the summed counters.
-pub fn run(cfg: ServeConfig) -> Result<Counters, String> {
-    if cfg.threads == 0 {
-        return Err("--threads must be at least 1".to_string());
-    }
-    if cfg.listen.is_empty() {
-        return Err("at least one --listen ADDR[-LASTPORT] is needed".to_string());
-    }
-    cfg.noise.validate()?;
-    let delay_slots = if cfg.noise.delays() && !cfg.raw_echo {
-        if cfg.delay_slots == 0 {
-            return Err("--latency needs --delay-slots > 0".to_string());
-        }
-        cfg.delay_slots
-    } else {
-        0
-    };
-    let (per_thread, bound) = bind_all(&cfg)?;
-    for a in &bound {
-        eprintln!("listening {a}");
-    }
-    eprintln!("ready");
+/// A running responder: its threads, bound sockets and published counters.
+/// Dropping it stops and joins the threads, as [`Responder::stop`] does.
+pub struct Responder {
+    addrs: Vec<SocketAddr>,
+    clamped: Option<SocketReport>,
+    stop: Arc<AtomicBool>,
+    waker: Waker,
+    live: Arc<[CachePadded<LiveCounters>]>,
+    threads: Vec<JoinHandle<Counters>>,
+}
 
-    let cfg = Arc::new(cfg);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut handles = Vec::new();
-    for (index, socks) in per_thread.into_iter().enumerate() {
-        let sends = socks
+impl Responder {
+    /// Validates `cfg`, binds every socket, starts the threads and returns at
+    /// once. Datagrams arriving before a thread runs wait in the socket
+    /// buffers, so a caller may start sending as soon as this returns.
+    pub fn spawn(cfg: ServeConfig) -> Result<Responder, String> {
+        if cfg.threads == 0 {
+            return Err("--threads must be at least 1".to_string());
+        }
+        if cfg.listen.is_empty() {
+            return Err("at least one --listen ADDR[-LASTPORT] is needed".to_string());
+        }
+        let ports: usize = cfg
+            .listen
             .iter()
-            .map(|_| SendBatch::new(BATCH, DATAGRAM_MAX))
-            .collect();
-        let worker = Worker {
-            index,
-            socks,
-            sends,
-            recv: RecvBatch::new(BATCH, DATAGRAM_MAX),
-            scratch: vec![0u8; DATAGRAM_MAX].into_boxed_slice(),
-            delay: DelayQueue::new(delay_slots),
-            rng: Rng::new(cfg.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-            counters: Counters::default(),
-            cfg: cfg.clone(),
-            stop: stop.clone(),
-            epoch: Instant::now(),
-            timeout_ns: 0,
-            bell: None,
+            .map(|s| usize::from(s.last_port - s.addr.port()) + 1)
+            .sum();
+        if ports > SOCKETS_PER_THREAD_MAX {
+            return Err(format!(
+                "--listen covers {ports} ports; one responder serves at most {SOCKETS_PER_THREAD_MAX}"
+            ));
+        }
+        cfg.noise.validate()?;
+        let delay_slots = if cfg.noise.delays() && !cfg.raw_echo {
+            if cfg.delay_slots == 0 {
+                return Err("--latency needs --delay-slots > 0".to_string());
+            }
+            cfg.delay_slots
+        } else {
+            0
         };
-        let h = thread::Builder::new()
-            .name(format!("serve-{index}"))
-            .spawn(move || worker.run())
-            .map_err(|e| format!("cannot start thread: {e}"))?;
-        handles.push(h);
+        let waker = Waker::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
+        let (per_thread, addrs, clamped) = bind_all(&cfg)?;
+
+        let cfg = Arc::new(cfg);
+        let live: Arc<[CachePadded<LiveCounters>]> = (0..cfg.threads)
+            .map(|_| CachePadded::new(LiveCounters::new()))
+            .collect();
+        // Built before any thread starts, so an early return below drops it
+        // and Drop stops and joins the threads already running.
+        let mut me = Responder {
+            addrs,
+            clamped,
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+            live,
+            threads: Vec::with_capacity(cfg.threads),
+        };
+        for (index, socks) in per_thread.into_iter().enumerate() {
+            let mut fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
+            fds.push(me.waker.as_raw_fd());
+            let sends = socks
+                .iter()
+                .map(|_| SendBatch::new(BATCH, DATAGRAM_MAX))
+                .collect();
+            let worker = Worker {
+                socks,
+                fds,
+                sends,
+                recv: RecvBatch::new(BATCH, DATAGRAM_MAX),
+                scratch: vec![0u8; DATAGRAM_MAX].into_boxed_slice(),
+                delay: DelayQueue::new(delay_slots),
+                rng: Rng::new(cfg.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                counters: Counters::default(),
+                cfg: cfg.clone(),
+                stop: me.stop.clone(),
+                live: me.live.clone(),
+                index,
+                epoch: Instant::now(),
+            };
+            let handle = thread::Builder::new()
+                .name(format!("sim-responder-{index}"))
+                .spawn(move || worker.run())
+                .map_err(|e| format!("cannot start a responder thread: {e}"))?;
+            me.threads.push(handle);
+        }
+        Ok(me)
     }
 
-    if cfg.stop_on_stdin_eof {
-        let stop = stop.clone();
-        // Detached: it may still be blocked in read when the process exits.
-        let _ = thread::Builder::new()
-            .name("stdin-eof".to_string())
-            .spawn(move || {
-                let mut sink = [0u8; 256];
-                let mut stdin = io::stdin().lock();
-                while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
-                stop.store(true, Ordering::Relaxed);
-            });
+    /// The bound addresses, one per listen port in `listen` order (port 0
+    /// resolved to the port the kernel chose).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
-    let deadline = cfg
-        .seconds
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    while !stop.load(Ordering::Relaxed) {
-        let mut nap = Duration::from_millis(20);
-        if let Some(d) = deadline {
-            let now = Instant::now();
-            if now >= d {
-                break;
+
+    /// What the kernel granted for the first socket whose buffers came out
+    /// smaller than asked (raise `net.core.rmem_max`/`wmem_max`), if any.
+    pub fn clamped_buffers(&self) -> Option<SocketReport> {
+        self.clamped
+    }
+
+    /// A live snapshot: each thread's totals as of its last round of batches
+    /// (each field is exact at that instant; fields of a busy thread may be
+    /// a batch apart from one another). `pending_at_exit` is 0 until `stop`.
+    pub fn counters(&self) -> Counters {
+        let mut total = Counters::default();
+        for l in self.live.iter() {
+            total.add(&l.snapshot());
+        }
+        total
+    }
+
+    /// Stops the threads (they wake at once through the eventfd), joins them
+    /// and returns the exact final counters, summed.
+    ///
+    /// # Panics
+    /// Re-raises the panic of a responder thread that panicked (a bug: no
+    /// input datagram can make one panic).
+    pub fn stop(mut self) -> Counters {
+        self.halt();
+        let mut total = Counters::default();
+        for h in std::mem::take(&mut self.threads) {
+            match h.join() {
+                Ok(c) => total.add(&c),
+                Err(panic) => std::panic::resume_unwind(panic),
             }
-            nap = nap.min(d - now);
         }
-        thread::sleep(nap);
+        total
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut total = Counters::default();
-    for h in handles {
-        match h.join() {
-            Ok(c) => total.add(&c),
-            Err(_) => return Err("a responder thread panicked".to_string()),
+
+    fn halt(&self) {
+        self.stop.store(true, Ordering::Release);
+        // Never drained: every thread's ppoll sees it readable from now on.
+        self.waker.wake();
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.halt();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
         }
     }
-    Ok(total)
 }
 
 #[cfg(test)]
@@ -886,5 +972,56 @@ mod tests {
         };
         a.add(&a.clone());
         assert_eq!((a.received, a.pending_at_exit, a.answered), (2, 4, 0));
+    }
+
+    fn loopback_config() -> ServeConfig {
+        let plan = FatePlan::new(1, 0.0, 0.0, 503, 0.0, 1000).unwrap();
+        ServeConfig::new(vec![ListenSpec::parse("127.0.0.1:0").unwrap()], plan)
+    }
+
+    #[test]
+    fn spawn_refuses_what_one_thread_cannot_wait_on() {
+        let mut cfg = loopback_config();
+        cfg.listen = vec![ListenSpec::parse("127.0.0.1:20000-20063").unwrap()];
+        let err = Responder::spawn(cfg).err().expect("64 ports refused");
+        assert!(err.contains("64 ports"), "{err}");
+        let mut cfg = loopback_config();
+        cfg.threads = 0;
+        assert!(Responder::spawn(cfg).is_err());
+        let mut cfg = loopback_config();
+        cfg.noise.loss = 1.5;
+        assert!(Responder::spawn(cfg).is_err());
+    }
+
+    #[test]
+    fn stop_wakes_idle_threads_at_once() {
+        let mut cfg = loopback_config();
+        cfg.threads = 3;
+        let r = Responder::spawn(cfg).unwrap();
+        assert_eq!(r.local_addrs().len(), 1);
+        assert_ne!(r.local_addrs()[0].port(), 0, "port 0 resolved");
+        thread::sleep(Duration::from_millis(30)); // let every thread go to sleep
+        let t = Instant::now();
+        let c = r.stop();
+        // The ppoll backstop is IDLE_MAX_NS (100 ms); the waker beats it.
+        assert!(t.elapsed() < Duration::from_millis(80), "{:?}", t.elapsed());
+        assert_eq!(c, Counters::default());
+    }
+
+    #[test]
+    fn live_counters_follow_and_match_the_final_ones() {
+        let r = Responder::spawn(loopback_config()).unwrap();
+        let dest = r.local_addrs()[0];
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..5 {
+            client.send_to(b"not a request\r\n\r\n", dest).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.counters().received < 5 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let live = r.counters();
+        assert_eq!((live.received, live.unparsable), (5, 5));
+        assert_eq!(r.stop(), live, "nothing pending: final equals live");
     }
 }
