@@ -509,7 +509,7 @@ impl Daemon {
     pub fn wait(
         mut self,
         until: Option<Duration>,
-        mut tick: impl FnMut(&ShmFile),
+        mut tick: impl FnMut(),
     ) -> Result<(), DaemonError> {
         let started = Instant::now();
         let mut last_beat = Instant::now();
@@ -528,7 +528,7 @@ impl Daemon {
             self.drain_events();
             if last_beat.elapsed() >= Duration::from_secs(1) {
                 self.shm.heartbeat();
-                tick(&self.shm);
+                tick();
                 last_beat = Instant::now();
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -21,6 +21,7 @@
 pub mod config;
 pub mod contact;
 pub mod daemon;
+pub mod demo;
 pub mod duration;
 pub mod engine;
 pub mod io;

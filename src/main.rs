@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run the pinger daemon.
     Run(RunArgs),
+    /// Self-contained demo: a simulated SIP platform on loopback, N contacts
+    /// (a few dead), live figures, a summary.
+    Demo(kaping::demo::DemoArgs),
 }
 
 /// Flags of `kaping run`; each overrides the same-named setting of the
@@ -152,13 +155,14 @@ fn run(args: RunArgs) -> Result<(), String> {
     signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut daemon = Daemon::start(settings, explicit_advertise).map_err(|e| e.to_string())?;
     daemon.load_contacts().map_err(|e| e.to_string())?;
-    daemon.wait(run_for, |_| {}).map_err(|e| e.to_string())
+    daemon.wait(run_for, || {}).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Demo(args) => kaping::demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,14 +42,19 @@ fn loadgen() -> &'static str {
 /// A base port such that `base..base+count` are free for UDP on the
 /// wildcard and loopback addresses of the family (checked, then released).
 fn free_ports(count: u16, v6: bool) -> u16 {
-    let mut x = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64 ^ 0x9E37_79B9;
+    let mut x =
+        std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64 ^ 0x9E37_79B9;
     for _ in 0..200 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let base = 20_000 + (x % 40_000) as u16;
         let ok = (0..count).all(|i| {
-            let any = if v6 { format!("[::]:{}", base + i) } else { format!("0.0.0.0:{}", base + i) };
+            let any = if v6 {
+                format!("[::]:{}", base + i)
+            } else {
+                format!("0.0.0.0:{}", base + i)
+            };
             UdpSocket::bind(any).is_ok()
         });
         if ok {
@@ -111,8 +116,16 @@ fn run(r: Run) {
     let ports = if r.v6 { V6_PORTS } else { 1 };
     let serve_port = free_ports(ports, r.v6);
     let mut contacts = Command::new(loadgen());
-    contacts.args(["contacts", "--count", &CONTACTS.to_string(), "--port", &serve_port.to_string()]);
-    contacts.args(["--dead", &dead, "--seed", seed, "--out"]).arg(p("contacts.txt"));
+    contacts.args([
+        "contacts",
+        "--count",
+        &CONTACTS.to_string(),
+        "--port",
+        &serve_port.to_string(),
+    ]);
+    contacts
+        .args(["--dead", &dead, "--seed", seed, "--out"])
+        .arg(p("contacts.txt"));
     contacts.arg("--fates").arg(p("fates.txt"));
     if r.v6 {
         contacts.args(["--ipv6", "--ports", &V6_PORTS.to_string()]);
@@ -129,8 +142,16 @@ fn run(r: Run) {
         format!("0.0.0.0:{serve_port}")
     };
     let mut serve = Command::new(loadgen())
-        .args(["serve", "--listen", &listen, "--dead", &dead, "--seed", seed])
-        .args(["--latency", &format!("{LATENCY_MS}ms"), "--seconds", "30", "--json"])
+        .args([
+            "serve", "--listen", &listen, "--dead", &dead, "--seed", seed,
+        ])
+        .args([
+            "--latency",
+            &format!("{LATENCY_MS}ms"),
+            "--seconds",
+            "30",
+            "--json",
+        ])
         .arg("--stop-on-stdin-eof")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -139,7 +160,11 @@ fn run(r: Run) {
     std::thread::sleep(Duration::from_millis(300));
 
     let bind_port = free_ports(WORKERS as u16, r.v6);
-    let bind = if r.v6 { format!("[::1]:{bind_port}") } else { format!("127.0.0.1:{bind_port}") };
+    let bind = if r.v6 {
+        format!("[::1]:{bind_port}")
+    } else {
+        format!("127.0.0.1:{bind_port}")
+    };
     let started = Instant::now();
     let mut daemon = Command::new(kaping())
         .arg("run")
@@ -160,9 +185,19 @@ fn run(r: Run) {
     let mut stderr = String::new();
     std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "kaping run failed: {stderr}");
-    assert!(started.elapsed() < Duration::from_secs(30), "stopped late: {:?}", started.elapsed());
-    assert!(stderr.contains(&format!("backend {}", r.backend)), "{stderr}");
-    assert!(stderr.contains(&format!("{CONTACTS} contacts loaded, 0 skipped")), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopped late: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains(&format!("backend {}", r.backend)),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{CONTACTS} contacts loaded, 0 skipped")),
+        "{stderr}"
+    );
 
     // The responder's own view: stop it and read its counters.
     drop(serve.stdin.take());
@@ -178,17 +213,28 @@ fn run(r: Run) {
     for line in events.lines() {
         let e: serde_json::Value = serde_json::from_str(line).unwrap();
         let uri = e["uri"].as_str().unwrap().to_string();
-        assert!(by_uri.insert(uri.clone(), e).is_none(), "two events for {uri}");
+        assert!(
+            by_uri.insert(uri.clone(), e).is_none(),
+            "two events for {uri}"
+        );
     }
     assert_eq!(by_uri.len(), CONTACTS as usize, "one event per contact");
     for (uri, fate) in &fates {
         let e = &by_uri[uri];
         assert_eq!(e["old"], "unknown", "{e}");
         if fate == "dead" {
-            assert_eq!((e["new"].as_str(), e["reason"].as_str()), (Some("down"), Some("timeout")), "{e}");
+            assert_eq!(
+                (e["new"].as_str(), e["reason"].as_str()),
+                (Some("down"), Some("timeout")),
+                "{e}"
+            );
             assert_eq!(e["misses"], DOWN_AFTER, "{e}");
         } else {
-            assert_eq!((e["new"].as_str(), e["reason"].as_str()), (Some("up"), Some("reply")), "{e}");
+            assert_eq!(
+                (e["new"].as_str(), e["reason"].as_str()),
+                (Some("up"), Some("reply")),
+                "{e}"
+            );
             // Never below the injected latency; below the reply timeout
             // since it matched (a loaded machine may delay a few replies).
             let rtt = e["rtt_us"].as_u64().unwrap();
@@ -214,16 +260,31 @@ fn run(r: Run) {
     assert_eq!(c(Counter::Forged), 0, "forged replies");
     assert_eq!(c(Counter::ParseErrors), 0, "unparsable replies");
     assert_eq!(c(Counter::SendErrors), 0, "send errors");
-    assert_eq!(c(Counter::ContactsUp), (CONTACTS as usize - dead_count) as u64);
+    assert_eq!(
+        c(Counter::ContactsUp),
+        (CONTACTS as usize - dead_count) as u64
+    );
     assert_eq!(c(Counter::ContactsDown), dead_count as u64);
     assert_eq!(c(Counter::ContactsUnknown), 0);
-    assert_eq!(hist_count, c(Counter::Matched), "one RTT sample per matched reply");
+    assert_eq!(
+        hist_count,
+        c(Counter::Matched),
+        "one RTT sample per matched reply"
+    );
     if r.steering == "port-per-worker" {
         assert_eq!(c(Counter::Handoff), 0);
     }
     // Every ping reached the responder and every answer was matched.
-    assert_eq!(responder["received"].as_u64().unwrap(), c(Counter::Sent), "{responder}");
-    assert_eq!(responder["answered"].as_u64().unwrap(), c(Counter::Matched) + c(Counter::Late), "{responder}");
+    assert_eq!(
+        responder["received"].as_u64().unwrap(),
+        c(Counter::Sent),
+        "{responder}"
+    );
+    assert_eq!(
+        responder["answered"].as_u64().unwrap(),
+        c(Counter::Matched) + c(Counter::Late),
+        "{responder}"
+    );
 
     // Per-contact slots agree with the counters and the events.
     let (mut sent, mut answered, mut up, mut down) = (0u64, 0u64, 0usize, 0usize);
@@ -231,7 +292,9 @@ fn run(r: Run) {
     let (mut uri, mut aor) = (Vec::new(), Vec::new());
     for w in 0..h.workers {
         for slot in 0..h.slots_per_worker {
-            let Some(rec) = shm.read_contact(w, slot, &mut uri, &mut aor) else { continue };
+            let Some(rec) = shm.read_contact(w, slot, &mut uri, &mut aor) else {
+                continue;
+            };
             let uri = String::from_utf8(uri.clone()).unwrap();
             let fate = &fates[&uri];
             sent += rec.sent as u64;
@@ -257,7 +320,10 @@ fn run(r: Run) {
     // Typical RTT: the injected latency plus loopback and scheduling.
     srtts.sort_unstable();
     let median = srtts[srtts.len() / 2];
-    assert!(median < LATENCY_MS * 1000 + 50_000, "median SRTT {median} µs for {LATENCY_MS} ms injected");
+    assert!(
+        median < LATENCY_MS * 1000 + 50_000,
+        "median SRTT {median} µs for {LATENCY_MS} ms injected"
+    );
     assert_eq!(sent, c(Counter::Sent));
     assert_eq!(answered, c(Counter::Matched));
 }

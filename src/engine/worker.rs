@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam::channel::{Receiver, Sender};
+use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use crossbeam::queue::ArrayQueue;
 
 use crate::engine::liveness::{Liveness, Policy, Reason, State, Transition};
@@ -43,9 +43,11 @@ use crate::wire::token::{self, TokenFields, TokenKey, TOKEN_LEN};
 
 /// Due timers taken from the wheel per batch.
 const DUE_BATCH: usize = 1024;
-/// Longest sleep, so commands, stop requests and the token bucket are
-/// looked at even when the wheel is idle.
-const POLL_MAX: Duration = Duration::from_millis(50);
+/// Longest sleep. A worker sleeps until its next timer deadline and is not
+/// woken by each reply (RTTs come from kernel timestamps and lateness is
+/// judged by them, so handling replies in batches at the next deadline
+/// costs no accuracy); this bounds how long commands and hand-offs wait.
+const POLL_MAX: Duration = Duration::from_millis(10);
 /// First retransmission interval (RFC 3261 T1), doubling after each.
 const T1_MS: u64 = 500;
 /// Replies handed over between workers, per receiving worker.
@@ -129,7 +131,7 @@ pub struct Peers {
 /// The hot per-contact record. Liveness is in the shm slot.
 struct Contact {
     /// uri ++ to ++ route, rendered into every ping.
-    text: Box<[u8]>,
+    text: Box<str>,
     uri_len: u16,
     to_len: u16,
     dest: SocketAddr,
@@ -148,21 +150,12 @@ struct Contact {
 }
 
 impl Contact {
+    /// (uri, to, route). Slicing a `str` at the recorded lengths only
+    /// checks two char boundaries; no UTF-8 validation per ping.
     fn texts(&self) -> (&str, &str, Option<&str>) {
-        // The text was built from three `String`s, split at char
-        // boundaries, so these conversions cannot fail.
         let (uri, rest) = self.text.split_at(self.uri_len as usize);
         let (to, route) = rest.split_at(self.to_len as usize);
-        let s = |b| std::str::from_utf8(b).expect("contact text is UTF-8");
-        (
-            s(uri),
-            s(to),
-            if route.is_empty() {
-                None
-            } else {
-                Some(s(route))
-            },
-        )
+        (uri, to, (!route.is_empty()).then_some(route))
     }
 }
 
@@ -301,17 +294,17 @@ impl Core {
     fn add(&mut self, batch: Vec<NewContact>) {
         let now = self.now_tick();
         for c in batch {
-            let mut text = Vec::with_capacity(
+            let mut text = String::with_capacity(
                 c.uri.len() + c.to.len() + c.route.as_ref().map_or(0, |r| r.len()),
             );
-            text.extend_from_slice(c.uri.as_bytes());
-            text.extend_from_slice(c.to.as_bytes());
+            text.push_str(&c.uri);
+            text.push_str(&c.to);
             if let Some(r) = &c.route {
-                text.extend_from_slice(r.as_bytes());
+                text.push_str(r);
             }
             let interval_ms = c.interval.unwrap_or(self.cfg.interval).as_millis().max(1) as u32;
             let contact = Contact {
-                text: text.into_boxed_slice(),
+                text: text.into_boxed_str(),
                 uri_len: c.uri.len() as u16,
                 to_len: c.to.len() as u16,
                 dest: c.dest,
@@ -449,21 +442,8 @@ impl Core {
             return false;
         };
         let template = &self.cfg.templates[c.sock as usize];
-        let (uri, to, route) = {
-            let (u, rest) = c.text.split_at(c.uri_len as usize);
-            let (t, r) = rest.split_at(c.to_len as usize);
-            (u, t, r)
-        };
-        let text = ContactText {
-            // Valid UTF-8 by construction (see Contact::texts).
-            uri: std::str::from_utf8(uri).expect("contact text is UTF-8"),
-            to: std::str::from_utf8(to).expect("contact text is UTF-8"),
-            route: if route.is_empty() {
-                None
-            } else {
-                std::str::from_utf8(route).ok()
-            },
-        };
+        let (uri, to, route) = c.texts();
+        let text = ContactText { uri, to, route };
         let layout = match template.render(&text, buf) {
             Ok(l) => l,
             Err(_) => {
@@ -591,7 +571,9 @@ impl Core {
             self.shm.add(Counter::Late, 1);
             return;
         }
-        let Some((_, c)) = self.slab.get_slot_mut(m.slot) else { return };
+        let Some((_, c)) = self.slab.get_slot_mut(m.slot) else {
+            return;
+        };
         c.tries = 0;
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
@@ -729,14 +711,17 @@ impl<B: Backend> Worker<B> {
     pub fn run(mut self) -> io::Result<()> {
         let mut stop_deadline: Option<u64> = None;
         loop {
-            while let Ok(cmd) = self.commands.try_recv() {
-                match cmd {
-                    Command::Add(batch) => self.core.add(batch),
-                    Command::Stop => self.begin_stop(&mut stop_deadline),
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Add(batch)) => self.core.add(batch),
+                    Ok(Command::Stop) => self.begin_stop(&mut stop_deadline),
+                    Err(TryRecvError::Empty) => break,
+                    // The daemon is gone: stop as if asked.
+                    Err(TryRecvError::Disconnected) => {
+                        self.begin_stop(&mut stop_deadline);
+                        break;
+                    }
                 }
-            }
-            if self.commands.is_empty() && stop_deadline.is_none() && self.commands_closed() {
-                self.begin_stop(&mut stop_deadline);
             }
             self.core.take_handoffs();
             let now = self.core.now_tick();
@@ -758,14 +743,6 @@ impl<B: Backend> Worker<B> {
             };
             self.backend.poll(timeout, &mut self.core)?;
         }
-    }
-
-    fn commands_closed(&self) -> bool {
-        // A disconnected channel means the daemon is gone: stop.
-        matches!(
-            self.commands.try_recv(),
-            Err(crossbeam::channel::TryRecvError::Disconnected)
-        )
     }
 
     fn begin_stop(&mut self, stop_deadline: &mut Option<u64>) {

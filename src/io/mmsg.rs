@@ -81,6 +81,9 @@ impl MmsgBackend {
         delivered
     }
 
+    /// Sleeps until `timeout`, a wake-up, or an error pending on a socket
+    /// (sockets are polled for errors only: datagrams wait in the socket
+    /// buffer until the caller drains them).
     fn wait(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
         let mut fds: [libc::pollfd; 3] = [libc::pollfd {
             fd: -1,
@@ -90,9 +93,10 @@ impl MmsgBackend {
         let n = self.sockets.len();
         assert!(n <= 2, "a worker has at most one socket per address family");
         for (i, s) in self.sockets.iter().enumerate() {
+            // events 0: POLLERR is reported regardless.
             fds[i] = libc::pollfd {
                 fd: s.as_raw_fd(),
-                events: libc::POLLIN,
+                events: 0,
                 revents: 0,
             };
         }
@@ -131,7 +135,6 @@ impl MmsgBackend {
                 read_errors(fd.fd, ERRORS_PER_POLL, |e| h.icmp(&e));
             }
         }
-        self.receive(h);
         Ok(())
     }
 

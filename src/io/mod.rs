@@ -61,8 +61,10 @@ pub trait Backend: Send {
     fn tx_commit(&mut self, sock: usize, len: usize, dest: &SocketAddr, tag: u32);
     /// Hands queued datagrams to the kernel without waiting for input.
     fn flush(&mut self, h: &mut dyn Handler) -> io::Result<()>;
-    /// Flushes, delivers what has arrived, and if nothing has, sleeps up to
-    /// `timeout` for a datagram, an error or a wake-up.
+    /// Flushes, delivers what has arrived, sleeps up to `timeout`, and
+    /// delivers what arrived meanwhile. Single replies do not end the sleep
+    /// (the worker handles them in batches at its next deadline); a wake-up,
+    /// an ICMP error or a full batch of input may.
     fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()>;
     /// Datagrams committed but not yet accepted by the kernel.
     fn tx_pending(&self) -> usize;
