@@ -461,6 +461,7 @@ impl Daemon {
             return Ok(None);
         };
         let format = self.settings.contacts_format;
+        let started = Instant::now();
         let report =
             sources::load(&path, format, |spec| self.add(&spec)).map_err(|e| err(e.to_string()))?;
         self.flush_adds();
@@ -473,7 +474,7 @@ impl Daemon {
                 report.skipped - report.problems.len()
             );
         }
-        eprintln!("kaping: {report}");
+        eprintln!("kaping: {report} in {:.2} s", started.elapsed().as_secs_f64());
         Ok(Some(report))
     }
 
