@@ -465,6 +465,9 @@ impl Daemon {
         let report =
             sources::load(&path, format, |spec| self.add(&spec)).map_err(|e| err(e.to_string()))?;
         self.flush_adds();
+        // Duplicates are a load-time concern (the control socket keeps its
+        // own index): give the set's memory back.
+        self.seen = HashSet::new();
         for p in &report.problems {
             eprintln!("kaping: skipped {p}");
         }
