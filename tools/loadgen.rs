@@ -7,6 +7,9 @@
 //!   malformed and duplicate replies, and reports its counters.
 //! * `ceiling` measures the raw UDP round-trip ceiling of the machine against
 //!   a `serve --raw-echo` child.
+//! * `bench` runs a `serve` child and a kaping daemon child on loopback and
+//!   reports kaping's rates, RTT, CPU and memory next to that ceiling,
+//!   measured in the same run.
 //!
 //! The simulated platform itself lives in the library (`kaping::sim`), so
 //! `kaping demo` runs the very same responder in-process; this binary is its
@@ -18,6 +21,8 @@
 //! counters.
 #![forbid(unsafe_code)]
 
+#[path = "loadgen/bench.rs"]
+mod bench;
 #[path = "loadgen/ceiling.rs"]
 mod ceiling;
 
@@ -60,6 +65,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Measure the raw UDP echo ceiling against a `serve --raw-echo` child.
     Ceiling(CeilingArgs),
+    /// End-to-end benchmark: a responder and a kaping daemon on loopback,
+    /// against the raw UDP ceiling measured in the same run.
+    Bench(BenchArgs),
 }
 
 /// The stable, per-contact fates: shared by `contacts --fates` and `serve`,
@@ -195,12 +203,53 @@ struct CeilingArgs {
     json: bool,
 }
 
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Simulated contacts the daemon pings (all answer).
+    #[arg(long)]
+    contacts: u64,
+    /// Measured seconds (one sample of the daemon's counters per second).
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Daemon workers (default: one per online CPU).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Daemon backend: auto | uring | mmsg.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Delay the responder adds to every reply.
+    #[arg(long = "latency", value_name = "DURATION", default_value = "1ms", value_parser = parse_duration_ns)]
+    latency_ns: u64,
+    /// Ping interval per contact (default: offer 0.9 × the measured ceiling).
+    #[arg(long = "interval", value_name = "DURATION", value_parser = parse_duration_ns)]
+    interval_ns: Option<u64>,
+    /// The kaping binary (default: `kaping` next to this program).
+    #[arg(long)]
+    kaping: Option<PathBuf>,
+    /// Seconds between the end of loading and the first sample.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Seconds of the raw-ceiling measurement before the daemon starts.
+    #[arg(long, default_value_t = 5)]
+    ceiling_seconds: u32,
+    /// Responder threads.
+    #[arg(long, default_value_t = 1)]
+    responder_threads: usize,
+    /// Daemon slab capacity (default: exactly --contacts).
+    #[arg(long)]
+    max_contacts: Option<u32>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Contacts(a) => run_contacts(a),
         Cmd::Serve(a) => run_serve(a),
         Cmd::Ceiling(a) => run_ceiling(a),
+        Cmd::Bench(a) => run_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -355,4 +404,30 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<(), String> {
+    if !(a.warmup.is_finite() && a.warmup >= 0.0) {
+        return Err("--warmup must be a number of seconds, 0 or more".to_string());
+    }
+    let report = bench::run(&bench::BenchConfig {
+        contacts: a.contacts,
+        seconds: a.seconds,
+        workers: a.workers,
+        backend: a.backend,
+        latency_ns: a.latency_ns,
+        interval: a.interval_ns.map(Duration::from_nanos),
+        kaping: a.kaping,
+        warmup: Duration::from_secs_f64(a.warmup),
+        ceiling_seconds: a.ceiling_seconds,
+        responder_threads: a.responder_threads,
+        max_contacts: a.max_contacts,
+    })?;
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())
+    } else {
+        bench::print_text(&report, &mut out).map_err(|e| e.to_string())
+    }
 }
