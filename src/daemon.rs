@@ -239,7 +239,7 @@ impl Daemon {
         let policy = Policy {
             down_after: settings.down_after,
             remove_after: settings.remove_after,
-            alive: settings.alive_codes.clone(),
+            alive: settings.alive_codes,
         };
         let backend_name = match settings.backend {
             BackendChoice::Mmsg => "mmsg",
@@ -275,7 +275,7 @@ impl Daemon {
                 jitter: settings.jitter,
                 reply_timeout: settings.reply_timeout,
                 retries: settings.retries,
-                policy: policy.clone(),
+                policy,
                 rate_limit: rate_share,
                 seed: key_hash(
                     &settings.instance,
@@ -477,7 +477,10 @@ impl Daemon {
                 report.skipped - report.problems.len()
             );
         }
-        eprintln!("kaping: {report} in {:.2} s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "kaping: {report} in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
         Ok(Some(report))
     }
 

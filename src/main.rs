@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the pinger daemon.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Self-contained demo: a simulated SIP platform on loopback, N contacts
     /// (a few dead), live figures, a summary.
     Demo(kaping::demo::DemoArgs),
@@ -161,7 +161,7 @@ fn run(args: RunArgs) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo(args) => kaping::demo::run(args),
     };
     match result {

@@ -305,7 +305,10 @@ impl Core {
     }
 
     fn add(&mut self, batch: Vec<NewContact>) {
-        const _: () = assert!(std::mem::size_of::<Contact>() == 64, "per-contact memory budget");
+        const _: () = assert!(
+            std::mem::size_of::<Contact>() == 64,
+            "per-contact memory budget"
+        );
         let now = self.now_tick();
         for c in batch {
             let mut text = String::with_capacity(

@@ -581,9 +581,12 @@ mod tests {
     use std::net::UdpSocket;
     use std::time::Instant;
 
+    /// (socket, payload, source, kernel receive time) of one datagram.
+    type Received = (usize, Vec<u8>, Option<SocketAddr>, Option<u64>);
+
     #[derive(Default)]
     struct Collect {
-        got: Vec<(usize, Vec<u8>, Option<SocketAddr>, Option<u64>)>,
+        got: Vec<Received>,
         failed: Vec<u32>,
         icmp: Vec<IcmpError>,
     }
