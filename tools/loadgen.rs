@@ -214,7 +214,8 @@ struct BenchArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Daemon workers (default: one per online CPU).
+    /// Daemon workers (default: half the online CPUs; the responder, like
+    /// the echo side of the raw ceiling, gets the other half).
     #[arg(long)]
     workers: Option<u32>,
     /// Daemon backend: auto | uring | mmsg.
