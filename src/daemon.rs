@@ -418,9 +418,11 @@ impl Daemon {
         let worker = &mut self.workers[w];
         if worker.count >= self.capacity {
             self.seen.remove(&hash);
-            return Verdict::Skip(format!(
-                "worker {w} is full ({} contacts): raise max_contacts",
-                self.capacity
+            // Fatal: the slab was sized at start; the operator must choose.
+            return Verdict::Stop(format!(
+                "contact slab full: worker {w} holds its {} contacts (max_contacts {} over {} workers); \
+                 raise max_contacts",
+                self.capacity, self.settings.max_contacts, self.settings.workers
             ));
         }
         worker.count += 1;
@@ -468,8 +470,18 @@ impl Daemon {
         // Duplicates are a load-time concern (the control socket keeps its
         // own index): give the set's memory back.
         self.seen = HashSet::new();
-        for p in &report.problems {
+        // A stopped load ends with its reason as the error line (it is the
+        // last problem, with its place); the others were skipped.
+        let stopped_at = report
+            .stopped
+            .as_ref()
+            .and_then(|_| report.problems.last().cloned());
+        let skipped = report.problems.len() - usize::from(stopped_at.is_some());
+        for p in &report.problems[..skipped] {
             eprintln!("kaping: skipped {p}");
+        }
+        if let Some(place) = stopped_at {
+            return Err(err(place));
         }
         if report.skipped > report.problems.len() {
             eprintln!(

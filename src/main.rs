@@ -154,7 +154,11 @@ fn run(args: RunArgs) -> Result<(), String> {
     };
     signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut daemon = Daemon::start(settings, explicit_advertise).map_err(|e| e.to_string())?;
-    daemon.load_contacts().map_err(|e| e.to_string())?;
+    if let Err(e) = daemon.load_contacts() {
+        // Stop the workers and mark the shm file stopped before failing.
+        let _ = daemon.stop();
+        return Err(e.to_string());
+    }
     daemon.wait(run_for, || {}).map_err(|e| e.to_string())
 }
 
