@@ -97,9 +97,11 @@ fn small_bench_reports_sane_figures() {
         "{r}"
     );
     // Every contact answers: only pings sent in the window's last RTT can
-    // still be waiting for their reply when it closes.
+    // still be waiting for their reply when it closes, and replies to pings
+    // sent just before it opened count in it: the ratio is 1 ± a few RTTs'
+    // worth of pings.
     let ratio = f("match_ratio");
-    assert!(ratio > 0.95 && ratio <= 1.0, "{r}");
+    assert!(ratio > 0.95 && ratio < 1.05, "{r}");
     assert!(f("ratio_to_ceiling") > 0.0, "{r}");
     assert!(
         f("rate_max_over_mean") >= 1.0 && f("rate_min_over_mean") <= 1.0,
