@@ -43,8 +43,10 @@ use crate::wire::uri::SipUri;
 
 /// Contacts sent to a worker per command.
 const ADD_BATCH: usize = 4096;
-/// Average bytes of URI + AoR text reserved per slot in shared memory.
-const STRING_BYTES_PER_SLOT: u32 = 160;
+/// Bytes of URI + To text reserved per slot in shared memory (the region
+/// is sized at start; real contact URIs with parameters often pass 100
+/// bytes). Only pages in use are resident.
+const STRING_BYTES_PER_SLOT: u32 = 256;
 
 /// A failure to start or run, as one line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -427,7 +429,6 @@ impl Daemon {
         }
         worker.count += 1;
         worker.pending.push(NewContact {
-            aor: spec.aor.clone().unwrap_or_else(|| to.clone()),
             uri,
             to,
             route: spec.path.clone(),

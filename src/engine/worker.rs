@@ -50,6 +50,9 @@ const DUE_BATCH: usize = 1024;
 const POLL_MAX: Duration = Duration::from_millis(10);
 /// First retransmission interval (RFC 3261 T1), doubling after each.
 const T1_MS: u64 = 500;
+/// Scratch capacity for one contact string (a request is at most
+/// `io::TX_DATAGRAM_MAX` bytes, so no contact string is longer).
+const TEXT_SCRATCH: usize = 2048;
 /// Replies handed over between workers, per receiving worker.
 pub const HANDOFF_QUEUE: usize = 4096;
 
@@ -81,8 +84,6 @@ pub struct NewContact {
     pub to: String,
     /// Path, sent as Route.
     pub route: Option<String>,
-    /// Text shown by readers as the AoR.
-    pub aor: String,
     pub dest: SocketAddr,
     /// Socket index (address family) in the worker's backend.
     pub sock: u8,
@@ -128,12 +129,12 @@ pub struct Peers {
     pub wakers: Arc<[Waker]>,
 }
 
-/// The hot per-contact record (64 bytes; liveness is in the shm slot).
+/// The hot per-contact record (64 bytes). Its liveness and its URI and To
+/// text live in its shm slot and string region (the worker renders each
+/// ping from there), so the text is held once, where readers see it.
 struct Contact {
-    /// uri ++ to ++ route, rendered into every ping.
-    text: Box<str>,
-    uri_len: u16,
-    to_len: u16,
+    /// The Path to send as Route (rare, so boxed).
+    route: Option<Box<str>>,
     /// Destination address bytes (IPv4 in the first 4) and port: 18 bytes
     /// instead of a 32-byte `SocketAddr`, rebuilt at send time.
     dest_ip: [u8; 16],
@@ -162,14 +163,6 @@ impl Contact {
             SocketAddr::from(([a, b, c, d], self.dest_port))
         }
     }
-
-    /// (uri, to, route). Slicing a `str` at the recorded lengths only
-    /// checks two char boundaries; no UTF-8 validation per ping.
-    fn texts(&self) -> (&str, &str, Option<&str>) {
-        let (uri, rest) = self.text.split_at(self.uri_len as usize);
-        let (to, route) = rest.split_at(self.to_len as usize);
-        (uri, to, (!route.is_empty()).then_some(route))
-    }
 }
 
 /// Everything but the backend, so the backend can call back into it.
@@ -190,6 +183,12 @@ struct Core {
     by_state: [u64; 5],
     bucket: TokenBucket,
     due: Vec<u32>,
+    /// Scratch for a contact's URI and To text read back from the shm
+    /// string region before rendering (capacity kept: no allocation).
+    uri_scratch: Vec<u8>,
+    to_scratch: Vec<u8>,
+    /// Tick before which refusals are not logged again.
+    refused_log_tick: u64,
 }
 
 /// Spends one token per ping; refilled by elapsed time.
@@ -311,20 +310,26 @@ impl Core {
         );
         let now = self.now_tick();
         for c in batch {
-            let mut text = String::with_capacity(
-                c.uri.len() + c.to.len() + c.route.as_ref().map_or(0, |r| r.len()),
-            );
-            text.push_str(&c.uri);
-            text.push_str(&c.to);
-            if let Some(r) = &c.route {
-                text.push_str(r);
-            }
             let interval_ms = c.interval.unwrap_or(self.cfg.interval).as_millis().max(1) as u32;
+            // The text goes to the shm string region, once: readers resolve
+            // it there and the worker renders each ping from it. A To equal
+            // to the URI shares its string.
+            let Ok(uri_ref) = self.shm.alloc_str(c.uri.as_bytes()) else {
+                self.refuse(&c, "the shared-memory string region is full");
+                continue;
+            };
+            let to_ref = if c.to == c.uri {
+                uri_ref
+            } else if let Ok(r) = self.shm.alloc_str(c.to.as_bytes()) {
+                r
+            } else {
+                self.shm.free_str(uri_ref);
+                self.refuse(&c, "the shared-memory string region is full");
+                continue;
+            };
             let (_, dest_ip, dest_port) = addr_fields(&c.dest);
             let contact = Contact {
-                text: text.into_boxed_str(),
-                uri_len: c.uri.len() as u16,
-                to_len: c.to.len() as u16,
+                route: c.route.map(String::into_boxed_str),
                 dest_ip,
                 dest_port,
                 dest_v6: c.dest.is_ipv6(),
@@ -343,8 +348,6 @@ impl Core {
                 .slab
                 .insert(contact)
                 .expect("daemon sent more contacts than slots");
-            let uri_ref = self.shm.alloc_str(c.uri.as_bytes()).unwrap_or_default();
-            let aor_ref = self.shm.alloc_str(c.aor.as_bytes()).unwrap_or_default();
             let (family, addr, port) = addr_fields(&c.dest);
             let rec = SlotRecord {
                 generation: handle.generation,
@@ -355,7 +358,7 @@ impl Core {
                 interval_ms,
                 key_hash: c.key_hash,
                 uri: uri_ref,
-                aor: aor_ref,
+                aor: to_ref,
                 ..SlotRecord::default()
             };
             self.shm.write_slot(handle.slot, &rec);
@@ -368,6 +371,20 @@ impl Core {
         self.set_state_gauges();
     }
 
+    /// A contact the worker cannot hold: counted and said (at most once a
+    /// second, so a mass refusal cannot flood the log).
+    fn refuse(&mut self, c: &NewContact, why: &str) {
+        self.shm.add(Counter::SendErrors, 1);
+        let now = self.now_tick();
+        if now >= self.refused_log_tick {
+            self.refused_log_tick = now + 1000;
+            eprintln!(
+                "kaping: worker {}: contact {} not added: {why} (raise max_contacts to get more string space)",
+                self.cfg.id, c.uri
+            );
+        }
+    }
+
     fn remove(&mut self, handle: Handle) {
         self.wheel.cancel(handle.slot);
         if let Some(c) = self.slab.remove(handle) {
@@ -377,7 +394,9 @@ impl Core {
         }
         let rec = self.shm.read_own_slot(handle.slot);
         self.shm.free_str(rec.uri);
-        self.shm.free_str(rec.aor);
+        if rec.aor != rec.uri {
+            self.shm.free_str(rec.aor);
+        }
         self.shm.clear_slot(handle.slot);
     }
 
@@ -385,12 +404,15 @@ impl Core {
         let Some(c) = self.slab.get(handle) else {
             return;
         };
-        let (uri, _, _) = c.texts();
+        // Events are rare (state changes): reading the URI back from the
+        // string region and allocating it here is fine.
+        let mut uri = Vec::new();
+        self.shm.read_own_str(self.shm.read_own_slot(handle.slot).uri, &mut uri);
         let _ = self.events.send(Event {
             time_ms: wall_us() / 1000,
             worker: self.cfg.id,
             slot: handle.slot,
-            uri: uri.to_string(),
+            uri: String::from_utf8_lossy(&uri).into_owned(),
             dest: c.dest(),
             old: t.old,
             new: t.new,
@@ -462,8 +484,23 @@ impl Core {
             return false;
         };
         let template = &self.cfg.templates[c.sock as usize];
-        let (uri, to, route) = c.texts();
-        let text = ContactText { uri, to, route };
+        let rec = self.shm.read_own_slot(slot);
+        self.shm.read_own_str(rec.uri, &mut self.uri_scratch);
+        self.shm.read_own_str(rec.aor, &mut self.to_scratch);
+        // Written from `String`s by `add`, so valid UTF-8 (an ASCII fast
+        // path: a few ns for a contact URI).
+        let (Ok(uri), Ok(to)) = (
+            std::str::from_utf8(&self.uri_scratch),
+            std::str::from_utf8(&self.to_scratch),
+        ) else {
+            self.shm.add(Counter::SendErrors, 1);
+            return true;
+        };
+        let text = ContactText {
+            uri,
+            to,
+            route: c.route.as_deref(),
+        };
         let layout = match template.render(&text, buf) {
             Ok(l) => l,
             Err(_) => {
@@ -719,6 +756,9 @@ impl<B: Backend> Worker<B> {
                     last_tick: 0,
                 },
                 due: Vec::with_capacity(DUE_BATCH),
+                uri_scratch: Vec::with_capacity(TEXT_SCRATCH),
+                to_scratch: Vec::with_capacity(TEXT_SCRATCH),
+                refused_log_tick: 0,
                 cfg,
             },
             backend,

@@ -299,7 +299,10 @@ pub struct SlotRecord {
     /// Unix ms.
     pub last_reply_ms: u64,
     pub key_hash: u64,
+    /// The contact URI (the Request-URI of every ping).
     pub uri: StrRef,
+    /// The address-of-record as the To URI of every ping (a user-only AoR
+    /// with `domain` added). The same `StrRef` as `uri` when they are equal.
     pub aor: StrRef,
 }
 
