@@ -152,6 +152,11 @@ fn run(args: RunArgs) -> Result<(), String> {
         ),
         None => None,
     };
+    // Refuse an unreadable contacts file before creating anything (shm file,
+    // sockets, workers): one line, nothing left behind.
+    if let Some(path) = &settings.contacts {
+        std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut daemon = Daemon::start(settings, explicit_advertise).map_err(|e| e.to_string())?;
     if let Err(e) = daemon.load_contacts() {

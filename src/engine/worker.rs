@@ -407,7 +407,8 @@ impl Core {
         // Events are rare (state changes): reading the URI back from the
         // string region and allocating it here is fine.
         let mut uri = Vec::new();
-        self.shm.read_own_str(self.shm.read_own_slot(handle.slot).uri, &mut uri);
+        self.shm
+            .read_own_str(self.shm.read_own_slot(handle.slot).uri, &mut uri);
         let _ = self.events.send(Event {
             time_ms: wall_us() / 1000,
             worker: self.cfg.id,
@@ -558,6 +559,9 @@ impl Core {
                 return true;
             }
             if !self.bucket.take(now_tick) {
+                // Counted per deferral: a ping held back for several ticks
+                // counts once per tick it waited.
+                self.shm.add(Counter::RateLimited, 1);
                 return false;
             }
             if let Some((_, c)) = self.slab.get_slot_mut(slot) {
@@ -635,6 +639,9 @@ impl Core {
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
         self.shm.add(Counter::Matched, 1);
+        if !self.cfg.policy.alive.contains(m.status) {
+            self.shm.add(Counter::ErrorReplies, 1);
+        }
         self.shm.record_rtt(rtt_us);
         let now_ms = wall_us() / 1000;
         let state = self.update_liveness(handle, Some(rtt_us), |l, p| {
