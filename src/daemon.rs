@@ -428,6 +428,7 @@ impl Daemon {
             ));
         }
         worker.count += 1;
+        let to = (to != uri).then_some(to);
         worker.pending.push(NewContact {
             uri,
             to,

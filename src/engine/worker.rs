@@ -80,8 +80,9 @@ pub struct WorkerConfig {
 pub struct NewContact {
     /// Request-URI.
     pub uri: String,
-    /// To URI (AoR, normalized).
-    pub to: String,
+    /// To URI (AoR, normalized); `None` when it is the Request-URI itself
+    /// (a contact without AoR), so the common case allocates one string.
+    pub to: Option<String>,
     /// Path, sent as Route.
     pub route: Option<String>,
     pub dest: SocketAddr,
@@ -318,9 +319,12 @@ impl Core {
                 self.refuse(&c, "the shared-memory string region is full");
                 continue;
             };
-            let to_ref = if c.to == c.uri {
+            let to_ref = if c.to.as_ref().is_none_or(|t| *t == c.uri) {
                 uri_ref
-            } else if let Ok(r) = self.shm.alloc_str(c.to.as_bytes()) {
+            } else if let Ok(r) = self
+                .shm
+                .alloc_str(c.to.as_deref().unwrap_or_default().as_bytes())
+            {
                 r
             } else {
                 self.shm.free_str(uri_ref);
