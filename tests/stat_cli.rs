@@ -979,3 +979,61 @@ fn another_layout_version_or_a_foreign_file_is_refused() {
     let err = error_line(&foreign, &["--json"]);
     assert!(err.contains("too small"), "{err}");
 }
+
+#[test]
+fn top_draws_the_lists_and_restores_the_terminal_on_q() {
+    // top needs a terminal: util-linux `script` gives it a pseudo-terminal.
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("SKIP script (util-linux) not installed");
+        return;
+    }
+    let f = fixture();
+    let typescript = f.path.with_file_name("typescript");
+    let cmd = format!(
+        "stty cols 160 rows 50; {BIN} --shm '{}' top --interval 200ms",
+        f.path.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd])
+        .arg(&typescript)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Let it draw a few frames (rates appear from the second), then quit.
+    std::thread::sleep(Duration::from_millis(1_500));
+    stdin.write_all(b"q").unwrap();
+    stdin.flush().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("top did not quit on q");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    assert!(status.success(), "{status}");
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    // Entered and left the alternate screen (ratatui::restore ran).
+    let enter = screen
+        .find("\x1b[?1049h")
+        .expect("alternate screen entered");
+    let leave = screen.rfind("\x1b[?1049l").expect("alternate screen left");
+    assert!(enter < leave);
+    for text in [
+        "worst",
+        "down:",
+        "edge-1",
+        "running",
+        "carol@198.51.100.4",
+        "erin@203.0.113.6",
+    ] {
+        assert!(screen.contains(text), "{text:?} not drawn");
+    }
+}
