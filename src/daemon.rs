@@ -41,6 +41,8 @@ use crate::wire::template::{
 use crate::wire::token::TokenKey;
 use crate::wire::uri::SipUri;
 
+/// Commands (batches) queued per worker before the sender waits.
+const COMMAND_QUEUE: usize = 4;
 /// Contacts sent to a worker per command.
 const ADD_BATCH: usize = 4096;
 /// Bytes of URI + To text reserved per slot in shared memory (the region
@@ -165,6 +167,7 @@ impl Daemon {
             pktinfo: false,
             timestamps: true,
             recv_errors: true,
+            dont_fragment: true,
             nonblocking: true,
         };
         let mut sockets: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
@@ -284,7 +287,11 @@ impl Daemon {
                     &SocketAddr::from(([0, 0, 0, 0], w as u16)),
                 ) ^ std::process::id() as u64,
             };
-            let (tx, rx) = channel::unbounded();
+            // Bounded: while loading, the main thread waits for the worker
+            // instead of building up every contact in memory (the freed
+            // heap would stay resident), so memory per contact does not
+            // depend on how far ahead the loader ran.
+            let (tx, rx) = channel::bounded(COMMAND_QUEUE);
             let shm_w = shm.worker(w as u32);
             let waker = wakers[w].clone();
             let events = events_tx.clone();
@@ -447,6 +454,9 @@ impl Daemon {
     fn send_pending(worker: &mut WorkerHandle) {
         if !worker.pending.is_empty() {
             let batch = std::mem::replace(&mut worker.pending, Vec::with_capacity(ADD_BATCH));
+            // Wake first: if the queue is full, the worker must be awake to
+            // drain it while we wait.
+            worker.waker.wake();
             let _ = worker.commands.send(Command::Add(batch));
             worker.waker.wake();
         }

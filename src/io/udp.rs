@@ -48,6 +48,11 @@ pub struct SocketOptions {
     /// Set `IP_RECVERR` / `IPV6_RECVERR`: ICMP errors are queued with the
     /// destination they concern and read with [`read_errors`].
     pub recv_errors: bool,
+    /// Send with the Don't Fragment bit and ignore the path-MTU cache
+    /// (`IP_PMTUDISC_PROBE`). Keepalives are far below any MTU; with DF set
+    /// the kernel numbers IP IDs from a per-socket counter instead of
+    /// hashing into its global ID table for every datagram.
+    pub dont_fragment: bool,
     pub nonblocking: bool,
 }
 
@@ -60,6 +65,7 @@ impl Default for SocketOptions {
             pktinfo: false,
             timestamps: true,
             recv_errors: true,
+            dont_fragment: true,
             nonblocking: true,
         }
     }
@@ -120,6 +126,23 @@ pub fn bind_udp(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, S
             setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)?;
         } else {
             setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+        }
+    }
+    if opts.dont_fragment {
+        if v6 {
+            setsockopt_int(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_PROBE,
+            )?;
+        } else {
+            setsockopt_int(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_PROBE,
+            )?;
         }
     }
     socket.set_nonblocking(opts.nonblocking)?;

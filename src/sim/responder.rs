@@ -729,6 +729,8 @@ fn bind_all(cfg: &ServeConfig) -> Result<Bound, String> {
         pktinfo: true,
         timestamps: false,
         recv_errors: false,
+        // Same socket treatment as the daemon's, so the bench compares like with like.
+        dont_fragment: true,
         // Threads sleep in ppoll, never in a socket call.
         nonblocking: true,
     };

@@ -211,6 +211,8 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         pktinfo: false,
         timestamps: false,
         recv_errors: false,
+        // As the daemon's sockets: the ceiling is for the same send path.
+        dont_fragment: true,
         nonblocking: true,
     };
     let (sock, _) = bind_udp("0.0.0.0:0".parse().expect("literal address"), &opts)
