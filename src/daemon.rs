@@ -282,6 +282,7 @@ impl Daemon {
                 retries: settings.retries,
                 policy,
                 rate_limit: rate_share,
+                events: settings.events != EventsTo::None,
                 seed: key_hash(
                     &settings.instance,
                     &SocketAddr::from(([0, 0, 0, 0], w as u16)),

@@ -72,6 +72,9 @@ pub struct WorkerConfig {
     pub policy: Policy,
     /// This worker's share of the global pings-per-second cap; 0 = none.
     pub rate_limit: u64,
+    /// Whether anyone reads state-change events (`events = "none"`: the
+    /// worker does not build them).
+    pub events: bool,
     pub seed: u64,
 }
 
@@ -405,6 +408,9 @@ impl Core {
     }
 
     fn emit(&self, handle: Handle, t: Transition, rtt_us: Option<u32>, l: &Liveness) {
+        if !self.cfg.events {
+            return;
+        }
         let Some(c) = self.slab.get(handle) else {
             return;
         };
