@@ -26,7 +26,7 @@ pub enum DurationValue {
 }
 
 impl DurationValue {
-    fn parse(&self, setting: &str) -> Result<Duration, ConfigError> {
+    fn parse(&self, setting: &'static str) -> Result<Duration, ConfigError> {
         match self {
             DurationValue::Seconds(s) if s.is_finite() && *s >= 0.0 => {
                 Ok(Duration::from_secs_f64(*s))
@@ -153,48 +153,46 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(setting: &str, why: impl Into<String>) -> ConfigError {
+    fn invalid(setting: &'static str, why: impl Into<String>) -> ConfigError {
+        debug_assert!(SETTINGS.contains(&setting), "unknown setting {setting}");
         ConfigError::Invalid {
-            // Settings names are the static field names below; leaking the
-            // handful of distinct names is bounded.
-            setting: static_name(setting),
+            setting,
             why: why.into(),
         }
     }
 }
 
-fn static_name(s: &str) -> &'static str {
-    const NAMES: &[&str] = &[
-        "instance",
-        "workers",
-        "max_contacts",
-        "backend",
-        "bind",
-        "bind6",
-        "steering",
-        "advertise",
-        "shm",
-        "events",
-        "contacts",
-        "contacts_format",
-        "recv_buffer",
-        "send_buffer",
-        "pin_workers",
-        "method",
-        "from",
-        "domain",
-        "extra_headers",
-        "interval",
-        "jitter",
-        "reply_timeout",
-        "retries",
-        "down_after",
-        "remove_after",
-        "alive_codes",
-        "rate_limit",
-    ];
-    NAMES.iter().find(|n| **n == s).copied().unwrap_or("?")
-}
+/// Every setting's name, as in the file, on the command line (with dashes)
+/// and in error messages; `kaping.example.toml` documents each one.
+pub const SETTINGS: &[&str] = &[
+    "instance",
+    "workers",
+    "max_contacts",
+    "backend",
+    "bind",
+    "bind6",
+    "steering",
+    "advertise",
+    "shm",
+    "events",
+    "contacts",
+    "contacts_format",
+    "recv_buffer",
+    "send_buffer",
+    "pin_workers",
+    "method",
+    "from",
+    "domain",
+    "extra_headers",
+    "interval",
+    "jitter",
+    "reply_timeout",
+    "retries",
+    "down_after",
+    "remove_after",
+    "alive_codes",
+    "rate_limit",
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -555,7 +553,11 @@ fn template_setting(e: &TemplateError) -> &'static str {
     }
 }
 
-fn parse_bind(setting: &str, s: &str, v6_only: bool) -> Result<Option<SocketAddr>, ConfigError> {
+fn parse_bind(
+    setting: &'static str,
+    s: &str,
+    v6_only: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
     if s.is_empty() {
         return Ok(None);
     }
@@ -592,35 +594,7 @@ mod tests {
         let raw = RawConfig::from_toml(text).unwrap();
         Settings::from_raw(&raw).unwrap();
         // Every setting is documented there (commented out or not).
-        for name in [
-            "instance",
-            "workers",
-            "max_contacts",
-            "backend",
-            "bind",
-            "bind6",
-            "steering",
-            "advertise",
-            "shm",
-            "events",
-            "contacts",
-            "contacts_format",
-            "recv_buffer",
-            "send_buffer",
-            "pin_workers",
-            "method",
-            "from",
-            "domain",
-            "extra_headers",
-            "interval",
-            "jitter",
-            "reply_timeout",
-            "retries",
-            "down_after",
-            "remove_after",
-            "alive_codes",
-            "rate_limit",
-        ] {
+        for name in SETTINGS {
             assert!(
                 text.contains(&format!("\n{name} =")) || text.contains(&format!("\n# {name} =")),
                 "{name}"

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::udp::{read_errors, RecvBatch, SendBatch};
+use super::udp::{read_errors, wait_fds, RecvBatch, SendBatch};
 use super::waker::Waker;
 use super::{Backend, Handler, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
 
@@ -85,54 +85,21 @@ impl MmsgBackend {
     /// (sockets are polled for errors only: datagrams wait in the socket
     /// buffer until the caller drains them).
     fn wait(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
-        let mut fds: [libc::pollfd; 3] = [libc::pollfd {
-            fd: -1,
-            events: 0,
-            revents: 0,
-        }; 3];
         let n = self.sockets.len();
         assert!(n <= 2, "a worker has at most one socket per address family");
-        for (i, s) in self.sockets.iter().enumerate() {
-            // events 0: POLLERR is reported regardless.
-            fds[i] = libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            };
+        // Sockets with no events: only errors (POLLERR) wake us for them.
+        let mut fds = [(-1, 0i16); 3];
+        for (f, s) in fds.iter_mut().zip(&self.sockets) {
+            *f = (s.as_raw_fd(), 0);
         }
-        fds[n] = libc::pollfd {
-            fd: self.waker.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: `fds` holds n + 1 initialised pollfd entries and `ts` is a
-        // valid timespec; both live across the call.
-        let rc = unsafe {
-            libc::ppoll(
-                fds.as_mut_ptr(),
-                (n + 1) as libc::nfds_t,
-                &ts,
-                std::ptr::null(),
-            )
-        };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            return if err.kind() == io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(err)
-            };
-        }
-        if fds[n].revents != 0 {
+        fds[n] = (self.waker.as_raw_fd(), libc::POLLIN);
+        let ready = wait_fds(&fds[..n + 1], timeout)?;
+        if ready & (1 << n) != 0 {
             self.waker.drain();
         }
-        for fd in &fds[..n] {
-            if fd.revents & libc::POLLERR != 0 {
-                read_errors(fd.fd, ERRORS_PER_POLL, |e| h.icmp(&e));
+        for (i, &(fd, _)) in fds[..n].iter().enumerate() {
+            if ready & (1 << i) != 0 {
+                read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(&e));
             }
         }
         Ok(())

@@ -734,15 +734,28 @@ pub fn wait_readable(fds: &[RawFd], timeout: std::time::Duration) -> io::Result<
         fds.len() <= 64,
         "wait_readable takes at most 64 descriptors"
     );
+    let mut with_events = [(-1, 0i16); 64];
+    for (w, &fd) in with_events.iter_mut().zip(fds) {
+        *w = (fd, libc::POLLIN);
+    }
+    wait_fds(&with_events[..fds.len()], timeout)
+}
+
+/// `ppoll` over `(fd, events)` pairs (at most 64): sleeps until one has
+/// `events` or an error/hang-up (always reported), or `timeout` passes.
+/// Returns the bitmask of descriptors with anything to report; an
+/// interrupted wait returns 0.
+pub fn wait_fds(fds: &[(RawFd, i16)], timeout: std::time::Duration) -> io::Result<u64> {
+    assert!(fds.len() <= 64, "wait_fds takes at most 64 descriptors");
     let mut polls = [libc::pollfd {
         fd: -1,
         events: 0,
         revents: 0,
     }; 64];
-    for (p, &fd) in polls.iter_mut().zip(fds) {
+    for (p, &(fd, events)) in polls.iter_mut().zip(fds) {
         *p = libc::pollfd {
             fd,
-            events: libc::POLLIN,
+            events,
             revents: 0,
         };
     }
