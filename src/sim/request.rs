@@ -488,7 +488,7 @@ fn write_top_via(out: &mut Out<'_>, value: &[u8], source: SocketAddr) {
     let differs = sent_by_host(parm)
         .and_then(|h| std::str::from_utf8(h).ok())
         .and_then(|h| h.parse::<IpAddr>().ok())
-        .map_or(true, |ip| ip != source.ip());
+        .is_none_or(|ip| ip != source.ip());
     match rport {
         Some((at, end)) if at == end => {
             out.put(&parm[..at]);
