@@ -740,7 +740,7 @@ fn check_prometheus_page(page: &str, up: f64) {
     let samples: Vec<u32> = RTTS
         .iter()
         .flat_map(|s| s.iter())
-        .flat_map(|&(us, c)| std::iter::repeat(us).take(c as usize))
+        .flat_map(|&(us, c)| std::iter::repeat_n(us, c as usize))
         .collect();
     for &(le, count) in &buckets {
         let at_most = samples.iter().filter(|&&us| us as f64 / 1e6 <= le).count() as f64;
