@@ -35,10 +35,15 @@ pub fn state_name(state: u8) -> &'static str {
     }
 }
 
-/// Pings without an answer (`sent - answered`; a reply to the current ping may
-/// still be in flight).
+/// Pings without an answer (`sent - answered`), not counting the latest ping
+/// while it may still be in flight (sent after the last reply): a healthy
+/// contact between its ping and the reply has lost nothing. A contact whose
+/// latest ping already timed out is under-counted by that one ping until its
+/// next ping, which is fine for ranking and for the JSON figure alike.
 pub fn unanswered(r: &SlotRecord) -> u32 {
-    r.sent.saturating_sub(r.answered)
+    // A ping still in flight (sent after the last reply) is not lost yet.
+    let in_flight = u32::from(r.last_ping_ms > r.last_reply_ms && r.sent > r.answered);
+    r.sent.saturating_sub(r.answered).saturating_sub(in_flight)
 }
 
 fn time_or_null(ms: u64) -> Value {
