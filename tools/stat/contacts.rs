@@ -366,6 +366,34 @@ pub fn resolve(shm: &ShmReader, worker: u32, slot: u32) -> Option<Contact> {
 
 #[cfg(test)]
 mod tests {
+    use kaping::shm::layout::SlotRecord as Rec;
+
+    #[test]
+    fn a_ping_in_flight_is_not_lost() {
+        let mut r = Rec {
+            sent: 10,
+            answered: 9,
+            last_ping_ms: 2_000,
+            last_reply_ms: 1_000,
+            ..Rec::default()
+        };
+        assert_eq!(super::unanswered(&r), 0, "the tenth ping is in flight");
+        r.last_reply_ms = 2_001;
+        r.answered = 8;
+        assert_eq!(
+            super::unanswered(&r),
+            2,
+            "answered after the last ping: two lost"
+        );
+        let dead = Rec {
+            sent: 5,
+            answered: 0,
+            last_ping_ms: 9_000,
+            ..Rec::default()
+        };
+        assert_eq!(super::unanswered(&dead), 4);
+    }
+
     use super::*;
 
     #[test]
