@@ -78,17 +78,9 @@ impl Figures {
     }
 }
 
-/// Thousands separators for figures an operator reads at a glance.
+/// Thousands separators (see `timefmt::grouped`).
 fn n(v: u64) -> String {
-    let s = v.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    crate::timefmt::grouped(v)
 }
 
 /// CPU seconds (user + system) used so far by this process's threads whose

@@ -1,5 +1,6 @@
-//! Wall-clock milliseconds as RFC 3339 UTC text (`2026-11-23T17:16:34.123Z`)
-//! for events and reports, without a calendar dependency.
+//! Figures for people: wall-clock milliseconds as RFC 3339 UTC text
+//! (`2026-11-23T17:16:34.123Z`) for events and reports, without a calendar
+//! dependency, and counts with thousands separators.
 
 /// Formats Unix milliseconds as RFC 3339 UTC with millisecond precision.
 pub fn rfc3339_ms(unix_ms: u64) -> String {
@@ -13,6 +14,19 @@ pub fn rfc3339_ms(unix_ms: u64) -> String {
         rem % 60,
         unix_ms % 1000
     )
+}
+
+/// Thousands separators for figures read at a glance: `1234567` → `1,234,567`.
+pub fn grouped(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -33,6 +47,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grouping() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(1_234_567), "1,234,567");
+        assert_eq!(grouped(u64::MAX), "18,446,744,073,709,551,615");
+    }
 
     #[test]
     fn known_instants() {

@@ -14,18 +14,7 @@ use super::snapshot::{
     QUANTILES, STATES,
 };
 
-/// Thousands separators for figures read at a glance.
-pub fn grouped(v: u64) -> String {
-    let s = v.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use kaping::timefmt::grouped;
 
 /// `1h 02m 03s` style.
 pub fn human_duration_ms(ms: u64) -> String {
