@@ -229,6 +229,9 @@ pub struct Settings {
     pub bind6: Option<SocketAddr>,
     pub steering: Steering,
     pub advertise: String,
+    /// `advertise` was given; otherwise each socket advertises its own
+    /// bound address (loopback for a wildcard bind).
+    pub advertise_explicit: bool,
     pub shm: PathBuf,
     pub events: EventsTo,
     pub contacts: Option<PathBuf>,
@@ -519,6 +522,7 @@ impl Settings {
             bind6,
             steering,
             advertise,
+            advertise_explicit: raw.advertise.as_deref().is_some_and(|a| !a.is_empty()),
             shm,
             events,
             contacts: raw.contacts.clone(),

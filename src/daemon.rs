@@ -100,8 +100,8 @@ fn key_hash(uri: &str, dest: &SocketAddr) -> u64 {
 }
 
 /// Host for Via/Call-ID of a socket bound to `addr`.
-fn advertise_for(settings: &Settings, addr: &SocketAddr, explicit: bool) -> String {
-    if explicit {
+fn advertise_for(settings: &Settings, addr: &SocketAddr) -> String {
+    if settings.advertise_explicit {
         return settings.advertise.clone();
     }
     match addr.ip() {
@@ -126,7 +126,7 @@ fn bind_error(addr: SocketAddr, worker: u32, e: io::Error) -> DaemonError {
 impl Daemon {
     /// Creates shm, sockets and workers. Nothing is pinged until contacts
     /// are added.
-    pub fn start(settings: Settings, explicit_advertise: bool) -> Result<Daemon, DaemonError> {
+    pub fn start(settings: Settings) -> Result<Daemon, DaemonError> {
         let n = settings.workers;
         let per_worker = settings.max_contacts.div_ceil(n);
         if per_worker > crate::wire::token::SLOT_MAX + 1 {
@@ -208,7 +208,6 @@ impl Daemon {
 
         let key = TokenKey::random(instance_id(&settings.instance))
             .map_err(|e| err(format!("cannot get random bytes for the token key: {e}")))?;
-        let explicit = explicit_advertise;
         let templates_for = |socks: &[Socket]| -> Result<Vec<Template>, DaemonError> {
             socks
                 .iter()
@@ -219,7 +218,7 @@ impl Daemon {
                         .and_then(|a| a.as_socket())
                         .expect("bound socket");
                     let cfg = TemplateConfig {
-                        local_host: advertise_for(&settings, &local, explicit),
+                        local_host: advertise_for(&settings, &local),
                         local_port: local.port(),
                         ..settings.template.clone()
                     };

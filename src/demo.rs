@@ -22,6 +22,7 @@ use crate::shm::layout::{percentile, Counter, HIST_BUCKETS};
 use crate::shm::reader::ShmReader;
 use crate::sim::{contact_uri, FatePlan, ListenSpec, Responder, ServeConfig};
 use crate::sources::Verdict;
+use crate::timefmt::grouped;
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -76,11 +77,6 @@ impl Figures {
     fn pct_ms(&self, q: f64) -> String {
         percentile(&self.hist, q).map_or("-".into(), |us| format!("{:.2}", us as f64 / 1000.0))
     }
-}
-
-/// Thousands separators (see `timefmt::grouped`).
-fn n(v: u64) -> String {
-    crate::timefmt::grouped(v)
 }
 
 /// CPU seconds (user + system) used so far by this process's threads whose
@@ -171,7 +167,7 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     };
     let settings = Settings::from_raw(&raw).map_err(|e| e.to_string())?;
     let interval = settings.interval;
-    let mut daemon = Daemon::start(settings, false).map_err(|e| e.to_string())?;
+    let mut daemon = Daemon::start(settings).map_err(|e| e.to_string())?;
 
     let loaded_at = Instant::now();
     let mut expected_dead = 0u64;
@@ -188,8 +184,8 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     println!(
         "kaping demo: {} simulated contacts on 127.0.0.0/8:{port} ({} dead by design), {} ms latency, \
          interval {:?}, {workers} workers, backend {}; {} s, Ctrl-C to stop early",
-        n(args.contacts as u64),
-        n(expected_dead),
+        grouped(args.contacts as u64),
+        grouped(expected_dead),
         latency_ns as f64 / 1e6,
         interval,
         daemon.backend,
@@ -222,11 +218,11 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
             println!(
                 "{:>4.0}s  sent {:>9}/s  matched {:>9}/s  up {:>9}  down {:>7}  unknown {:>9}  rtt p50 {} ms  p99 {} ms",
                 started.elapsed().as_secs_f64(),
-                n(rate(Counter::Sent) as u64),
-                n(rate(Counter::Matched) as u64),
-                n(now.get(Counter::ContactsUp)),
-                n(now.get(Counter::ContactsDown)),
-                n(now.get(Counter::ContactsUnknown)),
+                grouped(rate(Counter::Sent) as u64),
+                grouped(rate(Counter::Matched) as u64),
+                grouped(now.get(Counter::ContactsUp)),
+                grouped(now.get(Counter::ContactsDown)),
+                grouped(now.get(Counter::ContactsUnknown)),
                 now.pct_ms(0.5),
                 now.pct_ms(0.99),
             );
@@ -250,20 +246,20 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     println!("summary after {ran:.1} s:");
     println!(
         "  pings sent        {:>11}  ({}/s)",
-        n(sent),
-        n((sent as f64 / ran) as u64)
+        grouped(sent),
+        grouped((sent as f64 / ran) as u64)
     );
     println!(
         "  replies matched   {:>11}  ({:.1} % of pings; dead contacts never answer)",
-        n(matched),
+        grouped(matched),
         100.0 * matched as f64 / sent.max(1) as f64
     );
     println!(
         "  contacts          up {}  down {} (of {} dead by design)  unknown {}",
-        n(f.get(Counter::ContactsUp)),
-        n(down),
-        n(expected_dead),
-        n(f.get(Counter::ContactsUnknown))
+        grouped(f.get(Counter::ContactsUp)),
+        grouped(down),
+        grouped(expected_dead),
+        grouped(f.get(Counter::ContactsUnknown))
     );
     println!(
         "  RTT (kernel timestamps)  p50 {} ms  p90 {} ms  p99 {} ms  p99.9 {} ms  ({} ms injected)",
@@ -275,23 +271,23 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     );
     println!(
         "  timed out {}  late {}  stray {}  forged {}  unparsable {}  send errors {}",
-        n(f.get(Counter::TimedOut)),
-        n(f.get(Counter::Late)),
-        n(f.get(Counter::Stray)),
-        n(f.get(Counter::Forged)),
-        n(f.get(Counter::ParseErrors)),
-        n(f.get(Counter::SendErrors))
+        grouped(f.get(Counter::TimedOut)),
+        grouped(f.get(Counter::Late)),
+        grouped(f.get(Counter::Stray)),
+        grouped(f.get(Counter::Forged)),
+        grouped(f.get(Counter::ParseErrors)),
+        grouped(f.get(Counter::SendErrors))
     );
     println!(
         "  responder         received {}  answered {}  silent (dead) {}",
-        n(served.received),
-        n(served.answered),
-        n(served.dead_dropped)
+        grouped(served.received),
+        grouped(served.answered),
+        grouped(served.dead_dropped)
     );
     if cpu > 0.0 && cpu_sent > 0 {
         println!(
             "  worker CPU        {cpu:.2} s for {} pings after loading = {:.2} µs per ping (user + system)",
-            n(cpu_sent),
+            grouped(cpu_sent),
             cpu * 1e6 / cpu_sent as f64
         );
     }

@@ -140,7 +140,6 @@ fn run(args: RunArgs) -> Result<(), String> {
         None => RawConfig::default(),
     };
     raw.overlay(&args.overrides());
-    let explicit_advertise = raw.advertise.as_deref().is_some_and(|a| !a.is_empty());
     let settings = Settings::from_raw(&raw).map_err(|e| e.to_string())?;
     let run_for = match &args.run_for {
         Some(v) => Some(
@@ -158,7 +157,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let mut daemon = Daemon::start(settings, explicit_advertise).map_err(|e| e.to_string())?;
+    let mut daemon = Daemon::start(settings).map_err(|e| e.to_string())?;
     if let Err(e) = daemon.load_contacts() {
         // Stop the workers and mark the shm file stopped before failing.
         let _ = daemon.stop();

@@ -78,6 +78,18 @@ pub struct WorkerConfig {
     pub seed: u64,
 }
 
+impl WorkerConfig {
+    /// Deadline of transmission number `tries` (1-based) of a ping: each
+    /// retransmission waits T1·2^k, the last transmission reply_timeout.
+    fn wait_ms(&self, tries: u8) -> u64 {
+        if tries <= self.retries {
+            T1_MS << (tries - 1)
+        } else {
+            self.reply_timeout.as_millis() as u64
+        }
+    }
+}
+
 /// A contact handed to a worker.
 #[derive(Clone, Debug)]
 pub struct NewContact {
@@ -195,6 +207,16 @@ struct Core {
     refused_log_tick: u64,
 }
 
+/// What became of a due timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    Done,
+    /// The backend's transmit pipeline is full: flush, then retry.
+    NoRoom,
+    /// Over the pings-per-second cap: retry next tick (flushing is no help).
+    RateLimited,
+}
+
 /// Spends one token per ping; refilled by elapsed time.
 struct TokenBucket {
     rate: u64,
@@ -218,6 +240,13 @@ impl TokenBucket {
             true
         } else {
             false
+        }
+    }
+
+    /// Gives back a token taken for a ping that could not be sent.
+    fn refund(&mut self) {
+        if self.rate != 0 {
+            self.tokens += 1.0;
         }
     }
 }
@@ -442,7 +471,18 @@ impl Core {
         rtt_us: Option<u32>,
         f: impl FnOnce(&mut Liveness, &Policy) -> Option<Transition>,
     ) -> State {
-        let mut rec = self.shm.read_own_slot(handle.slot);
+        let rec = self.shm.read_own_slot(handle.slot);
+        self.apply_liveness(handle, rec, rtt_us, f)
+    }
+
+    /// `update_liveness` for a caller that has just read the slot.
+    fn apply_liveness(
+        &mut self,
+        handle: Handle,
+        mut rec: SlotRecord,
+        rtt_us: Option<u32>,
+        f: impl FnOnce(&mut Liveness, &Policy) -> Option<Transition>,
+    ) -> State {
         debug_assert_eq!(
             rec.generation, handle.generation,
             "slot {} owner",
@@ -463,16 +503,6 @@ impl Core {
             self.emit(handle, t, rtt_us, &l);
         }
         l.state
-    }
-
-    /// Deadline of transmission number `tries` (1-based) of a ping: each
-    /// retransmission waits T1·2^k, the last transmission reply_timeout.
-    fn wait_ms(&self, tries: u8) -> u64 {
-        if tries <= self.cfg.retries {
-            T1_MS << (tries - 1)
-        } else {
-            self.cfg.reply_timeout.as_millis() as u64
-        }
     }
 
     fn next_ping_tick(&mut self, c_anchor: u64, interval_ms: u32) -> u64 {
@@ -547,41 +577,49 @@ impl Core {
             self.shm.add(Counter::Retries, 1);
         }
         let now_ms = self.tick_to_wall_ms(now_tick);
-        self.update_liveness(handle, None, |l, _| {
+        // The slot was read above for the strings; nothing wrote it since.
+        self.apply_liveness(handle, rec, None, |l, _| {
             l.on_sent(now_ms);
             None
         });
-        let deadline = now_tick + self.wait_ms(tries);
+        let deadline = now_tick + self.cfg.wait_ms(tries);
         self.wheel.insert(slot, deadline);
         true
     }
 
     /// A timer fired: send the next ping, retransmit, or count a miss.
-    /// False when it must be retried later (no room / rate cap).
-    fn expire(&mut self, backend: &mut dyn Backend, slot: u32, now_tick: u64) -> bool {
+    fn expire(&mut self, backend: &mut dyn Backend, slot: u32, now_tick: u64) -> Expiry {
         let Some((handle, c)) = self.slab.get_slot(slot) else {
-            return true;
+            return Expiry::Done;
         };
         let (tries, anchor, interval_ms) = (c.tries, c.anchor_tick, c.interval_ms);
         if tries == 0 {
             // Next ping due.
             if self.stopping {
-                return true;
+                return Expiry::Done;
             }
             if !self.bucket.take(now_tick) {
                 // Counted per deferral: a ping held back for several ticks
                 // counts once per tick it waited.
                 self.shm.add(Counter::RateLimited, 1);
-                return false;
+                return Expiry::RateLimited;
             }
             if let Some((_, c)) = self.slab.get_slot_mut(slot) {
                 c.anchor_tick = now_tick;
             }
-            return self.transmit(backend, slot, now_tick);
+            if self.transmit(backend, slot, now_tick) {
+                return Expiry::Done;
+            }
+            self.bucket.refund();
+            return Expiry::NoRoom;
         }
         if tries <= self.cfg.retries {
             if !self.stopping {
-                return self.transmit(backend, slot, now_tick);
+                return if self.transmit(backend, slot, now_tick) {
+                    Expiry::Done
+                } else {
+                    Expiry::NoRoom
+                };
             }
             // Stopping: the retransmission we would have sent is not a miss
             // of the contact's; just stop waiting for it.
@@ -589,7 +627,7 @@ impl Core {
             if let Some((_, c)) = self.slab.get_slot_mut(slot) {
                 c.tries = 0;
             }
-            return true;
+            return Expiry::Done;
         }
         // No reply to any transmission of this ping: a miss.
         self.shm.add(Counter::TimedOut, 1);
@@ -600,11 +638,11 @@ impl Core {
         let state = self.update_liveness(handle, None, |l, p| l.on_miss(p));
         if state == State::Removed {
             self.remove(handle);
-            return true;
+            return Expiry::Done;
         }
         let next = self.next_ping_tick(anchor, interval_ms);
         self.wheel.insert(slot, next);
-        true
+        Expiry::Done
     }
 
     fn on_match(&mut self, m: Match, rx_us: u32) {
@@ -636,15 +674,11 @@ impl Core {
         // Judge lateness by the kernel's receive time, not by when this
         // (possibly busy) worker got to it: a reply after the deadline of
         // the latest transmission is late even if its timer has not fired.
-        let tries = c.tries;
         let since_last_us = rx_us.wrapping_sub(c.sent_us) as i32;
-        if since_last_us > 0 && since_last_us as u64 > self.wait_ms(tries) * 1000 {
+        if since_last_us > 0 && since_last_us as u64 > self.cfg.wait_ms(c.tries) * 1000 {
             self.shm.add(Counter::Late, 1);
             return;
         }
-        let Some((_, c)) = self.slab.get_slot_mut(m.slot) else {
-            return;
-        };
         c.tries = 0;
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
@@ -686,12 +720,13 @@ impl Core {
     }
 
     fn take_handoffs(&mut self) {
-        let Some(peers) = self.peers.clone() else {
-            return;
-        };
-        let q = &peers.queues[self.cfg.id as usize];
+        let me = self.cfg.id as usize;
         for _ in 0..HANDOFF_QUEUE {
-            let Some(h) = q.pop() else { break };
+            // `Handoff` is Copy: the borrow of `peers` ends with the pop, so
+            // no Arc is cloned on this per-loop path.
+            let Some(h) = self.peers.as_ref().and_then(|p| p.queues[me].pop()) else {
+                break;
+            };
             self.on_match(h.m, h.rx_us);
         }
     }
@@ -844,12 +879,15 @@ impl<B: Backend> Worker<B> {
                 self.core.wheel.insert(slot, now + 1);
                 continue;
             }
-            if !self.core.expire(&mut self.backend, slot, now) {
+            let mut outcome = self.core.expire(&mut self.backend, slot, now);
+            if outcome == Expiry::NoRoom {
+                // Hand the queued datagrams to the kernel and try once more.
                 self.backend.flush(&mut self.core)?;
-                if !self.core.expire(&mut self.backend, slot, now) {
-                    deferred = true;
-                    self.core.wheel.insert(slot, now + 1);
-                }
+                outcome = self.core.expire(&mut self.backend, slot, now);
+            }
+            if outcome != Expiry::Done {
+                deferred = true;
+                self.core.wheel.insert(slot, now + 1);
             }
         }
         self.core.due = due;

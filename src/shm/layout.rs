@@ -111,7 +111,8 @@ pub enum Counter {
     ContactsRemoved,
     /// Replies whose status code is not in the configured "alive" set.
     ErrorReplies,
-    /// Pings deferred by the global pings-per-second cap.
+    /// Times a due ping was held back by the global pings-per-second cap
+    /// (once per tick it waited).
     RateLimited,
 }
 

@@ -83,20 +83,26 @@ pub fn ipv4_for(j: u64) -> Ipv4Addr {
     Ipv4Addr::new(127, a, b, c)
 }
 
-/// Appends the decimal digits of `n`.
+/// The decimal digits of `n`, written at the end of `buf` (no allocation,
+/// no formatting machinery; shared with the reply writer of `request`).
 #[inline]
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    &buf[at..]
+}
+
+/// Appends the decimal digits of `n`.
+#[inline]
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0u8; 20]));
 }
 
 /// Appends the URI of contact `i`.

@@ -287,18 +287,8 @@ impl Out<'_> {
         }
     }
 
-    fn put_u64(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.put(&digits[at..]);
+    fn put_u64(&mut self, n: u64) {
+        self.put(super::contacts::decimal(n, &mut [0u8; 20]));
     }
 
     fn put_hex16(&mut self, n: u16) {
