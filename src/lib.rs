@@ -28,5 +28,6 @@ pub mod io;
 pub mod shm;
 pub mod sim;
 pub mod sources;
+pub mod state;
 pub mod timefmt;
 pub mod wire;

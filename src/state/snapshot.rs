@@ -1,0 +1,282 @@
+//! Snapshot files: writing one from the caller's contact list and reading
+//! one back on restore. The byte layout is in the parent module's
+//! documentation.
+//!
+//! Writing runs on the daemon's background thread (it owns nothing the
+//! commit path uses): it streams entries through one reusable entry buffer
+//! and a 1 MiB `BufWriter`, then syncs and renames. Reading validates every
+//! entry checksum, the count and the trailer chain; any failure is a
+//! [`StateError::BadSnapshot`] naming the file, byte offset and entry, never
+//! a silent fallback to older state.
+
+use super::codec::{self, Cursor};
+use super::dir::{self, io_err};
+use super::{ContactRecord, History, StateError};
+use std::fs::{self, File};
+use std::hash::Hasher;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub(super) const SNAPSHOT_MAGIC: [u8; 8] = *b"KAPSNAP\0";
+pub(super) const TRAILER_MAGIC: [u8; 8] = *b"KAPSEND\0";
+pub(super) const SNAPSHOT_VERSION: u32 = 1;
+pub(super) const HEADER_LEN: usize = 64;
+pub(super) const TRAILER_LEN: usize = 24;
+/// Largest entry body accepted when reading: a contact is bounded by the
+/// journal's record limit plus its history.
+const ENTRY_MAX: usize = super::journal::RECORD_PAYLOAD_MAX + 1 + codec::HISTORY_LEN;
+const IO_BUFFER: usize = 1 << 20;
+
+/// Where [`write`] stops early: test-only crash simulation. `Never` in
+/// production.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stop {
+    Never,
+    /// Half the entries written to the temp file, nothing synced.
+    #[cfg_attr(not(test), allow(dead_code))]
+    TempPartial,
+    /// Temp file complete and synced, not renamed.
+    #[cfg_attr(not(test), allow(dead_code))]
+    TempSynced,
+    /// Renamed into place, directory not synced.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Renamed,
+}
+
+/// The snapshot [`write`] made durable.
+pub(super) struct Written {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+fn bad(path: &Path, offset: u64, entry: u64, what: impl Into<String>) -> StateError {
+    StateError::BadSnapshot {
+        file: path.to_path_buf(),
+        offset,
+        entry,
+        what: what.into(),
+    }
+}
+
+/// Writes snapshot `covered_seq`: temp file, fsync, rename, fsync dir. On
+/// error the temp file is removed (best effort: open removes any left).
+pub(super) fn write(
+    dir: &Path,
+    covered_seq: u64,
+    contacts: &[(ContactRecord, Option<History>)],
+    stop: Stop,
+) -> Result<Option<Written>, StateError> {
+    let temp = dir.join(format!(
+        "{}{}",
+        dir::snapshot_name(covered_seq),
+        dir::TEMP_SUFFIX
+    ));
+    let written = write_temp_and_rename(dir, &temp, covered_seq, contacts, stop);
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
+}
+
+fn write_temp_and_rename(
+    dir: &Path,
+    temp: &Path,
+    covered_seq: u64,
+    contacts: &[(ContactRecord, Option<History>)],
+    stop: Stop,
+) -> Result<Option<Written>, StateError> {
+    let path = dir.join(dir::snapshot_name(covered_seq));
+    let file = File::create(temp).map_err(|e| io_err(temp, "create snapshot temp file", e))?;
+    let mut out = BufWriter::with_capacity(IO_BUFFER, file);
+    let werr = |e| io_err(temp, "write snapshot temp file", e);
+
+    let created_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut header = [0u8; HEADER_LEN];
+    header[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+    header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    header[16..24].copy_from_slice(&covered_seq.to_le_bytes());
+    header[24..32].copy_from_slice(&(contacts.len() as u64).to_le_bytes());
+    header[32..40].copy_from_slice(&created_ms.to_le_bytes());
+    let check = codec::checksum(&header[..56]);
+    header[56..64].copy_from_slice(&check.to_le_bytes());
+    out.write_all(&header).map_err(werr)?;
+    let mut chain = codec::checksum_stream();
+    chain.write(&header);
+    let mut bytes = HEADER_LEN as u64;
+
+    let mut entry = Vec::with_capacity(512);
+    for (i, (contact, history)) in contacts.iter().enumerate() {
+        if stop == Stop::TempPartial && i == contacts.len() / 2 {
+            return Ok(None);
+        }
+        entry.clear();
+        entry.extend_from_slice(&[0; 4]);
+        codec::put_contact(&mut entry, contact);
+        codec::put_history(&mut entry, history.as_ref());
+        let body_len = entry.len() - 4;
+        if body_len > ENTRY_MAX {
+            // Cannot come from a contact that went through the journal.
+            return Err(StateError::RecordTooLarge {
+                bytes: body_len,
+                max: ENTRY_MAX,
+            });
+        }
+        entry[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+        let check = codec::checksum(&entry);
+        entry.extend_from_slice(&check.to_le_bytes());
+        out.write_all(&entry).map_err(werr)?;
+        chain.write(&check.to_le_bytes());
+        bytes += entry.len() as u64;
+    }
+
+    let mut trailer = [0u8; TRAILER_LEN];
+    trailer[0..8].copy_from_slice(&TRAILER_MAGIC);
+    trailer[8..16].copy_from_slice(&(contacts.len() as u64).to_le_bytes());
+    chain.write(&trailer[..16]);
+    trailer[16..24].copy_from_slice(&chain.finish().to_le_bytes());
+    out.write_all(&trailer).map_err(werr)?;
+    bytes += TRAILER_LEN as u64;
+
+    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| io_err(temp, "fsync snapshot temp file", e))?;
+    drop(file);
+    if stop == Stop::TempSynced {
+        return Ok(None);
+    }
+    fs::rename(temp, &path).map_err(|e| io_err(&path, "rename the snapshot into place", e))?;
+    if stop == Stop::Renamed {
+        return Ok(None);
+    }
+    dir::sync_dir(dir)?;
+    Ok(Some(Written { path, bytes }))
+}
+
+/// Reads snapshot `path` (named for `name_seq`), calling `push` for every
+/// entry in file order. Returns the number of entries.
+pub(super) fn read(
+    path: &Path,
+    name_seq: u64,
+    mut push: impl FnMut(ContactRecord, Option<History>),
+) -> Result<u64, StateError> {
+    let file = File::open(path).map_err(|e| io_err(path, "open snapshot", e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| io_err(path, "stat snapshot", e))?
+        .len();
+    let mut reader = BufReader::with_capacity(IO_BUFFER, file);
+    let rerr = |e| io_err(path, "read snapshot", e);
+
+    if file_len < (HEADER_LEN + TRAILER_LEN) as u64 {
+        return Err(bad(
+            path,
+            0,
+            0,
+            format!("the file is {file_len} bytes, shorter than an empty snapshot"),
+        ));
+    }
+    let mut header = [0u8; HEADER_LEN];
+    reader.read_exact(&mut header).map_err(rerr)?;
+    if header[0..8] != SNAPSHOT_MAGIC {
+        return Err(bad(path, 0, 0, "bad magic: not a kaping snapshot"));
+    }
+    if u64::from_le_bytes(header[56..64].try_into().unwrap()) != codec::checksum(&header[..56]) {
+        return Err(bad(path, 56, 0, "header checksum mismatch"));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if version != SNAPSHOT_VERSION {
+        return Err(bad(
+            path,
+            8,
+            0,
+            format!("format version {version}, this kaping reads version {SNAPSHOT_VERSION}"),
+        ));
+    }
+    let covered_seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    if covered_seq != name_seq {
+        return Err(bad(
+            path,
+            16,
+            0,
+            format!("the header covers sequence {covered_seq}, the file name says {name_seq}"),
+        ));
+    }
+    let count = u64::from_le_bytes(header[24..32].try_into().unwrap());
+    let mut chain = codec::checksum_stream();
+    chain.write(&header);
+
+    let entries_end = file_len - TRAILER_LEN as u64;
+    let mut offset = HEADER_LEN as u64;
+    let mut entry = Vec::with_capacity(512);
+    for n in 1..=count {
+        if entries_end - offset < 4 + 8 {
+            return Err(bad(
+                path,
+                offset,
+                n,
+                format!("the file ends before entry {n} of {count} (truncated?)"),
+            ));
+        }
+        let mut len = [0u8; 4];
+        reader.read_exact(&mut len).map_err(rerr)?;
+        let body_len = u32::from_le_bytes(len) as usize;
+        let total = 4 + body_len as u64 + 8;
+        if body_len > ENTRY_MAX || total > entries_end - offset {
+            return Err(bad(
+                path,
+                offset,
+                n,
+                format!("entry length {body_len} runs past the end of the entries"),
+            ));
+        }
+        entry.clear();
+        entry.extend_from_slice(&len);
+        entry.resize(total as usize, 0);
+        reader.read_exact(&mut entry[4..]).map_err(rerr)?;
+        let (covered, stored) = entry.split_at(total as usize - 8);
+        let check = codec::checksum(covered);
+        if u64::from_le_bytes(stored.try_into().unwrap()) != check {
+            return Err(bad(path, offset, n, "entry checksum mismatch"));
+        }
+        chain.write(&check.to_le_bytes());
+        let mut cur = Cursor::new(&covered[4..]);
+        let (contact, history) = cur
+            .contact()
+            .and_then(|c| Ok((c, cur.history()?)))
+            .and_then(|ch| cur.finish().map(|()| ch))
+            .map_err(|what| bad(path, offset, n, what))?;
+        push(contact, history);
+        offset += total;
+    }
+    if offset != entries_end {
+        return Err(bad(
+            path,
+            offset,
+            count,
+            format!(
+                "{} unexpected bytes after the {count} entries the header announces",
+                entries_end - offset
+            ),
+        ));
+    }
+    let mut trailer = [0u8; TRAILER_LEN];
+    reader.read_exact(&mut trailer).map_err(rerr)?;
+    if trailer[0..8] != TRAILER_MAGIC {
+        return Err(bad(path, offset, count, "bad trailer magic"));
+    }
+    if trailer[8..16] != count.to_le_bytes() {
+        return Err(bad(
+            path,
+            offset + 8,
+            count,
+            "the trailer's count differs from the header's",
+        ));
+    }
+    chain.write(&trailer[..16]);
+    if u64::from_le_bytes(trailer[16..24].try_into().unwrap()) != chain.finish() {
+        return Err(bad(path, offset + 16, count, "trailer checksum mismatch"));
+    }
+    Ok(count)
+}
