@@ -358,7 +358,7 @@ fn bad_checksum_of_the_final_record_and_a_zeroed_tail_are_torn() {
 
 #[test]
 fn flipped_byte_in_a_middle_record_is_refused_naming_the_offset() {
-    let (tmp, start, _) = three_commits();
+    let (tmp, start, end) = three_commits();
     let seg = last_segment(tmp.path());
     // The middle record is the second commit's: it ends where the last begins.
     let bytes = fs::read(&seg).unwrap();
@@ -396,7 +396,7 @@ fn flipped_byte_in_a_middle_record_is_refused_naming_the_offset() {
         );
         assert!(msg.contains("truncate -s"), "{msg}");
         // Nothing was cut: the operator decides.
-        assert_eq!(file_len(&seg), start + (file_len(&seg) - start));
+        assert_eq!(file_len(&seg), end, "flip at {offset}");
     }
     assert!(middle_len > 40);
 }
@@ -617,108 +617,76 @@ fn corrupt_snapshot_is_refused_with_file_offset_and_entry() {
     assert_eq!(reopen(tmp.path()).contacts, view);
 }
 
-/// Builds: records 1..=50 snapshotted in an earlier round (with histories),
-/// 20 more records, then a job begun, 5 more records committed while the
-/// job is simulated crashing at `stop`.
-fn crash_during_snapshot(stop: JobStop) -> (TempDir, Vec<(ContactRecord, Option<History>)>) {
+/// Builds: contacts 0..50 snapshotted (with histories) in an earlier
+/// round, 50..70 committed, a job begun (its view gives every contact a new
+/// history), then contact 0 deleted and 70..74 added while the job is
+/// simulated crashing at `stop`. Returns the directory and the exact
+/// restore expected if the new snapshot, or else the old one, is in force.
+type Contacts = Vec<(ContactRecord, Option<History>)>;
+fn crash_during_snapshot(stop: JobStop) -> (TempDir, Contacts, Contacts) {
     let tmp = TempDir::new().unwrap();
     let (mut store, _) = open(tmp.path());
-    let first: Vec<_> = (0..50).map(|i| (contact(i), Some(history(i)))).collect();
-    store
-        .commit(
-            &first
-                .iter()
-                .map(|(c, _)| Op::Add(c.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
+    let first: Contacts = (0..50).map(|i| (contact(i), Some(history(i)))).collect();
+    let adds: Vec<_> = first.iter().map(|(c, _)| Op::Add(c.clone())).collect();
+    store.commit(&adds).unwrap();
     store.begin_snapshot().unwrap().write(&first).unwrap();
-
-    let mut model = first.clone();
     for i in 50..70 {
         store.commit(&[Op::Add(contact(i))]).unwrap();
-        model.push((contact(i), None));
     }
     let job = store.begin_snapshot().unwrap();
-    let view: Vec<_> = model
-        .iter()
-        .enumerate()
-        .map(|(i, (c, _))| (c.clone(), Some(history(1000 + i as u32))))
+    let view: Contacts = (0..70)
+        .map(|i| (contact(i), Some(history(1000 + i))))
         .collect();
-    store
-        .commit(&[Op::Del {
-            key: contact(0).key(),
-        }])
-        .unwrap();
+    let del = Op::Del {
+        key: contact(0).key(),
+    };
+    store.commit(&[del]).unwrap();
     for i in 70..74 {
         store.commit(&[Op::Add(contact(i))]).unwrap();
     }
-    assert_eq!(
-        job.write_until(&view, stop).unwrap().is_none(),
-        !matches!(stop, JobStop::At(snapshot::Stop::Never))
-    );
+    let finished = job.write_until(&view, stop).unwrap().is_some();
+    assert_eq!(finished, stop == JobStop::At(snapshot::Stop::Never));
     drop(job);
     drop(store); // the "crash": nothing more runs
 
-    // Contacts that must come back, whichever snapshot wins.
-    let mut expected: Vec<_> = view[1..].to_vec();
-    expected.extend((70..74).map(|i| (contact(i), None)));
-    (tmp, expected)
+    let newer = (70..74).map(|i| (contact(i), None));
+    let with_new = view[1..].iter().cloned().chain(newer.clone()).collect();
+    let with_old = first[1..]
+        .iter()
+        .cloned()
+        .chain((50..70).map(|i| (contact(i), None)))
+        .chain(newer)
+        .collect();
+    (tmp, with_new, with_old)
 }
 
 #[test]
 fn a_crash_at_every_step_of_a_snapshot_loses_nothing() {
+    use snapshot::Stop;
     let stops = [
-        JobStop::At(snapshot::Stop::TempPartial),
-        JobStop::At(snapshot::Stop::TempSynced),
-        JobStop::At(snapshot::Stop::Renamed),
-        JobStop::AfterFirstDelete,
-        JobStop::At(snapshot::Stop::Never),
+        (JobStop::At(Stop::TempPartial), false),
+        (JobStop::At(Stop::TempSynced), false),
+        (JobStop::At(Stop::Renamed), true),
+        (JobStop::AfterFirstDelete, true),
+        (JobStop::At(Stop::Never), true),
     ];
-    for stop in stops {
-        let (tmp, expected) = crash_during_snapshot(stop);
+    for (stop, new_snapshot) in stops {
+        let (tmp, with_new, with_old) = crash_during_snapshot(stop);
         let restored = reopen(tmp.path());
-        let new_snapshot = !matches!(
-            stop,
-            JobStop::At(snapshot::Stop::TempPartial) | JobStop::At(snapshot::Stop::TempSynced)
-        );
-        let got = as_map(&restored.contacts);
-        let want = as_map(&expected);
-        assert_eq!(
-            got.keys().collect::<std::collections::BTreeSet<_>>(),
-            want.keys().collect(),
-            "{stop:?}"
-        );
-        for (key, (c, h)) in &got {
-            assert_eq!(c, &want[key].0, "{stop:?}");
-            if new_snapshot {
-                assert_eq!(h, &want[key].1, "{stop:?} history of {key}");
-            } else {
-                // The old snapshot's histories (contacts 1..50) survive.
-                assert_eq!(
-                    h.is_some(),
-                    restored.snapshot_contacts == 50
-                        && want[key].1.is_some()
-                        && c.uri < contact(50).uri,
-                    "{stop:?}"
-                );
-            }
+        if new_snapshot {
+            assert_eq!(restored.contacts, with_new, "{stop:?}");
+            assert_eq!(restored.snapshot_contacts, 70, "{stop:?}");
+        } else {
+            assert_eq!(restored.contacts, with_old, "{stop:?}");
+            assert_eq!(restored.snapshot_contacts, 50, "{stop:?}");
         }
-        assert_eq!(
-            restored.snapshot_contacts,
-            if new_snapshot { 70 } else { 50 },
-            "{stop:?}"
-        );
-        // Every leftover was cleaned: one snapshot, no temp, no covered segment.
+        // Every leftover was cleaned: one snapshot, no temp, no covered
+        // segment (with the old snapshot, records 51..=70 are still needed).
         let listing = dir::list(tmp.path()).unwrap();
         assert!(listing.temps.is_empty(), "{stop:?}");
         assert_eq!(listing.snapshots.len(), 1, "{stop:?}");
-        // The old snapshot still needs the segment of records 51..=70.
-        assert_eq!(
-            listing.segments.len(),
-            if new_snapshot { 1 } else { 2 },
-            "{stop:?}"
-        );
+        let segments_left = if new_snapshot { 1 } else { 2 };
+        assert_eq!(listing.segments.len(), segments_left, "{stop:?}");
         // And a second open sees the same thing, with no warnings left.
         let again = reopen(tmp.path());
         assert_eq!(again.contacts, restored.contacts, "{stop:?}");
@@ -940,9 +908,10 @@ proptest! {
 #[test]
 #[ignore = "timing: run with --release --ignored --nocapture"]
 fn timing_commit_1000_adds() {
-    let tmp =
-        TempDir::new_in(std::env::var_os("KAPING_STATE_BENCH_DIR").unwrap_or_else(|| ".".into()))
-            .unwrap();
+    let tmp = TempDir::new_in(
+        std::env::var_os("KAPING_STATE_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
+    )
+    .unwrap();
     let (mut store, _) = open(tmp.path());
     let batches: Vec<Vec<Op>> = (0..50)
         .map(|b| (0..1000).map(|i| Op::Add(contact(b * 1000 + i))).collect())
@@ -967,15 +936,33 @@ fn timing_commit_1000_adds() {
         }
         encode = encode.min(t.elapsed());
     }
-    times.sort();
+    // The device's share: a bare pwrite + fdatasync of the same bytes.
+    let bare = File::create(tmp.path().join("bare")).unwrap();
+    let mut device = Vec::new();
+    for n in 0..batches.len() as u64 {
+        let t = Instant::now();
+        bare.write_all_at(&buf, n * buf.len() as u64).unwrap();
+        bare.sync_data().unwrap();
+        device.push(t.elapsed());
+    }
+    let quantiles = |mut v: Vec<Duration>| {
+        v.sort();
+        let n = v.len();
+        format!(
+            "min {:?} median {:?} p90 {:?} max {:?}",
+            v[0],
+            v[n / 2],
+            v[n * 9 / 10],
+            v[n - 1]
+        )
+    };
     println!(
-        "commit of 1000 adds ({} bytes): min {:?} median {:?} p90 {:?} max {:?}; encode+checksum alone {:?}",
+        "commit of 1000 adds ({} bytes): {}; encode+checksum alone {:?}; \
+         bare pwrite+fdatasync of the same bytes: {}",
         buf.len(),
-        times[0],
-        times[times.len() / 2],
-        times[times.len() * 9 / 10],
-        times[times.len() - 1],
-        encode
+        quantiles(times),
+        encode,
+        quantiles(device)
     );
 }
 
@@ -984,9 +971,10 @@ fn timing_commit_1000_adds() {
 #[test]
 #[ignore = "timing: run with --release --ignored --nocapture"]
 fn timing_snapshot_1m() {
-    let tmp =
-        TempDir::new_in(std::env::var_os("KAPING_STATE_BENCH_DIR").unwrap_or_else(|| ".".into()))
-            .unwrap();
+    let tmp = TempDir::new_in(
+        std::env::var_os("KAPING_STATE_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
+    )
+    .unwrap();
     let (mut store, _) = open(tmp.path());
     let view: Vec<_> = (0..1_000_000u32)
         .map(|i| {
