@@ -262,7 +262,9 @@ fn fates_agree_with_the_contacts_file() {
                 if !(10_000..PERIOD_MS - 10_000).contains(&into) {
                     continue;
                 }
-                ((now_ms + phase) / PERIOD_MS % 2 == 0).then_some(200)
+                ((now_ms + phase) / PERIOD_MS)
+                    .is_multiple_of(2)
+                    .then_some(200)
             }
         };
         expected.insert(i as u32, want);

@@ -28,7 +28,11 @@ fn cfg(dir: &Path) -> ShmConfig {
 fn record(seed: u32, uri: StrRef, aor: StrRef) -> SlotRecord {
     let mut r = SlotRecord {
         generation: 7 + seed as u16,
-        state: if seed % 2 == 0 { SLOT_UP } else { SLOT_DOWN },
+        state: if seed.is_multiple_of(2) {
+            SLOT_UP
+        } else {
+            SLOT_DOWN
+        },
         family: 0,
         port: 0,
         last_code: 200 + seed as u16,
@@ -48,7 +52,7 @@ fn record(seed: u32, uri: StrRef, aor: StrRef) -> SlotRecord {
         uri,
         aor,
     };
-    let addr = if seed % 2 == 0 {
+    let addr = if seed.is_multiple_of(2) {
         "198.51.100.23:5060"
     } else {
         "[2001:db8::42]:5080"

@@ -35,8 +35,12 @@ fn checksum(r: &SlotRecord) -> u64 {
 fn record_for(slot: u32, v: u64, g: u16, uri: StrRef, aor: StrRef) -> SlotRecord {
     let mut r = SlotRecord {
         generation: g,
-        state: if v % 3 == 0 { SLOT_DOWN } else { SLOT_UP },
-        family: if v % 2 == 0 { 4 } else { 6 },
+        state: if v.is_multiple_of(3) {
+            SLOT_DOWN
+        } else {
+            SLOT_UP
+        },
+        family: if v.is_multiple_of(2) { 4 } else { 6 },
         port: (v * 3) as u16,
         last_code: 100 + (v % 600) as u16,
         misses: (v >> 3) as u16,
@@ -162,7 +166,7 @@ fn readers_never_see_a_torn_record() {
             v += 1;
             let slot = ((v * 2_654_435_761) >> 7) as u32 % SLOTS;
             let i = slot as usize;
-            if v % 61 == 0 {
+            if v.is_multiple_of(61) {
                 // Contact removed: clear first, then free its strings.
                 w.clear_slot(slot);
                 if let Some((u, a)) = refs[i].take() {
@@ -171,7 +175,7 @@ fn readers_never_see_a_torn_record() {
                 }
                 clears += 1;
             } else {
-                if refs[i].is_none() || v % 16 == 0 {
+                if refs[i].is_none() || v.is_multiple_of(16) {
                     // (Re-)added contact: new generation, new strings.
                     gens[i] = gens[i].wrapping_add(1);
                     let u = w.alloc_str(&uri_for(slot, gens[i])).unwrap();

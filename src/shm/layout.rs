@@ -462,7 +462,7 @@ pub struct WorkerBlock {
     pub hist: [AtomicU64; HIST_BUCKETS],
 }
 
-const _: () = assert!(size_of::<WorkerBlock>() % CACHE_LINE == 0);
+const _: () = assert!(size_of::<WorkerBlock>().is_multiple_of(CACHE_LINE));
 const _: () = assert!(offset_of!(WorkerBlock, rejects) % CACHE_LINE == 0);
 const _: () = assert!(offset_of!(WorkerBlock, hist) % CACHE_LINE == 0);
 const _: () = assert!(Counter::COUNT <= COUNTER_WORDS);
@@ -517,7 +517,7 @@ pub struct Header {
 }
 
 const _: () = assert!(offset_of!(Header, magic) == 0);
-const _: () = assert!(size_of::<Header>() % CACHE_LINE == 0);
+const _: () = assert!(size_of::<Header>().is_multiple_of(CACHE_LINE));
 const _: () = assert!(size_of::<Header>() <= 512);
 
 /// Why a geometry is impossible.

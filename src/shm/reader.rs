@@ -431,7 +431,7 @@ impl ShmReader {
 
     fn str_range_ok(&self, w: u32, r: StrRef) -> bool {
         w < self.geom.workers
-            && r.offset % 8 == 0
+            && r.offset.is_multiple_of(8)
             && r.offset as u64 + r.len as u64 <= self.geom.string_bytes_per_worker as u64
     }
 

@@ -503,7 +503,7 @@ impl StrAlloc {
     fn free(&mut self, r: StrRef, worker: u32) {
         let size = class_size(size_class(r.len as usize));
         assert!(
-            r.offset % 8 == 0 && r.offset as u64 + size as u64 <= self.bump as u64,
+            r.offset.is_multiple_of(8) && r.offset as u64 + size as u64 <= self.bump as u64,
             "free_str({r:?}): not a string of worker {worker}"
         );
         let (word, bit) = self.live_bit(r.offset);
@@ -630,7 +630,7 @@ impl WorkerShm {
         let s = self.slot(slot);
         let seq = s.seq.load(Ordering::Relaxed);
         debug_assert!(
-            seq % 2 == 0,
+            seq.is_multiple_of(2),
             "slot {slot} sequence {seq} odd outside a write"
         );
         s.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
@@ -732,7 +732,7 @@ impl WorkerShm {
     pub fn read_own_str(&self, r: StrRef, out: &mut Vec<u8>) {
         out.clear();
         let end = r.offset as u64 + r.len as u64;
-        let ok = r.offset % 8 == 0 && end <= self.string_words as u64 * 8;
+        let ok = r.offset.is_multiple_of(8) && end <= self.string_words as u64 * 8;
         debug_assert!(
             ok,
             "read_own_str({r:?}) outside worker {}'s strings",

@@ -122,7 +122,7 @@ impl FatePlan {
     /// Does a flapping contact with `phase_ms` answer at `unix_ms`?
     #[inline]
     pub fn flap_answers(&self, phase_ms: u64, unix_ms: u64) -> bool {
-        (unix_ms.wrapping_add(phase_ms) / self.flap_period_ms) % 2 == 0
+        (unix_ms.wrapping_add(phase_ms) / self.flap_period_ms).is_multiple_of(2)
     }
 }
 

@@ -259,7 +259,7 @@ impl Progress {
     }
 
     fn tick(&mut self, records: usize) {
-        if self.enabled && records > 0 && records % PROGRESS_EVERY == 0 {
+        if self.enabled && records > 0 && records.is_multiple_of(PROGRESS_EVERY) {
             let rate = records as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
             let _ = write!(
                 io::stderr(),
