@@ -85,6 +85,18 @@ pub struct Slab<T> {
     free_head: u32,
     len: u32,
     capacity: u32,
+    /// Filled by [`Slab::insert_at`]: slots are chosen by the caller and
+    /// no free list is kept.
+    placed: bool,
+}
+
+/// Why [`Slab::insert_at`] refused a handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceError {
+    #[error("slot {slot} is beyond the slab's capacity {capacity}")]
+    OutOfRange { slot: u32, capacity: u32 },
+    #[error("slot {slot} is occupied")]
+    Occupied { slot: u32 },
 }
 
 impl<T> Slab<T> {
@@ -103,12 +115,14 @@ impl<T> Slab<T> {
             free_head: NIL,
             len: 0,
             capacity,
+            placed: false,
         }
     }
 
     /// Stores `value` in a free slot and returns its handle. O(1), never
     /// allocates.
     pub fn insert(&mut self, value: T) -> Result<Handle, SlabFull> {
+        debug_assert!(!self.placed, "insert on a slab filled by insert_at");
         if self.free_head != NIL {
             let slot = self.free_head;
             let entry = &mut self.entries[slot as usize];
@@ -144,6 +158,46 @@ impl<T> Slab<T> {
         })
     }
 
+    /// Stores `value` at the slot and generation `h` names, chosen by the
+    /// caller: the daemon's control registry allocates the slots of its
+    /// workers (in its own `Slab`) so it can answer with a contact's handle,
+    /// and delete by it, without a round trip to the worker. The slot must
+    /// be vacant; the generation is taken as given. O(1) (slots skipped
+    /// below `slot` become vacant), never allocates.
+    ///
+    /// A slab is filled either by `insert` or by `insert_at`, never both:
+    /// a placed slab keeps no free list.
+    pub fn insert_at(&mut self, h: Handle, value: T) -> Result<(), PlaceError> {
+        debug_assert!(
+            self.placed || self.len == 0,
+            "insert_at on a slab filled by insert"
+        );
+        self.placed = true;
+        if h.slot >= self.capacity {
+            return Err(PlaceError::OutOfRange {
+                slot: h.slot,
+                capacity: self.capacity,
+            });
+        }
+        while self.entries.len() <= h.slot as usize {
+            // Within the capacity reserved by `with_capacity`.
+            self.entries.push(Entry::Vacant {
+                generation: 0,
+                next_free: NIL,
+            });
+        }
+        let entry = &mut self.entries[h.slot as usize];
+        if let Entry::Occupied { .. } = entry {
+            return Err(PlaceError::Occupied { slot: h.slot });
+        }
+        *entry = Entry::Occupied {
+            generation: h.generation,
+            value,
+        };
+        self.len += 1;
+        Ok(())
+    }
+
     /// Removes and returns the value `h` names, bumping the slot's generation
     /// so `h` (and every copy of it) is stale from now on. A stale or unknown
     /// handle returns `None` and changes nothing.
@@ -155,12 +209,14 @@ impl<T> Slab<T> {
         }
         let vacant = Entry::Vacant {
             generation: h.generation.wrapping_add(1),
-            next_free: self.free_head,
+            next_free: if self.placed { NIL } else { self.free_head },
         };
         let Entry::Occupied { value, .. } = std::mem::replace(entry, vacant) else {
             unreachable!("checked occupied above");
         };
-        self.free_head = h.slot;
+        if !self.placed {
+            self.free_head = h.slot;
+        }
         self.len -= 1;
         Some(value)
     }
@@ -234,9 +290,15 @@ impl<T> Slab<T> {
     /// Occupied slots in slot order (not a hot-path operation: snapshots,
     /// shutdown, control-socket listings).
     pub fn iter(&self) -> impl Iterator<Item = (Handle, &T)> {
+        self.iter_from(0)
+    }
+
+    /// Occupied slots from `first` on, in slot order (paged listings).
+    pub fn iter_from(&self, first: u32) -> impl Iterator<Item = (Handle, &T)> {
         self.entries
             .iter()
             .enumerate()
+            .skip(first as usize)
             .filter_map(|(slot, entry)| match entry {
                 Entry::Occupied { generation, value } => Some((
                     Handle {
@@ -262,6 +324,72 @@ impl<T> fmt::Debug for Slab<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placed_slots_take_the_given_handle_and_refuse_occupied_or_out_of_range() {
+        let mut s: Slab<u32> = Slab::with_capacity(8);
+        let h = Handle {
+            slot: 5,
+            generation: 7,
+        };
+        s.insert_at(h, 50).unwrap();
+        assert_eq!(s.get(h), Some(&50));
+        assert_eq!(s.len(), 1);
+        // Skipped slots are vacant, not occupied.
+        assert!(s.get_slot(0).is_none() && s.get_slot(4).is_none());
+        assert_eq!(s.insert_at(h, 51), Err(PlaceError::Occupied { slot: 5 }));
+        assert_eq!(
+            s.insert_at(
+                Handle {
+                    slot: 8,
+                    generation: 0
+                },
+                1
+            ),
+            Err(PlaceError::OutOfRange {
+                slot: 8,
+                capacity: 8
+            })
+        );
+        assert_eq!(s.remove(h), Some(50));
+        assert!(s.get(h).is_none(), "removed handle is stale");
+        // The placer chooses the next generation.
+        let h2 = Handle {
+            slot: 5,
+            generation: 8,
+        };
+        s.insert_at(h2, 52).unwrap();
+        assert!(s.get(h).is_none());
+        assert_eq!(s.get(h2), Some(&52));
+        assert_eq!(s.iter().count(), 1);
+    }
+
+    #[test]
+    fn a_placed_slab_mirrors_an_allocating_one() {
+        // The daemon allocates in its own slab and the worker places the
+        // same handles: after any sequence both hold the same slots.
+        let mut alloc: Slab<u32> = Slab::with_capacity(64);
+        let mut placed: Slab<u32> = Slab::with_capacity(64);
+        let mut live = Vec::new();
+        let mut x = 12345u64;
+        for i in 0..2000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if !x.is_multiple_of(3) || live.is_empty() {
+                if let Ok(h) = alloc.insert(i) {
+                    placed.insert_at(h, i).unwrap();
+                    live.push(h);
+                }
+            } else {
+                let h = live.swap_remove((x as usize / 3) % live.len());
+                assert_eq!(alloc.remove(h), placed.remove(h));
+            }
+        }
+        let a: Vec<_> = alloc.iter().map(|(h, v)| (h, *v)).collect();
+        let p: Vec<_> = placed.iter().map(|(h, v)| (h, *v)).collect();
+        assert_eq!(a, p);
+    }
 
     #[test]
     fn insert_get_remove_round_trip() {
