@@ -76,6 +76,29 @@ pub struct WorkerConfig {
     /// worker does not build them).
     pub events: bool,
     pub seed: u64,
+    /// Where to report contacts the worker dropped on its own (removed
+    /// after `remove_after` misses, or refused), when the daemon keeps a
+    /// registry of contacts (control socket on).
+    pub gone: Option<Sender<Gone>>,
+}
+
+/// Settings a running worker takes on SIGHUP (`Command::Reconfigure`).
+#[derive(Clone, Debug)]
+pub struct LiveConfig {
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub reply_timeout: Duration,
+    pub retries: u8,
+    pub policy: Policy,
+    pub rate_limit: u64,
+    pub events: bool,
+}
+
+/// A contact a worker dropped without being asked (the registry forgets it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gone {
+    pub worker: u8,
+    pub handle: Handle,
 }
 
 impl WorkerConfig {
@@ -105,10 +128,26 @@ pub struct NewContact {
     pub sock: u8,
     pub interval: Option<Duration>,
     pub key_hash: u64,
+    /// The slot and generation the daemon's registry chose (control socket
+    /// on); `None`: the worker picks one.
+    pub handle: Option<Handle>,
+    /// Liveness carried over a restart: state, misses, counters and RTT
+    /// figures are taken from it (the other fields are ignored).
+    pub history: Option<SlotRecord>,
 }
 
 pub enum Command {
     Add(Vec<NewContact>),
+    /// Operator removal (control socket): each contact stops being pinged
+    /// and, with `report`, is reported Removed (reason `removed`); without,
+    /// it is being replaced (an update that moves it). Stale handles are
+    /// ignored (the worker dropped the contact itself meanwhile).
+    Del {
+        handles: Vec<Handle>,
+        report: bool,
+    },
+    /// New live settings (SIGHUP).
+    Reconfigure(Box<LiveConfig>),
     /// Stop sending, wait for the replies in flight (up to their deadline),
     /// then return.
     Stop,
@@ -168,6 +207,9 @@ struct Contact {
     /// Sub-µs parts of SRTT and RTTVAR (see `Liveness::estimator_fractions`).
     srtt_frac: u8,
     rttvar_frac: u8,
+    /// The interval was set for this contact (else it follows the
+    /// configured default, also after a reload).
+    own_interval: bool,
 }
 
 impl Contact {
@@ -301,6 +343,26 @@ fn store_liveness(rec: &mut SlotRecord, l: &Liveness) {
     rec.last_reply_ms = l.last_reply_ms;
 }
 
+/// Copies the liveness of a contact's previous life (a restart) into its
+/// new slot record; the address, strings and generation stay the new ones.
+fn restore_history(rec: &mut SlotRecord, h: &SlotRecord) {
+    rec.state = match h.state {
+        2 | 3 => h.state,
+        _ => State::Unknown as u8,
+    };
+    rec.misses = h.misses;
+    rec.sent = h.sent;
+    rec.answered = h.answered;
+    rec.rtt_last_us = h.rtt_last_us;
+    rec.rtt_min_us = h.rtt_min_us;
+    rec.rtt_max_us = h.rtt_max_us;
+    rec.srtt_us = h.srtt_us;
+    rec.rttvar_us = h.rttvar_us;
+    rec.last_code = h.last_code;
+    rec.last_ping_ms = h.last_ping_ms;
+    rec.last_reply_ms = h.last_reply_ms;
+}
+
 fn addr_fields(addr: &SocketAddr) -> (u8, [u8; 16], u16) {
     match addr {
         SocketAddr::V4(a) => {
@@ -342,7 +404,7 @@ impl Core {
             "per-contact memory budget"
         );
         let now = self.now_tick();
-        for c in batch {
+        for mut c in batch {
             let interval_ms = c.interval.unwrap_or(self.cfg.interval).as_millis().max(1) as u32;
             // The text goes to the shm string region, once: readers resolve
             // it there and the worker renders each ping from it. A To equal
@@ -365,7 +427,7 @@ impl Core {
             };
             let (_, dest_ip, dest_port) = addr_fields(&c.dest);
             let contact = Contact {
-                route: c.route.map(String::into_boxed_str),
+                route: c.route.take().map(String::into_boxed_str),
                 dest_ip,
                 dest_port,
                 dest_v6: c.dest.is_ipv6(),
@@ -377,15 +439,31 @@ impl Core {
                 sock: c.sock,
                 srtt_frac: 0,
                 rttvar_frac: 0,
+                own_interval: c.interval.is_some(),
             };
-            // The daemon counts slots before sending, so a full slab here
-            // is a bookkeeping bug, not an operator error.
-            let handle = self
-                .slab
-                .insert(contact)
-                .expect("daemon sent more contacts than slots");
+            let handle = match c.handle {
+                Some(h) => match self.slab.insert_at(h, contact) {
+                    Ok(()) => h,
+                    Err(e) => {
+                        // The registry and this slab disagree: a bug, but
+                        // one contact's, not the daemon's: say it, drop it.
+                        self.shm.free_str(uri_ref);
+                        if to_ref != uri_ref {
+                            self.shm.free_str(to_ref);
+                        }
+                        self.refuse(&c, &format!("registry slot refused: {e}"));
+                        continue;
+                    }
+                },
+                // The daemon counts slots before sending, so a full slab
+                // here is a bookkeeping bug, not an operator error.
+                None => self
+                    .slab
+                    .insert(contact)
+                    .expect("daemon sent more contacts than slots"),
+            };
             let (family, addr, port) = addr_fields(&c.dest);
-            let rec = SlotRecord {
+            let mut rec = SlotRecord {
                 generation: handle.generation,
                 state: State::Unknown as u8,
                 family,
@@ -397,8 +475,11 @@ impl Core {
                 aor: to_ref,
                 ..SlotRecord::default()
             };
+            if let Some(h) = &c.history {
+                restore_history(&mut rec, h);
+            }
             self.shm.write_slot(handle.slot, &rec);
-            self.by_state[state_code(State::Unknown)] += 1;
+            self.by_state[rec.state as usize] += 1;
             // First ping at a random phase within the interval, so a bulk
             // load produces an even rate, not a burst (DESIGN §5).
             let phase = self.next_random() % interval_ms as u64;
@@ -411,6 +492,12 @@ impl Core {
     /// second, so a mass refusal cannot flood the log).
     fn refuse(&mut self, c: &NewContact, why: &str) {
         self.shm.add(Counter::SendErrors, 1);
+        if let (Some(gone), Some(handle)) = (&self.cfg.gone, c.handle) {
+            let _ = gone.send(Gone {
+                worker: self.cfg.id,
+                handle,
+            });
+        }
         let now = self.now_tick();
         if now >= self.refused_log_tick {
             self.refused_log_tick = now + 1000;
@@ -434,6 +521,69 @@ impl Core {
             self.shm.free_str(rec.aor);
         }
         self.shm.clear_slot(handle.slot);
+    }
+
+    /// A contact dropped on the worker's own decision (remove_after): the
+    /// daemon's registry, if any, is told.
+    fn drop_contact(&mut self, handle: Handle) {
+        self.remove(handle);
+        if let Some(gone) = &self.cfg.gone {
+            let _ = gone.send(Gone {
+                worker: self.cfg.id,
+                handle,
+            });
+        }
+    }
+
+    /// Operator removal: reported (if asked) as a transition to Removed
+    /// (reason `removed`), then forgotten. A stale handle is ignored.
+    fn delete(&mut self, handle: Handle, report: bool) {
+        if self.slab.get(handle).is_none() {
+            return;
+        }
+        let rec = self.shm.read_own_slot(handle.slot);
+        let l = liveness_of(&rec, (0, 0));
+        if report {
+            let t = Transition {
+                old: l.state,
+                new: State::Removed,
+                reason: Reason::Removed,
+            };
+            self.emit(handle, t, None, &l);
+        }
+        self.by_state[state_code(l.state)] -= 1;
+        self.set_state_gauges();
+        self.remove(handle);
+    }
+
+    /// Takes new live settings. Contacts that follow the default interval
+    /// move to the new one from their next ping.
+    fn reconfigure(&mut self, live: LiveConfig) {
+        let new_ms = live.interval.as_millis().max(1) as u32;
+        if live.interval != self.cfg.interval {
+            let slots: Vec<u32> = self
+                .slab
+                .iter()
+                .filter(|(_, c)| !c.own_interval)
+                .map(|(h, _)| h.slot)
+                .collect();
+            for slot in slots {
+                if let Some((_, c)) = self.slab.get_slot_mut(slot) {
+                    c.interval_ms = new_ms;
+                }
+                let mut rec = self.shm.read_own_slot(slot);
+                rec.interval_ms = new_ms;
+                self.shm.write_slot(slot, &rec);
+            }
+        }
+        self.bucket.rate = live.rate_limit;
+        self.cfg.interval = live.interval;
+        self.cfg.jitter = live.jitter;
+        self.cfg.reply_timeout = live.reply_timeout;
+        self.cfg.retries = live.retries;
+        self.cfg.policy = live.policy;
+        self.cfg.rate_limit = live.rate_limit;
+        self.cfg.events = live.events;
     }
 
     fn emit(&self, handle: Handle, t: Transition, rtt_us: Option<u32>, l: &Liveness) {
@@ -637,7 +787,7 @@ impl Core {
         }
         let state = self.update_liveness(handle, None, |l, p| l.on_miss(p));
         if state == State::Removed {
-            self.remove(handle);
+            self.drop_contact(handle);
             return Expiry::Done;
         }
         let next = self.next_ping_tick(anchor, interval_ms);
@@ -692,7 +842,7 @@ impl Core {
             l.on_reply(m.status, rtt_us, now_ms, p)
         });
         if state == State::Removed {
-            self.remove(handle);
+            self.drop_contact(handle);
             return;
         }
         let next = self.next_ping_tick(anchor, interval_ms);
@@ -826,6 +976,12 @@ impl<B: Backend> Worker<B> {
             loop {
                 match self.commands.try_recv() {
                     Ok(Command::Add(batch)) => self.core.add(batch),
+                    Ok(Command::Del { handles, report }) => {
+                        for h in handles {
+                            self.core.delete(h, report);
+                        }
+                    }
+                    Ok(Command::Reconfigure(live)) => self.core.reconfigure(*live),
                     Ok(Command::Stop) => self.begin_stop(&mut stop_deadline),
                     Err(TryRecvError::Empty) => break,
                     // The daemon is gone: stop as if asked.
