@@ -83,6 +83,12 @@ pub struct RawConfig {
     pub remove_after: Option<u16>,
     pub alive_codes: Option<String>,
     pub rate_limit: Option<u64>,
+
+    pub control: Option<PathBuf>,
+    pub control_max_connections: Option<u32>,
+    pub control_max_request: Option<u64>,
+    pub state_dir: Option<PathBuf>,
+    pub snapshot_interval: Option<DurationValue>,
 }
 
 macro_rules! overlay {
@@ -139,7 +145,12 @@ impl RawConfig {
             down_after,
             remove_after,
             alive_codes,
-            rate_limit
+            rate_limit,
+            control,
+            control_max_connections,
+            control_max_request,
+            state_dir,
+            snapshot_interval
         );
     }
 }
@@ -192,6 +203,11 @@ pub const SETTINGS: &[&str] = &[
     "remove_after",
     "alive_codes",
     "rate_limit",
+    "control",
+    "control_max_connections",
+    "control_max_request",
+    "state_dir",
+    "snapshot_interval",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +266,74 @@ pub struct Settings {
     pub alive_codes: AliveCodes,
     pub alive_codes_text: String,
     pub rate_limit: u64,
+    /// UNIX socket of the JSON-RPC control interface; `None` = no control.
+    pub control: Option<PathBuf>,
+    pub control_max_connections: u32,
+    pub control_max_request: usize,
+    /// Directory of the journal and snapshots; `None` = not durable.
+    pub state_dir: Option<PathBuf>,
+    pub snapshot_interval: Duration,
+}
+
+impl Settings {
+    /// Compares the settings a SIGHUP can change in a running daemon
+    /// (`LIVE_SETTINGS`) and names the others that differ (they need a
+    /// restart). Returns (changed live, needing restart).
+    pub fn diff(&self, new: &Settings) -> (Vec<&'static str>, Vec<&'static str>) {
+        let mut live = Vec::new();
+        let mut restart = Vec::new();
+        macro_rules! cmp {
+            ($list:ident, $($field:ident),*) => {
+                $( if self.$field != new.$field { $list.push(stringify!($field)); } )*
+            };
+        }
+        cmp!(
+            live,
+            interval,
+            jitter,
+            reply_timeout,
+            retries,
+            down_after,
+            remove_after
+        );
+        if self.alive_codes_text != new.alive_codes_text {
+            live.push("alive_codes");
+        }
+        cmp!(live, rate_limit, events);
+        cmp!(
+            restart,
+            instance,
+            workers,
+            max_contacts,
+            backend,
+            bind,
+            bind6,
+            steering,
+            advertise,
+            shm,
+            contacts,
+            contacts_format,
+            recv_buffer,
+            send_buffer,
+            pin_workers,
+            domain,
+            control,
+            control_max_connections,
+            control_max_request,
+            state_dir,
+            snapshot_interval
+        );
+        if self.template.method != new.template.method {
+            restart.push("method");
+        }
+        if self.template.from_uri != new.template.from_uri {
+            restart.push("from");
+        }
+        if self.template.extra_headers != new.template.extra_headers {
+            restart.push("extra_headers");
+        }
+        (live, restart)
+    }
 }
 
 /// Defaults, as documented in kaping.example.toml.
@@ -264,6 +348,9 @@ pub mod defaults {
     pub const SEND_BUFFER: u64 = 8 << 20;
     /// Workers are identified by 8 bits in the token.
     pub const WORKERS_MAX: u32 = 256;
+    pub const CONTROL_MAX_CONNECTIONS: u32 = 64;
+    pub const CONTROL_MAX_REQUEST: u64 = 16 << 20;
+    pub const SNAPSHOT_INTERVAL_S: u64 = 300;
 }
 
 /// The shared-memory path a given instance uses by default.
@@ -513,6 +600,35 @@ impl Settings {
         let alive_codes_text = raw.alive_codes.clone().unwrap_or_else(|| "any".into());
         let alive_codes = AliveCodes::parse(&alive_codes_text)
             .map_err(|e| ConfigError::invalid("alive_codes", e.to_string()))?;
+        let control_max_connections = raw
+            .control_max_connections
+            .unwrap_or(defaults::CONTROL_MAX_CONNECTIONS);
+        if !(1..=4096).contains(&control_max_connections) {
+            return Err(ConfigError::invalid(
+                "control_max_connections",
+                format!("{control_max_connections} is not within 1..=4096"),
+            ));
+        }
+        let control_max_request = raw
+            .control_max_request
+            .unwrap_or(defaults::CONTROL_MAX_REQUEST);
+        if !(1024..=1 << 30).contains(&control_max_request) {
+            return Err(ConfigError::invalid(
+                "control_max_request",
+                format!("{control_max_request} bytes is not within 1 KiB..1 GiB"),
+            ));
+        }
+        let control_max_request = control_max_request as usize;
+        let snapshot_interval = raw.snapshot_interval.as_ref().map_or(
+            Ok(Duration::from_secs(defaults::SNAPSHOT_INTERVAL_S)),
+            |v| v.parse("snapshot_interval"),
+        )?;
+        if snapshot_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "snapshot_interval",
+                format!("{snapshot_interval:?} is below the 1 s minimum"),
+            ));
+        }
         Ok(Settings {
             instance,
             workers,
@@ -541,6 +657,11 @@ impl Settings {
             alive_codes,
             alive_codes_text,
             rate_limit: raw.rate_limit.unwrap_or(0),
+            control: raw.control.clone().filter(|p| !p.as_os_str().is_empty()),
+            control_max_connections,
+            control_max_request,
+            state_dir: raw.state_dir.clone().filter(|p| !p.as_os_str().is_empty()),
+            snapshot_interval,
         })
     }
 }
@@ -618,6 +739,25 @@ mod tests {
         assert_eq!(s.shm, PathBuf::from("/dev/shm/kaping-default"));
         assert_eq!(s.events, EventsTo::Stdout);
         assert!(s.workers >= 1);
+    }
+
+    #[test]
+    fn control_settings_are_checked_and_reload_diff_sorts_live_from_restart() {
+        let s = settings("control = \"/tmp/k.sock\"\nstate_dir = \"/tmp/k\"").unwrap();
+        assert_eq!(s.control, Some(PathBuf::from("/tmp/k.sock")));
+        assert_eq!(s.control_max_connections, 64);
+        assert_eq!(s.snapshot_interval, Duration::from_secs(300));
+        assert!(err("control_max_connections = 0").contains("control_max_connections"));
+        assert!(err("control_max_request = 10").contains("control_max_request"));
+        assert!(err("snapshot_interval = \"10ms\"").contains("snapshot_interval"));
+        let new = settings(
+            "control = \"/tmp/k.sock\"\nstate_dir = \"/tmp/k\"\ninterval = 10\nrate_limit = 5\nworkers = 7\nmethod = \"NOTIFY\"",
+        )
+        .unwrap();
+        let (live, restart) = s.diff(&new);
+        assert_eq!(live, vec!["interval", "rate_limit"]);
+        assert_eq!(restart, vec!["workers", "method"]);
+        assert_eq!(s.diff(&s.clone()), (vec![], vec![]));
     }
 
     #[test]

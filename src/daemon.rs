@@ -10,6 +10,8 @@
 //! Errors that prevent starting (a port in use, a missing permission, an
 //! unreadable contacts file) come back as one clear line.
 
+mod control;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
@@ -22,19 +24,25 @@ use crossbeam::channel::{self, Receiver, Sender};
 use crossbeam::queue::ArrayQueue;
 use socket2::Socket;
 
-use crate::config::{BackendChoice, EventsTo, Settings, Steering};
+use crate::config::{BackendChoice, EventsTo, RawConfig, Settings, Steering};
 use crate::contact::{ContactSpec, Resolver};
+use crate::control::registry::{Entry, Registry, Source};
+use crate::control::server::{ControlServer, Request};
 use crate::engine::liveness::{Policy, Reason, State};
+use crate::engine::slab::Handle;
 use crate::engine::worker::{
-    Command, Event, NewContact, Peers, Worker, WorkerConfig, HANDOFF_QUEUE,
+    Command, Event, Gone, NewContact, Peers, Worker, WorkerConfig, HANDOFF_QUEUE,
 };
 use crate::io::mmsg::MmsgBackend;
 use crate::io::udp::{bind_udp, SocketOptions};
 use crate::io::uring::{self, UringBackend};
 use crate::io::waker::Waker;
 use crate::io::{signal, steer, TX_DATAGRAM_MAX};
+use crate::shm::layout::SlotRecord;
+use crate::shm::reader::ShmReader;
 use crate::shm::writer::{ShmConfig, ShmFile};
 use crate::sources::{self, LoadReport, Verdict};
+use crate::state::{ContactRecord, History, Op, SnapshotStats, StateError, Store};
 use crate::wire::template::{
     check_contact, request_uri, to_uri, ContactText, Template, TemplateConfig,
 };
@@ -70,9 +78,55 @@ struct WorkerHandle {
     commands: Sender<Command>,
     waker: Waker,
     thread: JoinHandle<io::Result<()>>,
-    /// Contacts sent to it so far (its slab holds `capacity`).
+    /// Contacts sent to it so far (its slab holds `capacity`), when the
+    /// worker allocates its own slots (no registry).
     count: u32,
     pending: Vec<NewContact>,
+    /// Deletions not yet sent. Adds and deletions are sent in the order
+    /// they were made (a switch of kind flushes the other).
+    pending_dels: Vec<Handle>,
+    pending_dels_report: bool,
+}
+
+/// What the control socket and the durable state need (all `None` /
+/// empty when neither `control` nor `state_dir` is set).
+#[derive(Default)]
+struct ControlPlane {
+    /// Every contact by key; also allocates the workers' slots.
+    registry: Option<Registry>,
+    store: Option<Store>,
+    server: Option<ControlServer>,
+    requests: Option<Receiver<Request>>,
+    gone: Option<Receiver<Gone>>,
+    /// Slots read back for get/list/stats/snapshots.
+    reader: Option<ShmReader>,
+    subscribers: Vec<Sender<std::sync::Arc<str>>>,
+    /// Journal ops made since the last commit (gone notices).
+    uncommitted: Vec<Op>,
+    /// Set when a journal commit failed: changes are refused from then on.
+    journal_failed: Option<String>,
+    snapshot_running: Option<JoinHandle<Result<SnapshotStats, StateError>>>,
+    last_snapshot: Option<Instant>,
+    stats: ControlStats,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+struct ControlStats {
+    requests: u64,
+    adds: u64,
+    updates: u64,
+    dels: u64,
+    commits: u64,
+    journal_records: u64,
+    subscribers_dropped: u64,
+    snapshots: u64,
+}
+
+/// Where the running configuration came from, to read it again on SIGHUP.
+pub struct ReloadSource {
+    pub config: Option<std::path::PathBuf>,
+    /// Command-line flags (they keep overriding the file).
+    pub overrides: RawConfig,
 }
 
 /// A running daemon: workers started, contacts loaded. [`Daemon::wait`]
@@ -90,6 +144,9 @@ pub struct Daemon {
     seen: HashSet<u64>,
     resolver: Resolver,
     pub backend: &'static str,
+    ctl: ControlPlane,
+    reload: Option<ReloadSource>,
+    started: Instant,
 }
 
 fn key_hash(uri: &str, dest: &SocketAddr) -> u64 {
@@ -245,6 +302,13 @@ impl Daemon {
             remove_after: settings.remove_after,
             alive: settings.alive_codes,
         };
+        let with_registry = settings.control.is_some() || settings.state_dir.is_some();
+        let (gone_tx, gone_rx) = if with_registry {
+            let (tx, rx) = channel::unbounded();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let backend_name = match settings.backend {
             BackendChoice::Mmsg => "mmsg",
             BackendChoice::Uring => {
@@ -281,7 +345,8 @@ impl Daemon {
                 retries: settings.retries,
                 policy,
                 rate_limit: rate_share,
-                events: settings.events != EventsTo::None,
+                events: events_wanted(&settings),
+                gone: gone_tx.clone(),
                 seed: key_hash(
                     &settings.instance,
                     &SocketAddr::from(([0, 0, 0, 0], w as u16)),
@@ -327,21 +392,14 @@ impl Daemon {
                 thread,
                 count: 0,
                 pending: Vec::with_capacity(ADD_BATCH),
+                pending_dels: Vec::new(),
+                pending_dels_report: true,
             });
         }
         drop(events_tx);
+        drop(gone_tx);
 
-        let events_out: Option<Box<dyn Write + Send>> = match &settings.events {
-            EventsTo::None => None,
-            EventsTo::Stdout => Some(Box::new(BufWriter::new(io::stdout()))),
-            EventsTo::File(p) => Some(Box::new(BufWriter::new(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| err(format!("cannot open events file {}: {e}", p.display())))?,
-            ))),
-        };
+        let events_out = open_events(&settings.events)?;
         eprintln!(
             "kaping: instance '{}', {n} workers, backend {backend_name}, {} steering, {} slots per worker, shm {}",
             settings.instance,
@@ -350,6 +408,19 @@ impl Daemon {
             settings.shm.display()
         );
         shm.heartbeat();
+        let mut ctl = ControlPlane {
+            gone: gone_rx,
+            ..ControlPlane::default()
+        };
+        if with_registry {
+            ctl.registry = Some(Registry::new(n, per_worker));
+            ctl.reader = Some(ShmReader::open(&settings.shm).map_err(|e| {
+                err(format!(
+                    "cannot read back shared memory {}: {e}",
+                    settings.shm.display()
+                ))
+            })?);
+        }
         Ok(Daemon {
             settings,
             shm,
@@ -362,46 +433,123 @@ impl Daemon {
             seen: HashSet::new(),
             resolver: Resolver::default(),
             backend: backend_name,
+            ctl,
+            reload: None,
+            started: Instant::now(),
         })
+    }
+
+    /// Where to read the configuration again on SIGHUP.
+    pub fn set_reload_source(&mut self, source: ReloadSource) {
+        self.reload = Some(source);
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
 
-    /// Validates one contact and queues it for its worker.
+    /// Validates one contact (from the contacts file) and queues it for
+    /// its worker.
     pub fn add(&mut self, spec: &ContactSpec) -> Verdict {
-        let dest = match spec.destination(&mut self.resolver) {
-            Ok(d) => d,
-            Err(e) => return Verdict::Skip(e.to_string()),
+        if let Some(reg) = &self.ctl.registry {
+            if reg.find(spec.aor.as_deref(), &spec.uri).is_some() {
+                return Verdict::Skip(format!(
+                    "duplicate of an earlier contact ({}{})",
+                    spec.uri,
+                    spec.aor
+                        .as_deref()
+                        .map(|a| format!(" of {a}"))
+                        .unwrap_or_default()
+                ));
+            }
+            return match self.place(spec, record_of(spec), Source::File, None) {
+                Ok(_) => Verdict::Loaded,
+                Err(Refusal::Bad(m)) => Verdict::Skip(m),
+                Err(Refusal::Full(m)) => Verdict::Stop(m),
+            };
+        }
+        let p = match self.prepare(spec) {
+            Ok(p) => p,
+            Err(m) => return Verdict::Skip(m),
         };
+        let hash = p.contact.key_hash;
+        if !self.seen.insert(hash) {
+            return Verdict::Skip(format!(
+                "duplicate of an earlier contact ({} to {})",
+                spec.uri, p.contact.dest
+            ));
+        }
+        if self.workers[p.worker].count >= self.capacity {
+            self.seen.remove(&hash);
+            // Fatal: the slab was sized at start; the operator must choose.
+            return Verdict::Stop(self.full_message(p.worker));
+        }
+        self.workers[p.worker].count += 1;
+        self.queue_add(p.worker, p.contact);
+        Verdict::Loaded
+    }
+
+    fn full_message(&self, w: usize) -> String {
+        format!(
+            "contact slab full: worker {w} holds its {} contacts (max_contacts {} over {} workers); \
+             raise max_contacts",
+            self.capacity, self.settings.max_contacts, self.settings.workers
+        )
+    }
+
+    /// Registers a contact whose key is not present and queues it for its
+    /// worker in the slot the registry chose.
+    fn place(
+        &mut self,
+        spec: &ContactSpec,
+        rec: ContactRecord,
+        source: Source,
+        history: Option<SlotRecord>,
+    ) -> Result<crate::control::registry::Loc, Refusal> {
+        let mut p = self.prepare(spec).map_err(Refusal::Bad)?;
+        let reg = self
+            .ctl
+            .registry
+            .as_mut()
+            .expect("place needs the registry");
+        let entry = Entry {
+            rec,
+            source,
+            dest: p.contact.dest,
+        };
+        let Ok(loc) = reg.insert(p.worker as u8, entry) else {
+            return Err(Refusal::Full(self.full_message(p.worker)));
+        };
+        p.contact.handle = Some(loc.handle);
+        p.contact.history = history;
+        self.queue_add(p.worker, p.contact);
+        Ok(loc)
+    }
+
+    /// Checks a contact and builds what its worker needs; the error is the
+    /// reason, for the operator.
+    fn prepare(&mut self, spec: &ContactSpec) -> Result<Prepared, String> {
+        let dest = spec
+            .destination(&mut self.resolver)
+            .map_err(|e| e.to_string())?;
         let Some(sock) = self.family_sock[dest.is_ipv6() as usize] else {
             let (fam, setting) = if dest.is_ipv6() {
                 ("IPv6", "bind6")
             } else {
                 ("IPv4", "bind")
             };
-            return Verdict::Skip(format!(
+            return Err(format!(
                 "{fam} destination {dest} but no {fam} socket (set {setting})"
             ));
         };
-        let hash = key_hash(&spec.uri, &dest);
-        if !self.seen.insert(hash) {
-            return Verdict::Skip(format!(
-                "duplicate of an earlier contact ({} to {dest})",
-                spec.uri
-            ));
-        }
         // To header: the AoR (domain added to a user-only one, Kamailio
         // ka_domain), else the contact URI without parameters.
         let to = match &spec.aor {
-            Some(aor) => match to_uri(aor, self.settings.domain.as_deref()) {
-                Ok(t) => t,
-                Err(e) => return Verdict::Skip(format!("AoR '{aor}': {e}")),
-            },
+            Some(aor) => to_uri(aor, self.settings.domain.as_deref())
+                .map_err(|e| format!("AoR '{aor}': {e}"))?,
             None => match SipUri::parse(&spec.uri) {
                 Ok(u) => strip_params(&spec.uri, &u),
-                Err(e) => return Verdict::Skip(format!("contact URI: {e}")),
+                Err(e) => return Err(format!("contact URI: {e}")),
             },
         };
         let uri = request_uri(&spec.uri).to_string();
@@ -410,50 +558,63 @@ impl Daemon {
             to: &to,
             route: spec.path.as_deref(),
         };
-        if let Err(e) = check_contact(&text) {
-            return Verdict::Skip(e.to_string());
-        }
+        check_contact(&text).map_err(|e| e.to_string())?;
         let len = self.template_check[sock as usize].rendered_len(&text);
         // Port digits differ between workers: keep a margin of 5 bytes × 2.
         if len + 10 > TX_DATAGRAM_MAX
             || uri.len() > u16::MAX as usize
             || to.len() > u16::MAX as usize
         {
-            return Verdict::Skip(format!(
+            return Err(format!(
                 "request would be {len} bytes, over the {TX_DATAGRAM_MAX}-byte UDP limit"
             ));
         }
-        let w = steer::shard_of(&dest, self.settings.workers) as usize;
-        let worker = &mut self.workers[w];
-        if worker.count >= self.capacity {
-            self.seen.remove(&hash);
-            // Fatal: the slab was sized at start; the operator must choose.
-            return Verdict::Stop(format!(
-                "contact slab full: worker {w} holds its {} contacts (max_contacts {} over {} workers); \
-                 raise max_contacts",
-                self.capacity, self.settings.max_contacts, self.settings.workers
-            ));
-        }
-        worker.count += 1;
+        let worker = steer::shard_of(&dest, self.settings.workers) as usize;
+        let key_hash = key_hash(&spec.uri, &dest);
         let to = (to != uri).then_some(to);
-        worker.pending.push(NewContact {
-            uri,
-            to,
-            route: spec.path.clone(),
-            dest,
-            sock,
-            interval: spec.interval,
-            key_hash: hash,
-        });
+        Ok(Prepared {
+            worker,
+            contact: NewContact {
+                uri,
+                to,
+                route: spec.path.clone(),
+                dest,
+                sock,
+                interval: spec.interval,
+                key_hash,
+                handle: None,
+                history: None,
+            },
+        })
+    }
+
+    fn queue_add(&mut self, w: usize, contact: NewContact) {
+        let worker = &mut self.workers[w];
+        Self::send_dels(worker);
+        worker.pending.push(contact);
         if worker.pending.len() >= ADD_BATCH {
             Self::send_pending(worker);
         }
-        Verdict::Loaded
+    }
+
+    /// Queues the removal of a contact from its worker (after any add
+    /// queued before it). `report`: emit a Removed event.
+    fn queue_del(&mut self, w: usize, handle: Handle, report: bool) {
+        let worker = &mut self.workers[w];
+        Self::send_pending(worker);
+        if worker.pending_dels_report != report {
+            Self::send_dels(worker);
+            worker.pending_dels_report = report;
+        }
+        worker.pending_dels.push(handle);
+        if worker.pending_dels.len() >= ADD_BATCH {
+            Self::send_dels(worker);
+        }
     }
 
     fn send_pending(worker: &mut WorkerHandle) {
         if !worker.pending.is_empty() {
-            let batch = std::mem::replace(&mut worker.pending, Vec::with_capacity(ADD_BATCH));
+            let batch = std::mem::take(&mut worker.pending);
             // Wake first: if the queue is full, the worker must be awake to
             // drain it while we wait.
             worker.waker.wake();
@@ -462,10 +623,23 @@ impl Daemon {
         }
     }
 
-    /// Sends every queued contact to its worker.
+    fn send_dels(worker: &mut WorkerHandle) {
+        if !worker.pending_dels.is_empty() {
+            let handles = std::mem::take(&mut worker.pending_dels);
+            worker.waker.wake();
+            let _ = worker.commands.send(Command::Del {
+                handles,
+                report: worker.pending_dels_report,
+            });
+            worker.waker.wake();
+        }
+    }
+
+    /// Sends every queued change to its worker.
     pub fn flush_adds(&mut self) {
         for w in &mut self.workers {
             Self::send_pending(w);
+            Self::send_dels(w);
         }
     }
 
@@ -508,13 +682,18 @@ impl Daemon {
         Ok(Some(report))
     }
 
-    /// Writes pending events; returns how many.
+    /// Writes pending events (to the events output and to control-socket
+    /// subscribers); returns how many.
     pub fn drain_events(&mut self) -> usize {
         let mut n = 0;
         while let Ok(e) = self.events_rx.try_recv() {
             n += 1;
+            let line: std::sync::Arc<str> = event_json(&e).into();
             if let Some(out) = &mut self.events_out {
-                let _ = writeln!(out, "{}", event_json(&e));
+                let _ = writeln!(out, "{line}");
+            }
+            if !self.ctl.subscribers.is_empty() {
+                self.publish(&line);
             }
         }
         if n > 0 {
@@ -549,9 +728,7 @@ impl Daemon {
                 break Ok(());
             }
             if signal::take_reload() {
-                eprintln!(
-                    "kaping: SIGHUP: live reload is not supported yet; restart to apply changes"
-                );
+                self.reload();
             }
             if let Err(e) = self.check_workers() {
                 break Err(e);
@@ -561,8 +738,10 @@ impl Daemon {
                 self.shm.heartbeat();
                 tick();
                 last_beat = Instant::now();
+                self.maybe_snapshot();
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Serves control requests as they come; otherwise sleeps.
+            self.serve_control(Duration::from_millis(20));
         };
         self.stop()?;
         result
@@ -571,6 +750,11 @@ impl Daemon {
     /// Stops workers (they drain in-flight replies up to reply_timeout),
     /// flushes events and marks the shm file stopped.
     pub fn stop(mut self) -> Result<(), DaemonError> {
+        // No new changes from here on.
+        if let Some(server) = self.ctl.server.take() {
+            server.stop();
+        }
+        self.flush_adds();
         for w in &self.workers {
             let _ = w.commands.send(Command::Stop);
             w.waker.wake();
@@ -584,6 +768,7 @@ impl Daemon {
             }
         }
         self.drain_events();
+        self.final_snapshot();
         self.shm.heartbeat();
         self.shm.mark_stopped();
         failure.map_or(Ok(()), Err)
@@ -591,6 +776,114 @@ impl Daemon {
 
     pub fn shm(&self) -> &ShmFile {
         &self.shm
+    }
+}
+
+/// The events output a setting names (`None`: nobody reads them).
+fn open_events(to: &EventsTo) -> Result<Option<Box<dyn Write + Send>>, DaemonError> {
+    Ok(match to {
+        EventsTo::None => None,
+        EventsTo::Stdout => Some(Box::new(BufWriter::new(io::stdout()))),
+        EventsTo::File(p) => Some(Box::new(BufWriter::new(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| err(format!("cannot open events file {}: {e}", p.display())))?,
+        ))),
+    })
+}
+
+/// A contact checked and ready for its worker.
+struct Prepared {
+    worker: usize,
+    contact: NewContact,
+}
+
+/// Why a contact was not registered.
+enum Refusal {
+    /// The contact itself is wrong (URI, destination, size).
+    Bad(String),
+    /// Its worker's slab is full.
+    Full(String),
+}
+
+/// The durable record of a contact read from a file.
+fn record_of(spec: &ContactSpec) -> ContactRecord {
+    ContactRecord {
+        uri: spec.uri.clone(),
+        aor: spec.aor.clone(),
+        received: spec
+            .received
+            .clone()
+            .or_else(|| spec.send_to.map(|d| format!("sip:{d}"))),
+        path: spec.path.clone(),
+        interval_ms: spec
+            .interval
+            .map(|d| d.as_millis().min(u32::MAX as u128) as u32),
+        owner: None,
+    }
+}
+
+/// The contact a durable record describes. A `received` given as a bare
+/// `IP:port` is read as the SIP URI `sip:IP:port`.
+fn spec_of(rec: &ContactRecord) -> ContactSpec {
+    ContactSpec {
+        uri: rec.uri.clone(),
+        aor: rec.aor.clone(),
+        received: rec.received.as_ref().map(|r| {
+            if r.starts_with("sip:") || r.starts_with("sips:") {
+                r.clone()
+            } else {
+                format!("sip:{r}")
+            }
+        }),
+        path: rec.path.clone(),
+        interval: rec.interval_ms.map(|ms| Duration::from_millis(ms as u64)),
+        ..ContactSpec::default()
+    }
+}
+
+/// Whether workers build state-change events: someone reads them (the
+/// events output, or control-socket subscribers).
+fn events_wanted(settings: &Settings) -> bool {
+    settings.events != EventsTo::None || settings.control.is_some()
+}
+
+/// The liveness part of a slot, for snapshots.
+fn history_of(rec: &SlotRecord) -> History {
+    History {
+        state: rec.state,
+        misses: rec.misses,
+        sent: rec.sent,
+        answered: rec.answered,
+        rtt_last_us: rec.rtt_last_us,
+        rtt_min_us: rec.rtt_min_us,
+        rtt_max_us: rec.rtt_max_us,
+        srtt_us: rec.srtt_us,
+        rttvar_us: rec.rttvar_us,
+        last_code: rec.last_code,
+        last_ping_ms: rec.last_ping_ms,
+        last_reply_ms: rec.last_reply_ms,
+    }
+}
+
+/// A restored history as the slot fields the worker copies.
+fn slot_of(h: &History) -> SlotRecord {
+    SlotRecord {
+        state: h.state,
+        misses: h.misses,
+        sent: h.sent,
+        answered: h.answered,
+        rtt_last_us: h.rtt_last_us,
+        rtt_min_us: h.rtt_min_us,
+        rtt_max_us: h.rtt_max_us,
+        srtt_us: h.srtt_us,
+        rttvar_us: h.rttvar_us,
+        last_code: h.last_code,
+        last_ping_ms: h.last_ping_ms,
+        last_reply_ms: h.last_reply_ms,
+        ..SlotRecord::default()
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use kaping::config::{DurationValue, RawConfig, Settings};
-use kaping::daemon::Daemon;
+use kaping::daemon::{Daemon, ReloadSource};
 use kaping::io::signal;
 
 #[derive(Parser)]
@@ -95,6 +95,18 @@ pub struct RunArgs {
     send_buffer: Option<u64>,
     #[arg(long)]
     pin_workers: Option<bool>,
+    /// UNIX socket path of the JSON-RPC control interface (`kaping ctl`).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    #[arg(long)]
+    control_max_connections: Option<u32>,
+    #[arg(long)]
+    control_max_request: Option<u64>,
+    /// Directory of the journal and snapshots of contacts added at runtime.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    snapshot_interval: Option<DurationValue>,
     /// Stop by itself after this long (for tests and benchmarks).
     #[arg(long)]
     run_for: Option<DurationValue>,
@@ -130,6 +142,11 @@ impl RunArgs {
             remove_after: self.remove_after,
             alive_codes: self.alive_codes.clone(),
             rate_limit: self.rate_limit,
+            control: self.control.clone(),
+            control_max_connections: self.control_max_connections,
+            control_max_request: self.control_max_request,
+            state_dir: self.state_dir.clone(),
+            snapshot_interval: self.snapshot_interval.clone(),
         }
     }
 }
@@ -158,7 +175,15 @@ fn run(args: RunArgs) -> Result<(), String> {
     }
     signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut daemon = Daemon::start(settings).map_err(|e| e.to_string())?;
-    if let Err(e) = daemon.load_contacts() {
+    daemon.set_reload_source(ReloadSource {
+        config: args.config.clone(),
+        overrides: args.overrides(),
+    });
+    let ready = daemon
+        .restore_state()
+        .and_then(|()| daemon.load_contacts().map(drop))
+        .and_then(|()| daemon.start_control());
+    if let Err(e) = ready {
         // Stop the workers and mark the shm file stopped before failing.
         let _ = daemon.stop();
         return Err(e.to_string());

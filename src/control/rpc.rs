@@ -1,0 +1,547 @@
+//! JSON-RPC 2.0 (<https://www.jsonrpc.org/specification>) as the control
+//! socket speaks it: framing of a byte stream into JSON values, requests
+//! and batches, responses and the error codes of kaping's methods.
+//!
+//! Framing: a client writes JSON values (a request object or a batch
+//! array), usually one per line; values may also follow each other with no
+//! separator, or span lines (pretty-printed). [`Framer`] finds where each
+//! top-level value ends with a linear scan that survives being fed a value
+//! in pieces (it remembers depth, string and escape state), so a 16 MiB
+//! batch arriving in 64 KiB reads costs one pass, not one parse per read.
+//! A value longer than the configured bound is refused before it is held.
+//!
+//! This is the control path: it allocates per request, never per packet.
+
+use serde_json::{json, Map, Value};
+
+/// JSON-RPC 2.0 predefined codes.
+pub const PARSE_ERROR: i32 = -32700;
+pub const INVALID_REQUEST: i32 = -32600;
+pub const METHOD_NOT_FOUND: i32 = -32601;
+pub const INVALID_PARAMS: i32 = -32602;
+pub const INTERNAL_ERROR: i32 = -32603;
+/// kaping's codes (the -32000..-32099 "server error" range).
+pub const BAD_CONTACT: i32 = -32001;
+pub const NOT_FOUND: i32 = -32002;
+pub const SLAB_FULL: i32 = -32003;
+pub const TOO_LARGE: i32 = -32004;
+pub const TOO_MANY_CONNECTIONS: i32 = -32005;
+pub const NOT_DURABLE: i32 = -32006;
+
+/// An error answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RpcError {
+    pub code: i32,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    pub fn new(code: i32, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    pub fn invalid_params(message: impl Into<String>) -> RpcError {
+        RpcError::new(INVALID_PARAMS, message)
+    }
+
+    fn to_value(&self) -> Value {
+        let mut e = json!({ "code": self.code, "message": self.message });
+        if let Some(d) = &self.data {
+            e["data"] = d.clone();
+        }
+        e
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (code {})", self.message, self.code)
+    }
+}
+
+/// One request of a message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    /// `None` for a notification (no "id" member): it gets no response.
+    pub id: Option<Value>,
+    pub method: String,
+    /// `Null` when absent, else an object or an array.
+    pub params: Value,
+}
+
+/// A message: one request, or a batch. Entries that are not valid requests
+/// are kept in place as their error, so responses keep the batch's order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    Single(Result<Call, RpcError>),
+    Batch(Vec<Result<Call, RpcError>>),
+}
+
+/// Reads one request object.
+fn call_of(v: Value) -> Result<Call, RpcError> {
+    let Value::Object(mut o) = v else {
+        return Err(RpcError::new(
+            INVALID_REQUEST,
+            "a request must be a JSON object",
+        ));
+    };
+    if o.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(RpcError::new(
+            INVALID_REQUEST,
+            "missing \"jsonrpc\": \"2.0\"",
+        ));
+    }
+    let id = match o.remove("id") {
+        None => None,
+        Some(id @ (Value::Null | Value::Number(_) | Value::String(_))) => Some(id),
+        Some(_) => {
+            return Err(RpcError::new(
+                INVALID_REQUEST,
+                "\"id\" must be a string, a number or null",
+            ))
+        }
+    };
+    let method = match o.remove("method") {
+        Some(Value::String(m)) => m,
+        _ => {
+            return Err(RpcError::new(
+                INVALID_REQUEST,
+                "\"method\" must be a string",
+            ))
+        }
+    };
+    let params = match o.remove("params") {
+        None => Value::Null,
+        Some(p @ (Value::Object(_) | Value::Array(_))) => p,
+        Some(_) => {
+            return Err(RpcError::new(
+                INVALID_REQUEST,
+                "\"params\" must be an object or an array",
+            ))
+        }
+    };
+    Ok(Call { id, method, params })
+}
+
+/// Interprets one framed JSON text. A syntax error is `Err` (the caller
+/// answers `PARSE_ERROR` and closes: the stream cannot be resynchronized).
+pub fn parse_message(text: &[u8]) -> Result<Message, RpcError> {
+    let v: Value = serde_json::from_slice(text)
+        .map_err(|e| RpcError::new(PARSE_ERROR, format!("invalid JSON: {e}")))?;
+    Ok(match v {
+        Value::Array(items) if items.is_empty() => {
+            Message::Single(Err(RpcError::new(INVALID_REQUEST, "empty batch")))
+        }
+        Value::Array(items) => Message::Batch(items.into_iter().map(call_of).collect()),
+        other => Message::Single(call_of(other)),
+    })
+}
+
+/// A success response (one line of JSON, no newline).
+pub fn response(id: &Value, result: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+/// An error response; `id` is `Null` when the request's id is unknown.
+pub fn error_response(id: &Value, e: &RpcError) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": e.to_value() })
+}
+
+/// A notification from server to client (subscriptions).
+pub fn notification(method: &str, params: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "method": method, "params": params })
+}
+
+/// Named parameters of a call, whether given as an object or by position
+/// (`order` names the positions). Unknown names are refused, so a typo is
+/// an error, not a silently ignored setting.
+pub struct Params {
+    map: Map<String, Value>,
+    method: &'static str,
+}
+
+impl Params {
+    pub fn new(params: Value, method: &'static str, order: &[&str]) -> Result<Params, RpcError> {
+        let map = match params {
+            Value::Null => Map::new(),
+            Value::Object(m) => {
+                if let Some(k) = m.keys().find(|k| !order.contains(&k.as_str())) {
+                    return Err(RpcError::invalid_params(format!(
+                        "{method}: unknown parameter \"{k}\" (expected {})",
+                        if order.is_empty() {
+                            "none".to_string()
+                        } else {
+                            order.join(", ")
+                        }
+                    )));
+                }
+                m
+            }
+            Value::Array(items) => {
+                if items.len() > order.len() {
+                    return Err(RpcError::invalid_params(format!(
+                        "{method}: {} positional parameters, at most {} ({})",
+                        items.len(),
+                        order.len(),
+                        order.join(", ")
+                    )));
+                }
+                order
+                    .iter()
+                    .zip(items)
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect()
+            }
+            _ => {
+                return Err(RpcError::invalid_params(
+                    "params must be an object or an array",
+                ))
+            }
+        };
+        Ok(Params { map, method })
+    }
+
+    /// An optional string parameter (null = absent). Newlines are refused:
+    /// they cannot appear in SIP header values and would break the key.
+    pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, RpcError> {
+        match self.map.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => {
+                let s = s.trim();
+                if s.contains(['\r', '\n', '\0']) {
+                    return Err(RpcError::invalid_params(format!(
+                        "{}: \"{name}\" contains a line break or NUL",
+                        self.method
+                    )));
+                }
+                Ok((!s.is_empty()).then(|| s.to_string()))
+            }
+            Some(other) => Err(RpcError::invalid_params(format!(
+                "{}: \"{name}\" must be a string, not {other}",
+                self.method
+            ))),
+        }
+    }
+
+    pub fn req_str(&mut self, name: &str) -> Result<String, RpcError> {
+        self.opt_str(name)?.ok_or_else(|| {
+            RpcError::invalid_params(format!("{}: \"{name}\" is required", self.method))
+        })
+    }
+
+    /// An optional non-negative integer parameter.
+    pub fn opt_u64(&mut self, name: &str) -> Result<Option<u64>, RpcError> {
+        match self.map.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                RpcError::invalid_params(format!(
+                    "{}: \"{name}\" must be a non-negative integer, not {v}",
+                    self.method
+                ))
+            }),
+        }
+    }
+
+    /// An optional duration: seconds as a number, or text ("30s", "500ms").
+    pub fn opt_duration(&mut self, name: &str) -> Result<Option<std::time::Duration>, RpcError> {
+        let bad =
+            |why: String| RpcError::invalid_params(format!("{}: \"{name}\": {why}", self.method));
+        match self.map.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => {
+                    Ok(Some(std::time::Duration::from_secs_f64(s)))
+                }
+                _ => Err(bad(format!("{n} is not a positive number of seconds"))),
+            },
+            Some(Value::String(s)) => crate::duration::parse_duration(&s)
+                .map(Some)
+                .map_err(|e| bad(e.to_string())),
+            Some(other) => Err(bad(format!(
+                "must be seconds or a duration text, not {other}"
+            ))),
+        }
+    }
+}
+
+/// Splits a byte stream into top-level JSON texts, incrementally.
+pub struct Framer {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already scanned.
+    scanned: usize,
+    /// Start of the value being scanned (after leading whitespace).
+    start: Option<usize>,
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    max: usize,
+}
+
+/// What [`Framer::next_frame`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete value: `buf[range]`.
+    Value(std::ops::Range<usize>),
+    /// Need more bytes.
+    Incomplete,
+    /// The value being received is longer than the bound.
+    TooLarge,
+    /// Not a JSON object or array at the top level.
+    NotStructured,
+}
+
+impl Framer {
+    pub fn new(max: usize) -> Framer {
+        Framer {
+            buf: Vec::new(),
+            scanned: 0,
+            start: None,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            max,
+        }
+    }
+
+    /// The bound on one value's size.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes received but not yet returned as a value.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    pub fn bytes(&self, r: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+
+    /// Drops the bytes of values already returned. Call after handling
+    /// the values of one read.
+    pub fn compact(&mut self) {
+        let keep_from = self.start.unwrap_or(self.scanned);
+        if keep_from > 0 {
+            self.buf.drain(..keep_from);
+            self.scanned -= keep_from;
+            if let Some(s) = &mut self.start {
+                *s -= keep_from;
+            }
+        }
+    }
+
+    /// Finds the next complete value.
+    pub fn next_frame(&mut self) -> Frame {
+        let mut i = self.scanned;
+        while i < self.buf.len() {
+            let b = self.buf[i];
+            i += 1;
+            let Some(start) = self.start else {
+                match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => continue,
+                    b'{' | b'[' => {
+                        self.start = Some(i - 1);
+                        self.depth = 1;
+                        continue;
+                    }
+                    _ => {
+                        self.scanned = i;
+                        return Frame::NotStructured;
+                    }
+                }
+            };
+            // Checked on every byte, strings included, so a value is
+            // refused while it arrives, before it is held whole.
+            if i - start > self.max {
+                self.scanned = i;
+                return Frame::TooLarge;
+            }
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        self.start = None;
+                        self.scanned = i;
+                        return Frame::Value(start..i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.scanned = i;
+        match self.start {
+            Some(start) if self.buf.len() - start > self.max => Frame::TooLarge,
+            _ => Frame::Incomplete,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(chunks: &[&[u8]], max: usize) -> Vec<Result<String, Frame>> {
+        let mut f = Framer::new(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push(c);
+            loop {
+                match f.next_frame() {
+                    Frame::Value(r) => {
+                        out.push(Ok(String::from_utf8(f.bytes(r).to_vec()).unwrap()))
+                    }
+                    Frame::Incomplete => break,
+                    other => {
+                        out.push(Err(other));
+                        return out;
+                    }
+                }
+            }
+            f.compact();
+        }
+        out
+    }
+
+    #[test]
+    fn values_are_found_whole_whatever_the_chunking() {
+        let text = br#" {"a":"x}]\"{","b":[1,{"c":2}]}
+[{"jsonrpc":"2.0"}]{"z":1}
+"#;
+        let want = vec![
+            Ok(r#"{"a":"x}]\"{","b":[1,{"c":2}]}"#.to_string()),
+            Ok(r#"[{"jsonrpc":"2.0"}]"#.to_string()),
+            Ok(r#"{"z":1}"#.to_string()),
+        ];
+        assert_eq!(frames(&[text], 1 << 20), want);
+        // Every split point, and byte by byte.
+        for cut in 0..text.len() {
+            assert_eq!(
+                frames(&[&text[..cut], &text[cut..]], 1 << 20),
+                want,
+                "cut {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(frames(&bytes, 1 << 20), want);
+    }
+
+    #[test]
+    fn oversized_and_scalar_values_are_refused() {
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(100));
+        assert_eq!(frames(&[big.as_bytes()], 50), vec![Err(Frame::TooLarge)]);
+        // Refused while still arriving, before the whole value is held.
+        assert_eq!(
+            frames(&[&big.as_bytes()[..60]], 50),
+            vec![Err(Frame::TooLarge)]
+        );
+        assert_eq!(frames(&[b"  42\n"], 50), vec![Err(Frame::NotStructured)]);
+    }
+
+    #[test]
+    fn compact_keeps_a_partial_value() {
+        let mut f = Framer::new(1 << 10);
+        f.push(br#"{"a":1}{"b":"#);
+        assert_eq!(f.next_frame(), Frame::Value(0..7));
+        assert_eq!(f.next_frame(), Frame::Incomplete);
+        f.compact();
+        assert_eq!(f.buffered(), 5);
+        f.push(b"2}");
+        let Frame::Value(r) = f.next_frame() else {
+            panic!()
+        };
+        assert_eq!(f.bytes(r), br#"{"b":2}"#);
+    }
+
+    #[test]
+    fn requests_batches_and_invalid_entries() {
+        let m = parse_message(
+            br#"{"jsonrpc":"2.0","id":7,"method":"keepalive.add","params":["sip:a@1.2.3.4"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Message::Single(Ok(Call {
+                id: Some(json!(7)),
+                method: "keepalive.add".into(),
+                params: json!(["sip:a@1.2.3.4"]),
+            }))
+        );
+        let m = parse_message(
+            br#"[{"jsonrpc":"2.0","method":"x"}, 1, {"jsonrpc":"1.0","id":1,"method":"y"}]"#,
+        )
+        .unwrap();
+        let Message::Batch(items) = m else { panic!() };
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().unwrap().id, None, "a notification");
+        assert_eq!(items[1].as_ref().unwrap_err().code, INVALID_REQUEST);
+        assert_eq!(items[2].as_ref().unwrap_err().code, INVALID_REQUEST);
+        assert_eq!(
+            parse_message(b"[]").unwrap(),
+            Message::Single(Err(RpcError::new(INVALID_REQUEST, "empty batch")))
+        );
+        assert_eq!(parse_message(b"{nope").unwrap_err().code, PARSE_ERROR);
+        let bad = parse_message(br#"{"jsonrpc":"2.0","id":1,"method":"m","params":3}"#).unwrap();
+        assert!(matches!(bad, Message::Single(Err(e)) if e.code == INVALID_REQUEST));
+    }
+
+    #[test]
+    fn params_by_name_or_position_refuse_unknown_and_mistyped() {
+        let order = ["uri", "aor", "interval"];
+        let mut p = Params::new(json!(["sip:a@h", null, 30]), "m", &order).unwrap();
+        assert_eq!(p.req_str("uri").unwrap(), "sip:a@h");
+        assert_eq!(p.opt_str("aor").unwrap(), None);
+        assert_eq!(
+            p.opt_duration("interval").unwrap(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        let mut p = Params::new(
+            json!({"uri": " sip:a@h ", "interval": "500ms"}),
+            "m",
+            &order,
+        )
+        .unwrap();
+        assert_eq!(p.req_str("uri").unwrap(), "sip:a@h");
+        assert_eq!(
+            p.opt_duration("interval").unwrap(),
+            Some(std::time::Duration::from_millis(500))
+        );
+        let e = Params::new(json!({"url": "x"}), "m", &order).err().unwrap();
+        assert!(e.message.contains("unknown parameter \"url\""), "{e}");
+        let e = Params::new(json!([1, 2, 3, 4]), "m", &order).err().unwrap();
+        assert_eq!(e.code, INVALID_PARAMS);
+        let mut p = Params::new(json!({"uri": 5}), "m", &order).unwrap();
+        assert!(p
+            .req_str("uri")
+            .unwrap_err()
+            .message
+            .contains("must be a string"));
+        let mut p = Params::new(json!({"uri": "a\nb"}), "m", &order).unwrap();
+        assert!(p.req_str("uri").is_err());
+        let mut p = Params::new(json!({}), "m", &order).unwrap();
+        assert!(p.req_str("uri").unwrap_err().message.contains("required"));
+        let mut p = Params::new(json!({"interval": -1}), "m", &order).unwrap();
+        assert!(p.opt_duration("interval").is_err());
+    }
+}
