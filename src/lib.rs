@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod contact;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod duration;
