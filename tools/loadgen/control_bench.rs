@@ -154,6 +154,9 @@ pub struct PhaseReport {
     pub pings: PingRates,
     /// `pings.sent_per_s ÷ baseline.sent_per_s`.
     pub ping_ratio: f64,
+    /// This process's CPU over the phase, in cores (building, encoding and
+    /// decoding the batches): is the client the limit?
+    pub client_cpu_cores: f64,
 }
 
 /// A directory removed with everything in it on drop.
@@ -250,6 +253,8 @@ fn run_phase(
     let mut latencies_us = Vec::with_capacity(indexes.clone().count().div_ceil(batch));
     let mut calls: Vec<(&str, Value)> = Vec::with_capacity(batch);
     let before = Mark::take(shm, daemon_pid);
+    let own_ticks = || cpu_ticks(std::process::id()).unwrap_or(0);
+    let client_ticks = own_ticks();
     let started = Instant::now();
     let mut next = indexes.start;
     while next < indexes.end {
@@ -290,6 +295,8 @@ fn run_phase(
     r.batch_p99_us = percentile(&latencies_us, 0.99);
     r.batch_max_us = latencies_us.last().copied().unwrap_or(0);
     r.pings = after.rates_since(&before);
+    r.client_cpu_cores =
+        own_ticks().saturating_sub(client_ticks) as f64 / USER_HZ as f64 / r.seconds.max(1e-9);
     Ok(r)
 }
 
@@ -658,11 +665,12 @@ pub fn print_text(r: &ControlBenchReport, out: &mut dyn Write) -> io::Result<()>
         )?;
         writeln!(
             out,
-            "    acknowledged      {} ok, {} refused; journal commits {}; contacts after {}",
+            "    acknowledged      {} ok, {} refused; journal commits {}; contacts after {}; client {:.2} cores",
             p.ok,
             p.failed,
             opt(commits),
-            opt(after)
+            opt(after),
+            p.client_cpu_cores
         )?;
         if let Some(e) = &p.first_error {
             writeln!(out, "    first refusal     {e}")?;
@@ -765,6 +773,7 @@ tmpfs /dev/shm tmpfs rw 0 0
                 daemon_cpu_cores: 0.9,
             },
             ping_ratio: 0.975,
+            client_cpu_cores: 0.1,
         };
         let mut del = phase(150_000.0);
         del.failed = 1;
