@@ -1483,7 +1483,8 @@ pub struct FileAddSummary {
     pub problems: Vec<String>,
 }
 
-/// Sends every contact of `path` as `keepalive.add` batches of `batch_len`.
+/// Sends every contact of `path` as `keepalive.add` batches of `batch_len`
+/// (at least 1; a zero is a caller bug and panics).
 /// `Err` only when the run could not go on (transport failure, unreadable
 /// file); refused contacts are counted in the summary.
 pub fn add_from_file(
