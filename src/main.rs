@@ -1,4 +1,4 @@
-//! `kaping`: the daemon (`run`), the demo (`demo`) and, later, the control
+//! `kaping`: the daemon (`run`), the demo (`demo`) and `ctl`, the control
 //! client. Every failure to start is one line on stderr and a non-zero exit.
 
 use std::path::PathBuf;
@@ -28,6 +28,8 @@ enum Command {
     /// Self-contained demo: a simulated SIP platform on loopback, N contacts
     /// (a few dead), live figures, a summary.
     Demo(kaping::demo::DemoArgs),
+    /// Talk to a running daemon over its control socket (JSON-RPC).
+    Ctl(kaping::control::client::CtlArgs),
 }
 
 /// Flags of `kaping run`; each overrides the same-named setting of the
@@ -196,6 +198,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Demo(args) => kaping::demo::run(args),
+        Command::Ctl(args) => kaping::control::client::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,9 @@
 //! * `bench` runs a `serve` child and a kaping daemon child on loopback and
 //!   reports kaping's rates, RTT, CPU and memory next to that ceiling,
 //!   measured in the same run.
+//! * `control-bench` runs the same pair with the daemon's control socket and
+//!   durable state on, and measures adds and deletes per second through the
+//!   socket in JSON-RPC batches, and their effect on the ping rate.
 //!
 //! The simulated platform itself lives in the library (`kaping::sim`), so
 //! `kaping demo` runs the very same responder in-process; this binary is its
@@ -25,6 +28,8 @@
 mod bench;
 #[path = "loadgen/ceiling.rs"]
 mod ceiling;
+#[path = "loadgen/control_bench.rs"]
+mod control_bench;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -68,6 +73,9 @@ enum Cmd {
     /// End-to-end benchmark: a responder and a kaping daemon on loopback,
     /// against the raw UDP ceiling measured in the same run.
     Bench(BenchArgs),
+    /// Control-socket benchmark: adds and deletes through JSON-RPC batches
+    /// with durability on, and their effect on the ping rate.
+    ControlBench(ControlBenchArgs),
 }
 
 /// The stable, per-contact fates: shared by `contacts --fates` and `serve`,
@@ -244,6 +252,57 @@ struct BenchArgs {
     max_contacts: Option<u32>,
 }
 
+#[derive(Args, Debug)]
+struct ControlBenchArgs {
+    /// Contacts the daemon loads from a file and pings throughout.
+    #[arg(long, default_value_t = 200_000)]
+    contacts: u64,
+    /// Contacts added (then deleted) through the control socket.
+    #[arg(long, default_value_t = 200_000)]
+    adds: u64,
+    /// Requests per JSON-RPC batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Daemon workers (default: half the online CPUs).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Daemon backend: auto | uring | mmsg.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Ping interval of the file contacts.
+    #[arg(long = "interval", value_name = "DURATION", default_value = "5s", value_parser = parse_duration_ns)]
+    interval_ns: u64,
+    /// Ping interval of the added contacts (long: they barely add pings, so
+    /// the ping rate shows the control traffic's effect alone).
+    #[arg(long = "add-interval", value_name = "DURATION", default_value = "1h", value_parser = parse_duration_ns)]
+    add_interval_ns: u64,
+    /// Delay the responder adds to every reply.
+    #[arg(long = "latency", value_name = "DURATION", default_value = "1ms", value_parser = parse_duration_ns)]
+    latency_ns: u64,
+    /// The kaping binary (default: `kaping` next to this program).
+    #[arg(long)]
+    kaping: Option<PathBuf>,
+    /// Seconds between the first ping and the baseline.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Seconds of ping-rate measurement without control traffic.
+    #[arg(long, default_value_t = 3.0)]
+    baseline: f64,
+    /// Where to create the daemon's state directory (default: the system
+    /// temp dir; fsync cost depends on this file system).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Responder threads.
+    #[arg(long, default_value_t = 1)]
+    responder_threads: usize,
+    /// Daemon slab capacity (default: (contacts + adds) × 1.25).
+    #[arg(long)]
+    max_contacts: Option<u32>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -251,6 +310,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => run_serve(a),
         Cmd::Ceiling(a) => run_ceiling(a),
         Cmd::Bench(a) => run_bench(a),
+        Cmd::ControlBench(a) => run_control_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -430,5 +490,42 @@ fn run_bench(a: BenchArgs) -> Result<(), String> {
         writeln!(out, "{text}").map_err(|e| e.to_string())
     } else {
         bench::print_text(&report, &mut out).map_err(|e| e.to_string())
+    }
+}
+
+fn run_control_bench(a: ControlBenchArgs) -> Result<(), String> {
+    let seconds = |name: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!("--{name} must be a number of seconds, 0 or more"))
+        }
+    };
+    let baseline = seconds("baseline", a.baseline)?;
+    if baseline.is_zero() || a.interval_ns == 0 || a.add_interval_ns == 0 {
+        return Err("--baseline, --interval and --add-interval must be more than zero".to_string());
+    }
+    let report = control_bench::run(&control_bench::ControlBenchConfig {
+        contacts: a.contacts,
+        adds: a.adds,
+        batch: a.batch as usize,
+        workers: a.workers,
+        backend: a.backend,
+        interval: Duration::from_nanos(a.interval_ns),
+        add_interval: Duration::from_nanos(a.add_interval_ns),
+        latency_ns: a.latency_ns,
+        kaping: a.kaping,
+        warmup: seconds("warmup", a.warmup)?,
+        baseline,
+        state_parent: a.state_dir,
+        responder_threads: a.responder_threads,
+        max_contacts: a.max_contacts,
+    })?;
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())
+    } else {
+        control_bench::print_text(&report, &mut out).map_err(|e| e.to_string())
     }
 }

@@ -49,6 +49,30 @@ impl RpcError {
         RpcError::new(INVALID_PARAMS, message)
     }
 
+    /// Reads an `error` member; `None` when it is not a JSON-RPC error object.
+    pub(crate) fn from_value(v: &Value) -> Option<RpcError> {
+        let code = i32::try_from(v.get("code")?.as_i64()?).ok()?;
+        let message = v.get("message")?.as_str()?.to_string();
+        Some(RpcError {
+            code,
+            message,
+            data: v.get("data").cloned(),
+        })
+    }
+
+    /// The operator's line for this error, naming the method and what it
+    /// was about (`keepalive.del sip:x: not found (code -32002)`). The
+    /// server's messages usually say both already; they are not repeated.
+    pub fn describe(&self, method: &str, target: Option<&str>) -> String {
+        if self.message.starts_with(method) {
+            return self.to_string();
+        }
+        match target {
+            Some(t) => format!("{method} {t}: {self}"),
+            None => format!("{method}: {self}"),
+        }
+    }
+
     fn to_value(&self) -> Value {
         let mut e = json!({ "code": self.code, "message": self.message });
         if let Some(d) = &self.data {

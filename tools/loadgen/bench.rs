@@ -48,28 +48,28 @@ use crate::ceiling;
 
 /// Linux reports `/proc/PID/stat` times in USER_HZ ticks, 100 per second on
 /// every architecture's ABI.
-const USER_HZ: u64 = 100;
+pub(crate) const USER_HZ: u64 = 100;
 /// Share of the measured ceiling the default interval offers.
 const OFFERED_SHARE: f64 = 0.9;
 /// Datagrams in flight in the ceiling run (the `ceiling` default).
 const CEILING_WINDOW: usize = 1024;
 /// Socket buffers asked of the responder (the daemon keeps its defaults).
-const RESPONDER_BUFFER_BYTES: usize = 16 << 20;
+pub(crate) const RESPONDER_BUFFER_BYTES: usize = 16 << 20;
 /// The daemon runs this much longer than warm-up + window, so it is still
 /// pinging when the last sample is taken (it is stopped before then).
 const RUN_FOR_MARGIN_S: f64 = 10.0;
 /// How long loading may take: a floor plus a generous per-contact budget
 /// (the daemon loads about a million contacts per second or two).
-const LOAD_TIMEOUT_BASE_S: u64 = 60;
-const LOAD_TIMEOUT_PER_MILLION_S: u64 = 60;
+pub(crate) const LOAD_TIMEOUT_BASE_S: u64 = 60;
+pub(crate) const LOAD_TIMEOUT_PER_MILLION_S: u64 = 60;
 /// Grace given to a child between stdin EOF, SIGTERM and SIGKILL.
 const CHILD_EXIT_MS: u64 = 5000;
 /// How long a child has to say it is ready.
-const READY_TIMEOUT_S: u64 = 30;
+pub(crate) const READY_TIMEOUT_S: u64 = 30;
 /// Contacts sampled to average the request size over.
 const SIZE_SAMPLES: u64 = 1024;
 /// Daemon stderr lines kept for the report (warnings, clamped buffers).
-const MESSAGES_MAX: usize = 20;
+pub(crate) const MESSAGES_MAX: usize = 20;
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -171,12 +171,12 @@ pub struct BenchReport {
 }
 
 /// A temporary directory removed with everything in it on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
     /// Under /dev/shm when it exists (tmpfs: the daemon's shm file is then
     /// where it would live in production), else the system temp dir.
-    fn create() -> Result<TempDir, String> {
+    pub(crate) fn create() -> Result<TempDir, String> {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() {
             shm.to_path_buf()
@@ -200,14 +200,14 @@ impl Drop for TempDir {
 
 /// A child process stopped and reaped on drop, with its stderr lines
 /// forwarded to a channel by a reader thread.
-struct Guarded {
+pub(crate) struct Guarded {
     name: &'static str,
     child: Child,
-    lines: Receiver<String>,
+    pub(crate) lines: Receiver<String>,
 }
 
 impl Guarded {
-    fn spawn(name: &'static str, mut cmd: Command) -> Result<Guarded, String> {
+    pub(crate) fn spawn(name: &'static str, mut cmd: Command) -> Result<Guarded, String> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -233,12 +233,12 @@ impl Guarded {
         Ok(Guarded { name, child, lines })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Fails when the child has already exited.
-    fn check_alive(&mut self) -> Result<(), String> {
+    pub(crate) fn check_alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => {
@@ -255,7 +255,7 @@ impl Guarded {
     }
 
     /// Waits for the next stderr line.
-    fn next_line(&mut self, deadline: Instant) -> Result<String, String> {
+    pub(crate) fn next_line(&mut self, deadline: Instant) -> Result<String, String> {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.lines.recv_timeout(left) {
             Ok(line) => Ok(line),
@@ -281,7 +281,7 @@ impl Guarded {
 
     /// Asks the child to stop (stdin EOF, then SIGTERM), SIGKILLs it if it
     /// lingers, and returns what it printed on stdout.
-    fn stop(&mut self, terminate: bool) -> String {
+    pub(crate) fn stop(&mut self, terminate: bool) -> String {
         drop(self.child.stdin.take());
         if terminate && matches!(self.child.try_wait(), Ok(None)) {
             // No unsafe in this binary: the `kill` command sends the signal.
@@ -340,7 +340,7 @@ impl<W: Write> Write for Counting<W> {
 /// A free port on 0.0.0.0 (the responder's) and a base of `count`
 /// consecutive free ports on 127.0.0.1 (the daemon's, one per worker), all
 /// five digits so the request size does not depend on which were found.
-fn free_ports(count: u16) -> Result<(u16, u16), String> {
+pub(crate) fn free_ports(count: u16) -> Result<(u16, u16), String> {
     let mut x = u64::from(std::process::id()) ^ 0x9E37_79B9_7F4A_7C15;
     let mut next = || {
         x ^= x << 13;
@@ -394,7 +394,7 @@ fn request_bytes(contacts: u64, responder_port: u16, bind_port: u16) -> Result<u
 }
 
 /// utime + stime of a process, in ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the ")" closing the command name: state is #3, utime
     // #14 and stime #15 (1-based, proc(5)).
@@ -441,7 +441,7 @@ fn memory(pid: u32) -> Memory {
     m
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -449,14 +449,14 @@ fn loadavg() -> String {
 
 /// Counters and RTT histogram summed over workers.
 #[derive(Clone)]
-struct Sample {
+pub(crate) struct Sample {
     counters: [u64; Counter::COUNT],
     hist: Vec<u64>,
-    at: Instant,
+    pub(crate) at: Instant,
 }
 
 impl Sample {
-    fn read(shm: &ShmReader) -> Sample {
+    pub(crate) fn read(shm: &ShmReader) -> Sample {
         let mut counters = [0u64; Counter::COUNT];
         let mut hist = vec![0u64; HIST_BUCKETS];
         for w in 0..shm.header().workers {
@@ -474,18 +474,18 @@ impl Sample {
         }
     }
 
-    fn get(&self, c: Counter) -> u64 {
+    pub(crate) fn get(&self, c: Counter) -> u64 {
         self.counters[c.index()]
     }
 
     /// Growth of counter `c` since `earlier`.
-    fn since(&self, earlier: &Sample, c: Counter) -> u64 {
+    pub(crate) fn since(&self, earlier: &Sample, c: Counter) -> u64 {
         self.get(c).saturating_sub(earlier.get(c))
     }
 }
 
 /// `kaping: PATH: N contacts loaded, K skipped in X.XX s` → (N, K, X).
-fn parse_load_line(line: &str) -> Option<(u64, u64, f64)> {
+pub(crate) fn parse_load_line(line: &str) -> Option<(u64, u64, f64)> {
     let rest = line.strip_prefix("kaping: ")?;
     // The path may hold anything, ": " included: anchor on the counts.
     let (head, rest) = rest.split_once(" contacts loaded, ")?;
@@ -500,13 +500,13 @@ fn parse_load_line(line: &str) -> Option<(u64, u64, f64)> {
 }
 
 /// `... backend NAME, ...` of the daemon's startup line.
-fn parse_backend(line: &str) -> Option<String> {
+pub(crate) fn parse_backend(line: &str) -> Option<String> {
     let at = line.find(" backend ")? + " backend ".len();
     let name = line[at..].split([',', ' ']).next()?;
     Some(name.to_string())
 }
 
-fn duration_flag(d: Duration) -> String {
+pub(crate) fn duration_flag(d: Duration) -> String {
     format!("{}us", d.as_micros().max(1))
 }
 
