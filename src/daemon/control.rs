@@ -487,24 +487,25 @@ impl Daemon {
             .interval_ms
             .unwrap_or(self.settings.interval.as_millis() as u32);
         v["interval_ms"] = interval_ms.into();
-        let fields = match slot {
-            Some(s) => json!({
-                "state": state_of(s),
-                "misses": s.misses,
-                "sent": s.sent,
-                "answered": s.answered,
-                "rtt_last_us": s.rtt_last_us,
-                "rtt_min_us": s.rtt_min_us,
-                "rtt_max_us": s.rtt_max_us,
-                "srtt_us": s.srtt_us,
-                "rttvar_us": s.rttvar_us,
-                "last_code": s.last_code,
-                "last_ping": opt_time(s.last_ping_ms),
-                "last_reply": opt_time(s.last_reply_ms),
-            }),
-            // Queued for its worker, not yet in shared memory.
-            None => json!({ "state": "unknown", "misses": 0, "sent": 0, "answered": 0 }),
-        };
+        // The same keys whether or not the worker has published the contact
+        // yet (queued for its worker, not yet in shared memory) or answered
+        // it: figures that do not exist yet are null, never a made-up 0.
+        let answered = slot.is_some_and(|s| s.answered > 0);
+        let rtt = |f: fn(&SlotRecord) -> u32| slot.filter(|_| answered).map(f);
+        let fields = json!({
+            "state": slot.map_or("unknown", state_of),
+            "misses": slot.map_or(0, |s| s.misses),
+            "sent": slot.map_or(0, |s| s.sent),
+            "answered": slot.map_or(0, |s| s.answered),
+            "rtt_last_us": rtt(|s| s.rtt_last_us),
+            "rtt_min_us": rtt(|s| s.rtt_min_us),
+            "rtt_max_us": rtt(|s| s.rtt_max_us),
+            "srtt_us": rtt(|s| s.srtt_us),
+            "rttvar_us": rtt(|s| s.rttvar_us),
+            "last_code": slot.map(|s| s.last_code).filter(|&c| c != 0),
+            "last_ping": slot.map_or(Value::Null, |s| opt_time(s.last_ping_ms)),
+            "last_reply": slot.map_or(Value::Null, |s| opt_time(s.last_reply_ms)),
+        });
         if let (Value::Object(dst), Value::Object(src)) = (&mut v, fields) {
             dst.extend(src);
         }
