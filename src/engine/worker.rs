@@ -665,9 +665,16 @@ impl Core {
         (base + offset).saturating_sub(jitter)
     }
 
-    /// Renders, patches and queues one ping for `slot`. False when the
-    /// backend has no room (the caller retries on a later tick).
-    fn transmit(&mut self, backend: &mut dyn Backend, slot: u32, now_tick: u64) -> bool {
+    /// Renders, patches and queues one ping for `slot`, stamped `now_us`
+    /// (wall clock, read once per few pings by `expire_due`). False when
+    /// the backend has no room (the caller retries on a later tick).
+    fn transmit(
+        &mut self,
+        backend: &mut dyn Backend,
+        slot: u32,
+        now_tick: u64,
+        now_us: u64,
+    ) -> bool {
         let Some((handle, c)) = self.slab.get_slot_mut(slot) else {
             return true;
         };
@@ -702,7 +709,7 @@ impl Core {
             }
         };
         c.seq = c.seq.wrapping_add(1);
-        let sent_us = wall_us() as u32;
+        let sent_us = now_us as u32;
         c.sent_us = sent_us;
         let fields = TokenFields {
             worker: self.cfg.id,
@@ -738,7 +745,13 @@ impl Core {
     }
 
     /// A timer fired: send the next ping, retransmit, or count a miss.
-    fn expire(&mut self, backend: &mut dyn Backend, slot: u32, now_tick: u64) -> Expiry {
+    fn expire(
+        &mut self,
+        backend: &mut dyn Backend,
+        slot: u32,
+        now_tick: u64,
+        now_us: u64,
+    ) -> Expiry {
         let Some((handle, c)) = self.slab.get_slot(slot) else {
             return Expiry::Done;
         };
@@ -757,7 +770,7 @@ impl Core {
             if let Some((_, c)) = self.slab.get_slot_mut(slot) {
                 c.anchor_tick = now_tick;
             }
-            if self.transmit(backend, slot, now_tick) {
+            if self.transmit(backend, slot, now_tick, now_us) {
                 return Expiry::Done;
             }
             self.bucket.refund();
@@ -765,7 +778,7 @@ impl Core {
         }
         if tries <= self.cfg.retries {
             if !self.stopping {
-                return if self.transmit(backend, slot, now_tick) {
+                return if self.transmit(backend, slot, now_tick, now_us) {
                     Expiry::Done
                 } else {
                     Expiry::NoRoom
@@ -1028,18 +1041,28 @@ impl<B: Backend> Worker<B> {
         let mut due = std::mem::take(&mut self.core.due);
         due.clear();
         let n = self.core.wheel.poll_expired(now, &mut due, DUE_BATCH);
+        // The send time in each token is read once per CLOCK_EVERY pings,
+        // not per ping: the datagrams leave at the next submit anyway, so a
+        // ping is stamped at most a few tens of µs early (RTTs read that
+        // much long), against a clock read per ping saved.
+        const CLOCK_EVERY: usize = 32;
+        let mut now_us = 0;
         let mut deferred = false;
-        for &slot in &due {
+        for (i, &slot) in due.iter().enumerate() {
             if deferred {
                 // Out of room or over the rate cap: try again next tick.
                 self.core.wheel.insert(slot, now + 1);
                 continue;
             }
-            let mut outcome = self.core.expire(&mut self.backend, slot, now);
+            if i % CLOCK_EVERY == 0 {
+                now_us = wall_us();
+            }
+            let mut outcome = self.core.expire(&mut self.backend, slot, now, now_us);
             if outcome == Expiry::NoRoom {
                 // Hand the queued datagrams to the kernel and try once more.
                 self.backend.flush(&mut self.core)?;
-                outcome = self.core.expire(&mut self.backend, slot, now);
+                now_us = wall_us();
+                outcome = self.core.expire(&mut self.backend, slot, now, now_us);
             }
             if outcome != Expiry::Done {
                 deferred = true;

@@ -2,18 +2,39 @@
 //! worker's own thread and never shared.
 //!
 //! * Sends: each datagram is rendered straight into one of `TX_SLOTS`
-//!   transmit slots (buffer + iovec + msghdr + destination), and a `SendMsg`
-//!   SQE naming the slot is queued; one `io_uring_enter` submits a whole
-//!   round. The slot is returned to the free list only when its CQE is
-//!   reaped.
+//!   transmit slots (buffer + destination, and a msghdr for kernels before
+//!   6.1), and an SQE naming the slot is queued; one `io_uring_enter`
+//!   submits a whole round. The slot is returned to the free list only when
+//!   its CQE is reaped. From Linux 6.1 the SQE is a `Send` carrying the
+//!   destination (sendto), which spares the kernel copying and parsing a
+//!   msghdr and an iovec per datagram; before, a `SendMsg`.
 //! * Receives: one multishot `RecvMsg` per socket with a provided-buffer
 //!   ring of `RX_BUFS` buffers, so one armed SQE keeps delivering datagrams
 //!   (name, control messages with the kernel timestamp, payload) until it
 //!   is cancelled or runs out of buffers; it is re-armed when a CQE comes
 //!   without `IORING_CQE_F_MORE`.
+//! * Completion work: from Linux 6.1 the ring is `SINGLE_ISSUER |
+//!   DEFER_TASKRUN | TASKRUN_FLAG`. The kernel then never interrupts the
+//!   worker to run io_uring work at its system-call exits: the multishot
+//!   receive's work (one task-work item per socket, which receives up to
+//!   32 datagrams per run, the kernel's `MULTISHOT_MAX_RETRY`, and then
+//!   queues itself again) waits until the worker enters the ring with
+//!   `IORING_ENTER_GETEVENTS`, and one such enter runs it once. So `poll`
+//!   enters again while the kernel's `IORING_SQ_TASKRUN` flag says work is
+//!   pending, reaping (and handing buffers back) between rounds, up to
+//!   `DRAIN_ROUNDS` rounds: a full socket is drained in batches instead of
+//!   32 datagrams per loop (which starved the receive path: replies piled
+//!   up in the socket while the worker kept sending). Older kernels get
+//!   `COOP_TASKRUN`, where that work runs at every system-call exit.
 //! * Waiting: `io_uring_enter` with a timeout (EXT_ARG) equal to the
-//!   worker's next wheel deadline, returning early only once `WAKE_BATCH`
-//!   completions are ready: replies are handled in batches (their RTT comes
+//!   worker's next wheel deadline. With cooperative task running it returns
+//!   early once `WAKE_BATCH` completions are ready, so a burst is drained
+//!   before the provided buffers run out. With deferred task running the
+//!   kernel counts work items, not datagrams, towards that number (one per
+//!   socket, however many datagrams wait), so the sleep lasts until its
+//!   timeout (at most the worker's 10 ms) and a burst waits in the socket's
+//!   receive buffer (32 MiB by default), consuming no provided buffer until
+//!   the drain. Either way replies are handled in batches (their RTT comes
 //!   from the kernel timestamp, so waiting costs no accuracy). A `Read` on
 //!   the worker's eventfd stays armed and consumes wake-ups; the worker's
 //!   longest sleep (10 ms) bounds how long a command waits.
@@ -35,7 +56,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::types::{BufRingEntry, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
-use io_uring::{cqueue, opcode, squeue, IoUring};
+use io_uring::{cqueue, opcode, squeue, EnterFlags, IoUring};
 use socket2::Socket;
 
 use super::udp::{parse_control, read_errors, sockaddr_from_bytes, sockaddr_from_std, Datagram};
@@ -51,6 +72,12 @@ const SQ_ENTRIES: u32 = 2048;
 /// Completions that end a sleep early (well below RX_BUFS, so a burst is
 /// drained before the provided buffers run out).
 const WAKE_BATCH: usize = 256;
+/// Enter-and-reap rounds per `poll` while deferred work is pending: each
+/// round receives up to 32 datagrams per socket (the kernel's multishot
+/// batch), so 32 rounds take up to `RX_BUFS` replies, as many as a worker
+/// round sends (`DUE_BATCH`), and bound how long a flood of input can hold
+/// up sending.
+const DRAIN_ROUNDS: usize = 32;
 /// Buffer group id of the provided-buffer ring.
 const BGID: u16 = 0;
 /// Room reserved in each receive buffer for the source address and the
@@ -113,12 +140,15 @@ impl Drop for Region {
     }
 }
 
-/// One transmit slot's kernel-visible state.
+/// One transmit slot's kernel-visible state. `hdr` and `iov` serve the
+/// `SendMsg` of kernels before 6.1 only; a `Send` names `addr` directly.
 #[repr(C)]
 struct TxSlot {
     hdr: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+    addr_len: libc::socklen_t,
+    len: u32,
 }
 
 pub struct UringBackend {
@@ -147,6 +177,9 @@ pub struct UringBackend {
     /// space), alive while its multishot receive is armed.
     rx_hdrs: Box<[libc::msghdr]>,
     rx_armed: Vec<bool>,
+    /// `DEFER_TASKRUN` (Linux 6.1+): completion work runs only when we
+    /// enter with GETEVENTS, and sends carry their destination (`Send`).
+    deferred: bool,
     wake_word: Box<u64>,
     sockets: Vec<Socket>,
     waker: Waker,
@@ -159,7 +192,7 @@ unsafe impl Send for UringBackend {}
 
 /// Why io_uring cannot be used here, for the log line.
 pub fn probe() -> Result<(), String> {
-    let ring = build_ring(8).map_err(explain)?;
+    let (ring, _) = build_ring(8).map_err(explain)?;
     let region = Region::new(4096).map_err(|e| e.to_string())?;
     // SAFETY: the region is page-aligned, 4096 bytes hold 256 entries of 16
     // bytes, ≥ the 8 we register; it outlives the registration (we
@@ -184,22 +217,35 @@ fn explain(e: io::Error) -> String {
     }
 }
 
-fn build_ring(entries: u32) -> io::Result<IoUring> {
-    // Single issuer and cooperative task running cut kernel overhead
-    // (Linux 6.0/5.19); fall back to a plain ring where they are refused.
+/// The ring and whether it defers completion work (`DEFER_TASKRUN`).
+fn build_ring(entries: u32) -> io::Result<(IoUring, bool)> {
+    // Linux 6.1: completion work runs only inside our GETEVENTS enters, in
+    // batches, instead of interrupting the worker at every system-call
+    // exit; TASKRUN_FLAG tells us when some is pending. Then single issuer
+    // and cooperative task running (Linux 6.0/5.19); then a plain ring.
+    let deferred = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_cqsize(entries * 2)
+        .build(entries);
+    if let Ok(ring) = deferred {
+        return Ok((ring, true));
+    }
     IoUring::builder()
         .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_cqsize(entries * 2)
         .build(entries)
         .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
+        .map(|ring| (ring, false))
 }
 
 impl UringBackend {
     /// Builds the ring on the calling thread (the worker's) and arms the
     /// receives and the waker.
     pub fn new(sockets: Vec<Socket>, waker: Waker) -> io::Result<UringBackend> {
-        let ring = build_ring(SQ_ENTRIES).map_err(|e| io::Error::other(explain(e)))?;
+        let (ring, deferred) = build_ring(SQ_ENTRIES).map_err(|e| io::Error::other(explain(e)))?;
         let tx_bufs = Region::new(TX_SLOTS * TX_DATAGRAM_MAX)?;
         let tx_meta = Region::new(TX_SLOTS * std::mem::size_of::<TxSlot>())?;
         let rx_bufs = Region::new(RX_BUFS * RX_BUF_LEN)?;
@@ -243,6 +289,7 @@ impl UringBackend {
             rx_tail: 0,
             rx_hdrs,
             rx_armed: vec![false; n],
+            deferred,
             wake_word: Box::new(0),
             sockets,
             waker,
@@ -353,12 +400,27 @@ impl UringBackend {
     }
 
     fn push_send(&mut self, slot: u16) -> io::Result<()> {
-        let sock = self.tx_sock[slot as usize] as u32;
-        let hdr: *const libc::msghdr = self.tx_slot(slot).cast();
-        let sqe = opcode::SendMsg::new(Fixed(sock), hdr)
-            .build()
-            .user_data(UD_TX | slot as u64);
-        self.push(sqe)
+        let sock = Fixed(self.tx_sock[slot as usize] as u32);
+        let meta = self.tx_slot(slot);
+        let sqe = if self.deferred {
+            // SAFETY: the slot's metadata was written by tx_commit and has
+            // no SQE in flight (it is being queued now, or its CQE was
+            // reaped for a resend), so reading it races with nothing.
+            let (addr, addr_len, len) = unsafe {
+                (
+                    std::ptr::addr_of!((*meta).addr).cast::<libc::sockaddr>(),
+                    (*meta).addr_len,
+                    (*meta).len,
+                )
+            };
+            opcode::Send::new(sock, self.tx_payload(slot), len)
+                .dest_addr(addr)
+                .dest_addr_len(addr_len)
+                .build()
+        } else {
+            opcode::SendMsg::new(sock, meta.cast::<libc::msghdr>()).build()
+        };
+        self.push(sqe.user_data(UD_TX | slot as u64))
     }
 
     /// Reaps every completion; returns how many there were.
@@ -477,9 +539,59 @@ impl UringBackend {
         h.datagram(sock, &d);
     }
 
+    /// Deferred mode: runs the completion work the kernel holds for us (the
+    /// multishot receives, a deferred send or read) in rounds of one
+    /// GETEVENTS enter and a reap, while `IORING_SQ_TASKRUN` says some is
+    /// pending, up to `DRAIN_ROUNDS` rounds. Each round returns the
+    /// provided buffers it used, so the drain does not run them out.
+    fn drain(&mut self, h: &mut dyn Handler) -> io::Result<()> {
+        if !self.deferred {
+            return Ok(());
+        }
+        for _ in 0..DRAIN_ROUNDS {
+            if !self.ring.submission().taskrun() {
+                break;
+            }
+            self.enter_getevents()?;
+            self.reap(h)?;
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and runs one round of deferred completion
+    /// work, without waiting.
+    fn enter_getevents(&mut self) -> io::Result<()> {
+        let queued = self.ring.submission().len() as u32;
+        // SAFETY: no argument structure is passed; the SQEs being submitted
+        // name memory that stays put until their CQEs (module invariant).
+        let r = unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                queued,
+                0,
+                EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+        match r {
+            Ok(_) => {
+                self.unsubmitted = 0;
+                Ok(())
+            }
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sleeps until `timeout` or until `WAKE_BATCH` completions are ready
-    /// (a burst of replies is drained before the provided buffers run out);
-    /// single completions, the waker's included, do not end the sleep.
+    /// (with cooperative task running: a burst of replies is drained before
+    /// the provided buffers run out; with deferred task running the kernel
+    /// counts work items, so only the timeout ends it); single completions,
+    /// the waker's included, do not end the sleep.
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         let ts = Timespec::new()
             .sec(timeout.as_secs())
@@ -538,15 +650,19 @@ impl Backend for UringBackend {
         unsafe {
             let meta = &mut *self.tx_slot(slot);
             let addr_len = sockaddr_from_std(dest, &mut meta.addr);
-            meta.iov = libc::iovec {
-                iov_base: payload.cast(),
-                iov_len: len,
-            };
-            meta.hdr = std::mem::zeroed();
-            meta.hdr.msg_name = (&mut meta.addr as *mut libc::sockaddr_storage).cast();
-            meta.hdr.msg_namelen = addr_len;
-            meta.hdr.msg_iov = &mut meta.iov;
-            meta.hdr.msg_iovlen = 1;
+            meta.addr_len = addr_len;
+            meta.len = len as u32;
+            if !self.deferred {
+                meta.iov = libc::iovec {
+                    iov_base: payload.cast(),
+                    iov_len: len,
+                };
+                meta.hdr = std::mem::zeroed();
+                meta.hdr.msg_name = (&mut meta.addr as *mut libc::sockaddr_storage).cast();
+                meta.hdr.msg_namelen = addr_len;
+                meta.hdr.msg_iov = &mut meta.iov;
+                meta.hdr.msg_iovlen = 1;
+            }
         }
         self.tx_in_flight += 1;
         if self.push_send(slot).is_err() {
@@ -565,11 +681,13 @@ impl Backend for UringBackend {
     fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
         self.submit()?;
         self.reap(h)?;
+        self.drain(h)?;
         if timeout.is_zero() {
             return self.submit();
         }
         self.wait(timeout)?;
         self.reap(h)?;
+        self.drain(h)?;
         self.submit()
     }
 
@@ -719,11 +837,23 @@ mod tests {
             }
         });
         let start = Instant::now();
-        b.poll(Duration::from_secs(5), &mut h).unwrap();
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "a full batch ends the sleep"
-        );
+        if b.deferred {
+            // Deferred task running counts work items (one per socket), not
+            // datagrams, towards the batch: the burst waits in the socket
+            // until the timeout, and is drained then.
+            b.poll(Duration::from_millis(300), &mut h).unwrap();
+            assert!(
+                start.elapsed() >= Duration::from_millis(250),
+                "a burst does not end a deferred sleep"
+            );
+            assert_eq!(h.got.len(), 10 + WAKE_BATCH + 20, "drained at its end");
+        } else {
+            b.poll(Duration::from_secs(5), &mut h).unwrap();
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "a full batch ends the sleep"
+            );
+        }
         burst.join().unwrap();
         b.poll(Duration::from_millis(50), &mut h).unwrap();
         assert_eq!(h.got.len(), 10 + WAKE_BATCH + 20);
@@ -735,6 +865,49 @@ mod tests {
         waker.wake();
         b.poll(Duration::from_millis(20), &mut h).unwrap();
         assert!(!waker.drain(), "and it was re-armed");
+    }
+
+    /// More datagrams waiting than there are provided buffers: the drain
+    /// hands buffers back between rounds, and a multishot receive that
+    /// still runs out (`ENOBUFS`) is re-armed, so every datagram arrives,
+    /// once, within a few zero-timeout polls.
+    #[test]
+    fn drains_more_datagrams_than_provided_buffers() {
+        if !require_uring() {
+            return;
+        }
+        let opts = SocketOptions {
+            recv_buffer_bytes: 8 << 20,
+            ..SocketOptions::default()
+        };
+        let (sock, _) = bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let local = sock.local_addr().unwrap().as_socket().unwrap();
+        let mut b = UringBackend::new(vec![sock], Waker::new().unwrap()).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut h = Collect::default();
+        let total = 2 * RX_BUFS + 100;
+        for i in 0..total {
+            peer.send_to(&(i as u32).to_be_bytes(), local).unwrap();
+        }
+        let mut polls = 0;
+        while h.got.len() < total && polls < 20 {
+            b.poll(Duration::ZERO, &mut h).unwrap();
+            polls += 1;
+        }
+        assert_eq!(h.got.len(), total, "after {polls} polls");
+        let mut seen = vec![false; total];
+        for (_, data, _, _) in &h.got {
+            let i = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+            assert!(!seen[i], "datagram {i} delivered twice");
+            seen[i] = true;
+        }
+        if b.deferred {
+            // DRAIN_ROUNDS rounds of 32 datagrams per poll.
+            assert!(
+                polls <= total.div_ceil(DRAIN_ROUNDS * 32) + 2,
+                "{polls} polls"
+            );
+        }
     }
 
     #[test]
