@@ -506,7 +506,18 @@ impl Daemon {
         source: Source,
         history: Option<SlotRecord>,
     ) -> Result<crate::control::registry::Loc, Refusal> {
-        let mut p = self.prepare(spec).map_err(Refusal::Bad)?;
+        let p = self.prepare(spec).map_err(Refusal::Bad)?;
+        self.place_prepared(p, rec, source, history)
+    }
+
+    /// [`Daemon::place`] for a contact already checked by `prepare`.
+    fn place_prepared(
+        &mut self,
+        mut p: Prepared,
+        rec: ContactRecord,
+        source: Source,
+        history: Option<SlotRecord>,
+    ) -> Result<crate::control::registry::Loc, Refusal> {
         let reg = self
             .ctl
             .registry

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TryRecvError};
 use serde_json::Value;
@@ -31,6 +31,10 @@ const READ_TICK: Duration = Duration::from_millis(50);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read size per `read` call.
 const READ_CHUNK: usize = 64 << 10;
+/// How long, and how many bytes, a refused stream is read and discarded
+/// before it is closed (see `Connection::linger`).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 /// Events written per tick to one subscriber, so a fast event stream
 /// cannot starve that connection's requests.
 const EVENTS_PER_TICK: usize = 4096;
@@ -312,7 +316,34 @@ impl Connection {
                 &mut self.stream,
                 &rpc::error_response(&Value::Null, &failure),
             );
+            self.linger();
             return Next::Close;
+        }
+    }
+
+    /// A lingering close after a refused stream: the peer may still be
+    /// writing the rest of an oversized request, and closing at once would
+    /// fail its write (EPIPE) before it reads why. So: no more answers
+    /// (shutdown of our side), then the rest of its input is read and
+    /// discarded until it closes, bounded in time and bytes.
+    fn linger(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let until = Instant::now() + LINGER_TIME;
+        let mut left = LINGER_BYTES.max(self.framer.max());
+        let mut buf = [0u8; 4096];
+        while left > 0 && Instant::now() < until {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => left = left.saturating_sub(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return,
+            }
         }
     }
 

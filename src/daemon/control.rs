@@ -379,7 +379,8 @@ impl Daemon {
         }
         let op = Op::Add(rec.clone());
         let (uri, aor) = (rec.uri.clone(), rec.aor.clone());
-        let loc = match self.place(&spec, rec, Source::Control, history) {
+        let worker = prepared.worker;
+        let loc = match self.place_prepared(prepared, rec, Source::Control, history) {
             Ok(loc) => loc,
             Err(Refusal::Bad(why)) => {
                 return Err(RpcError::new(
@@ -387,7 +388,7 @@ impl Daemon {
                     format!("keepalive.add {uri}: {why}"),
                 ))
             }
-            Err(Refusal::Full(_)) => return Err(self.slab_full(prepared.worker, &uri)),
+            Err(Refusal::Full(_)) => return Err(self.slab_full(worker, &uri)),
         };
         self.ctl.uncommitted.push(op);
         let status = if existing.is_some() {
