@@ -94,8 +94,75 @@ pub struct Call {
     /// `None` for a notification (no "id" member): it gets no response.
     pub id: Option<Value>,
     pub method: String,
-    /// `Null` when absent, else an object or an array.
+    /// `Null` when absent, else an object or an array. Empty (taken) when
+    /// `args` holds them read.
     pub params: Value,
+    /// The params of the methods a registrar sends by the thousand
+    /// (`keepalive.add`, `keepalive.del`), read into their fields by the
+    /// connection's thread, so the daemon's main thread, which every
+    /// connection shares, only applies them.
+    pub args: Option<Result<Args, RpcError>>,
+}
+
+/// Read params of `keepalive.add` and the `keepalive.del`/`get` key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Args {
+    Add(AddArgs),
+    Key { uri: String, aor: Option<String> },
+}
+
+/// `keepalive.add` params, checked for type; the daemon checks the rest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AddArgs {
+    pub uri: String,
+    pub aor: Option<String>,
+    pub received: Option<String>,
+    pub path: Option<String>,
+    pub interval: Option<std::time::Duration>,
+    pub owner: Option<String>,
+}
+
+/// Positional order of the `keepalive.add` params.
+pub const ADD_PARAMS: &[&str] = &["uri", "aor", "received", "path", "interval", "owner"];
+/// Positional order of a contact's key (`del`, `get`).
+pub const KEY_PARAMS: &[&str] = &["uri", "aor"];
+
+impl Args {
+    /// Whether `method`'s params are read into [`Args`].
+    pub fn reads(method: &str) -> bool {
+        matches!(method, "keepalive.add" | "keepalive.del" | "keepalive.get")
+    }
+
+    /// Reads the params of one of the methods [`Args::reads`].
+    pub fn read(method: &str, params: Value) -> Result<Args, RpcError> {
+        match method {
+            "keepalive.add" => AddArgs::read(params).map(Args::Add),
+            "keepalive.del" => Args::read_key(params, "keepalive.del"),
+            _ => Args::read_key(params, "keepalive.get"),
+        }
+    }
+
+    fn read_key(params: Value, method: &'static str) -> Result<Args, RpcError> {
+        let mut p = Params::new(params, method, KEY_PARAMS)?;
+        Ok(Args::Key {
+            uri: p.req_str("uri")?,
+            aor: p.opt_str("aor")?,
+        })
+    }
+}
+
+impl AddArgs {
+    pub fn read(params: Value) -> Result<AddArgs, RpcError> {
+        let mut p = Params::new(params, "keepalive.add", ADD_PARAMS)?;
+        Ok(AddArgs {
+            uri: p.req_str("uri")?,
+            aor: p.opt_str("aor")?,
+            received: p.opt_str("received")?,
+            path: p.opt_str("path")?,
+            interval: p.opt_duration("interval")?,
+            owner: p.opt_str("owner")?,
+        })
+    }
 }
 
 /// A message: one request, or a batch. Entries that are not valid requests
@@ -149,7 +216,17 @@ fn call_of(v: Value) -> Result<Call, RpcError> {
             ))
         }
     };
-    Ok(Call { id, method, params })
+    let (params, args) = if Args::reads(&method) {
+        (Value::Null, Some(Args::read(&method, params)))
+    } else {
+        (params, None)
+    };
+    Ok(Call {
+        id,
+        method,
+        params,
+        args,
+    })
 }
 
 /// Interprets one framed JSON text. A syntax error is `Err` (the caller
@@ -509,8 +586,37 @@ mod tests {
             Message::Single(Ok(Call {
                 id: Some(json!(7)),
                 method: "keepalive.add".into(),
-                params: json!(["sip:a@1.2.3.4"]),
+                params: Value::Null,
+                args: Some(Ok(Args::Add(AddArgs {
+                    uri: "sip:a@1.2.3.4".into(),
+                    aor: None,
+                    received: None,
+                    path: None,
+                    interval: None,
+                    owner: None,
+                }))),
             }))
+        );
+        // Bad params of a method read on the connection's thread stay the
+        // call's own error; other methods keep their params for the daemon.
+        let m = parse_message(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"keepalive.del","params":{"uri":"sip:a@h","x":1}},
+                 {"jsonrpc":"2.0","id":2,"method":"keepalive.list","params":{"limit":5}}]"#,
+        )
+        .unwrap();
+        let Message::Batch(items) = m else { panic!() };
+        let del = items[0].as_ref().unwrap();
+        let err = del.args.as_ref().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.code, INVALID_PARAMS);
+        assert!(
+            err.message.contains("unknown parameter \"x\""),
+            "{}",
+            err.message
+        );
+        let list = items[1].as_ref().unwrap();
+        assert_eq!(
+            (list.params.clone(), list.args.is_none()),
+            (json!({"limit": 5}), true)
         );
         let m = parse_message(
             br#"[{"jsonrpc":"2.0","method":"x"}, 1, {"jsonrpc":"1.0","id":1,"method":"y"}]"#,

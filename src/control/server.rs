@@ -50,8 +50,10 @@ pub struct Request {
 /// The main thread's answer to one message.
 #[derive(Default)]
 pub struct Reply {
-    /// One JSON value (a response or a batch array), without newline.
-    pub bytes: Option<Vec<u8>>,
+    /// One response or a batch array of them; `None` when all were
+    /// notifications. The connection's thread serializes it, off the
+    /// daemon's main thread.
+    pub answer: Option<Value>,
     /// Set when the message subscribed this connection to events: each
     /// item is one event object as JSON text.
     pub subscription: Option<Receiver<Arc<str>>>,
@@ -357,12 +359,12 @@ impl Connection {
         let Ok(reply) = rx.recv() else {
             return Next::Close;
         };
-        if let Some(mut bytes) = reply.bytes {
-            bytes.push(b'\n');
-            if self.stream.write_all(&bytes).is_err() {
+        if let Some(answer) = reply.answer {
+            if write_line(&mut self.stream, &answer).is_err() {
                 return Next::Close;
             }
         }
+
         if reply.subscription.is_some() {
             self.subscription = reply.subscription;
         }

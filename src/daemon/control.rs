@@ -221,14 +221,14 @@ impl Daemon {
                     })
                 })
                 .collect();
-            let bytes = match (batch, values.len()) {
+            // Serialized (and freed) by the connection's thread.
+            let answer = match (batch, values.len()) {
                 (_, 0) => None,
-                (false, _) => Some(serde_json::to_vec(&values.remove(0))),
-                (true, _) => Some(serde_json::to_vec(&values)),
-            }
-            .map(|r| r.expect("a Value always serializes"));
+                (false, _) => Some(values.remove(0)),
+                (true, _) => Some(Value::Array(values)),
+            };
             let _ = reply.send(Reply {
-                bytes,
+                answer,
                 subscription,
             });
         }
@@ -281,7 +281,12 @@ impl Daemon {
         }
     }
 
-    fn dispatch(&mut self, call: Call, sub: &mut Option<channel::Receiver<Arc<str>>>) -> Outcome {
+    fn dispatch(
+        &mut self,
+        mut call: Call,
+        sub: &mut Option<channel::Receiver<Arc<str>>>,
+    ) -> Outcome {
+        let id = call.id.take();
         let mutating = matches!(
             call.method.as_str(),
             "keepalive.add" | "keepalive.del" | "keepalive.flush"
@@ -292,10 +297,16 @@ impl Daemon {
                 self.ctl.journal_failed.clone().unwrap_or_default(),
             ))
         } else {
+            // `args` is read for add/del/get by the connection's thread;
+            // read here when a call was made some other way.
+            let args = |call: Call| {
+                call.args
+                    .unwrap_or_else(|| rpc::Args::read(&call.method, call.params))
+            };
             match call.method.as_str() {
-                "keepalive.add" => self.rpc_add(call.params),
-                "keepalive.del" => self.rpc_del(call.params),
-                "keepalive.get" => self.rpc_get(call.params),
+                "keepalive.add" => args(call).and_then(|a| self.rpc_add(a)),
+                "keepalive.del" => args(call).and_then(|a| self.rpc_del(a)),
+                "keepalive.get" => args(call).and_then(|a| self.rpc_get(a)),
                 "keepalive.list" => self.rpc_list(call.params),
                 "keepalive.flush" => self.rpc_flush(call.params),
                 "keepalive.stats" => self.rpc_stats(call.params),
@@ -310,7 +321,7 @@ impl Daemon {
             }
         };
         Outcome {
-            id: call.id,
+            id,
             mutated: mutating && result.is_ok(),
             result,
         }
@@ -320,18 +331,18 @@ impl Daemon {
         self.ctl.registry.as_ref()?.find(aor, uri)
     }
 
-    fn rpc_add(&mut self, params: Value) -> Result<Value, RpcError> {
-        let mut p = Params::new(
-            params,
-            "keepalive.add",
-            &["uri", "aor", "received", "path", "interval", "owner"],
-        )?;
-        let uri = p.req_str("uri")?;
-        let aor = p.opt_str("aor")?;
-        let received = p.opt_str("received")?;
-        let path = p.opt_str("path")?;
-        let interval = p.opt_duration("interval")?;
-        let owner = p.opt_str("owner")?;
+    fn rpc_add(&mut self, args: rpc::Args) -> Result<Value, RpcError> {
+        let rpc::Args::Add(rpc::AddArgs {
+            uri,
+            aor,
+            received,
+            path,
+            interval,
+            owner,
+        }) = args
+        else {
+            return Err(RpcError::invalid_params("keepalive.add: not add params"));
+        };
         if let Some(iv) = interval {
             if iv < Duration::from_millis(10) || iv <= self.settings.reply_timeout {
                 return Err(RpcError::invalid_params(format!(
@@ -433,12 +444,13 @@ impl Daemon {
         (rec.generation == loc.handle.generation).then_some(rec)
     }
 
-    fn key_params(
-        params: Value,
-        method: &'static str,
-    ) -> Result<(String, Option<String>), RpcError> {
-        let mut p = Params::new(params, method, &["uri", "aor"])?;
-        Ok((p.req_str("uri")?, p.opt_str("aor")?))
+    fn key_of(args: rpc::Args, method: &str) -> Result<(String, Option<String>), RpcError> {
+        match args {
+            rpc::Args::Key { uri, aor } => Ok((uri, aor)),
+            rpc::Args::Add(_) => Err(RpcError::invalid_params(format!(
+                "{method}: not key params"
+            ))),
+        }
     }
 
     fn not_found(method: &str, uri: &str, aor: Option<&str>) -> RpcError {
@@ -451,8 +463,8 @@ impl Daemon {
         )
     }
 
-    fn rpc_del(&mut self, params: Value) -> Result<Value, RpcError> {
-        let (uri, aor) = Self::key_params(params, "keepalive.del")?;
+    fn rpc_del(&mut self, args: rpc::Args) -> Result<Value, RpcError> {
+        let (uri, aor) = Self::key_of(args, "keepalive.del")?;
         let loc = self
             .registry_find(aor.as_deref(), &uri)
             .ok_or_else(|| Self::not_found("keepalive.del", &uri, aor.as_deref()))?;
@@ -513,8 +525,8 @@ impl Daemon {
         v
     }
 
-    fn rpc_get(&mut self, params: Value) -> Result<Value, RpcError> {
-        let (uri, aor) = Self::key_params(params, "keepalive.get")?;
+    fn rpc_get(&mut self, args: rpc::Args) -> Result<Value, RpcError> {
+        let (uri, aor) = Self::key_of(args, "keepalive.get")?;
         let loc = self
             .registry_find(aor.as_deref(), &uri)
             .ok_or_else(|| Self::not_found("keepalive.get", &uri, aor.as_deref()))?;
