@@ -298,6 +298,10 @@ struct ControlBenchArgs {
     /// Responder threads.
     #[arg(long, default_value_t = 1)]
     responder_threads: usize,
+    /// Connections sending batches at once, each one batch at a time (as
+    /// several registrar processes would).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Daemon slab capacity (default: (contacts + adds) × 1.25).
     #[arg(long)]
     max_contacts: Option<u32>,
@@ -509,6 +513,7 @@ fn run_control_bench(a: ControlBenchArgs) -> Result<(), String> {
         contacts: a.contacts,
         adds: a.adds,
         batch: a.batch as usize,
+        connections: a.connections,
         workers: a.workers,
         backend: a.backend,
         interval: Duration::from_nanos(a.interval_ns),

@@ -78,6 +78,8 @@ pub struct ControlBenchConfig {
     pub adds: u64,
     /// Requests per JSON-RPC batch.
     pub batch: usize,
+    /// Connections sending batches at once (each one batch at a time).
+    pub connections: usize,
     pub workers: Option<u32>,
     pub backend: String,
     /// Ping interval of the file contacts.
@@ -102,6 +104,7 @@ pub struct ControlBenchReport {
     pub contacts: u64,
     pub adds: u64,
     pub batch: usize,
+    pub connections: usize,
     pub workers: u32,
     pub backend: String,
     pub interval_s: f64,
@@ -238,56 +241,102 @@ impl Mark {
     }
 }
 
-/// Sends `method` for every index of `indexes`, `batch` per JSON-RPC array,
-/// one batch at a time, and measures it.
+/// What one connection's share of a phase came to.
+#[derive(Default)]
+struct Share {
+    latencies_us: Vec<u64>,
+    batches: u64,
+    requests: u64,
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+/// Sends `method` for every index of `indexes`, `batch` per JSON-RPC array.
+/// Batch k goes to connection k mod N; each connection sends its next batch
+/// once its previous one is answered (as N registrar processes would, each
+/// with its own socket), all at once. Measures the whole.
 fn run_phase(
-    client: &mut Client,
+    clients: &mut [Client],
     shm: &ShmReader,
     daemon_pid: u32,
     method: &'static str,
     indexes: std::ops::Range<u64>,
     batch: usize,
-    params: impl Fn(u64) -> Value,
+    params: impl Fn(u64) -> Value + Sync,
 ) -> Result<PhaseReport, String> {
-    let mut r = PhaseReport::default();
-    let mut latencies_us = Vec::with_capacity(indexes.clone().count().div_ceil(batch));
-    let mut calls: Vec<(&str, Value)> = Vec::with_capacity(batch);
+    let n = clients.len() as u64;
+    let batches = (indexes.end - indexes.start).div_ceil(batch as u64);
     let before = Mark::take(shm, daemon_pid);
     let own_ticks = || cpu_ticks(std::process::id()).unwrap_or(0);
     let client_ticks = own_ticks();
     let started = Instant::now();
-    let mut next = indexes.start;
-    while next < indexes.end {
-        let end = (next + batch as u64).min(indexes.end);
-        calls.clear();
-        calls.extend((next..end).map(|i| (method, params(i))));
-        let sent_at = Instant::now();
-        let results = client.batch(&calls).map_err(|e| {
-            format!(
-                "{method} batch {} (after {} acknowledged): {}",
-                r.batches + 1,
-                r.ok,
-                e.describe(method, None)
-            )
-        })?;
-        latencies_us.push(sent_at.elapsed().as_micros() as u64);
-        r.batches += 1;
-        for res in results {
-            match res {
-                Ok(_) => r.ok += 1,
-                Err(e) => {
-                    r.failed += 1;
-                    if r.first_error.is_none() {
-                        r.first_error = Some(e.to_string());
+    let params = &params;
+    let shares: Vec<Result<Share, String>> = thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .iter_mut()
+            .enumerate()
+            .map(|(c, client)| {
+                let indexes = indexes.clone();
+                scope.spawn(move || {
+                    let mut sh = Share::default();
+                    let mut calls: Vec<(&str, Value)> = Vec::with_capacity(batch);
+                    for k in (c as u64..batches).step_by(n as usize) {
+                        let first = indexes.start + k * batch as u64;
+                        let end = (first + batch as u64).min(indexes.end);
+                        calls.clear();
+                        calls.extend((first..end).map(|i| (method, params(i))));
+                        let sent_at = Instant::now();
+                        let results = client.batch(&calls).map_err(|e| {
+                            format!(
+                                "{method} batch {} of connection {c} (after {} acknowledged): {}",
+                                sh.batches + 1,
+                                sh.ok,
+                                e.describe(method, None)
+                            )
+                        })?;
+                        sh.latencies_us.push(sent_at.elapsed().as_micros() as u64);
+                        sh.batches += 1;
+                        sh.requests += end - first;
+                        for res in results {
+                            match res {
+                                Ok(_) => sh.ok += 1,
+                                Err(e) => {
+                                    sh.failed += 1;
+                                    if sh.first_error.is_none() {
+                                        sh.first_error = Some(e.to_string());
+                                    }
+                                }
+                            }
+                        }
                     }
-                }
-            }
-        }
-        r.requests += end - next;
-        next = end;
-    }
+                    Ok(sh)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a client thread panicked".to_string()))
+            })
+            .collect()
+    });
     let elapsed = started.elapsed();
     let after = Mark::take(shm, daemon_pid);
+    let mut r = PhaseReport::default();
+    let mut latencies_us = Vec::with_capacity(batches as usize);
+    for sh in shares {
+        let sh = sh?;
+        latencies_us.extend(sh.latencies_us);
+        r.batches += sh.batches;
+        r.requests += sh.requests;
+        r.ok += sh.ok;
+        r.failed += sh.failed;
+        if r.first_error.is_none() {
+            r.first_error = sh.first_error;
+        }
+    }
     latencies_us.sort_unstable();
     r.seconds = elapsed.as_secs_f64();
     r.per_s = r.requests as f64 / r.seconds.max(1e-9);
@@ -329,8 +378,8 @@ fn connect(path: &Path, daemon: &mut Guarded) -> Result<Client, String> {
 }
 
 pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
-    if cfg.contacts == 0 || cfg.adds == 0 || cfg.batch == 0 {
-        return Err("--contacts, --adds and --batch must be at least 1".to_string());
+    if cfg.contacts == 0 || cfg.adds == 0 || cfg.batch == 0 || cfg.connections == 0 {
+        return Err("--contacts, --adds, --batch and --connections must be at least 1".to_string());
     }
     if cfg.contacts + cfg.adds > V4_ADDRS {
         return Err(format!(
@@ -505,10 +554,13 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
     let shm = ShmReader::open(&shm_path)
         .map_err(|e| format!("cannot open {}: {e}", shm_path.display()))?;
     let backend = backend.unwrap_or_else(|| shm.header().backend);
-    let mut client = connect(&socket, &mut daemon)?;
-    client
-        .set_timeout(Some(Duration::from_secs(BATCH_TIMEOUT_S)))
-        .map_err(|e| e.to_string())?;
+    let mut clients = Vec::with_capacity(cfg.connections);
+    for _ in 0..cfg.connections {
+        let mut c = connect(&socket, &mut daemon)?;
+        c.set_timeout(Some(Duration::from_secs(BATCH_TIMEOUT_S)))
+            .map_err(|e| e.to_string())?;
+        clients.push(c);
+    }
 
     // Pinging, then steady, then the baseline with no control traffic.
     let first_ping_by = Instant::now() + Duration::from_secs(FIRST_PING_TIMEOUT_S);
@@ -531,13 +583,13 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
     let added = cfg.contacts..cfg.contacts + cfg.adds;
     let port = responder_port;
     let add_interval_s = cfg.add_interval.as_secs_f64();
-    let (_, commits0) = stats_figures(&mut client)?;
+    let (_, commits0) = stats_figures(&mut clients[0])?;
     eprintln!(
         "control-bench: baseline {:.0} pings/s; adding {} contacts in batches of {} ...",
         baseline.sent_per_s, cfg.adds, cfg.batch
     );
     let mut add = run_phase(
-        &mut client,
+        &mut clients,
         &shm,
         daemon_pid,
         "keepalive.add",
@@ -545,11 +597,11 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
         cfg.batch,
         |i| json!({"uri": contact_uri(i, port, 1, false), "interval": add_interval_s, "owner": OWNER}),
     )?;
-    let (contacts_after_adds, commits1) = stats_figures(&mut client)?;
+    let (contacts_after_adds, commits1) = stats_figures(&mut clients[0])?;
     daemon.check_alive()?;
     eprintln!("control-bench: {:.0} adds/s; deleting them ...", add.per_s);
     let mut del = run_phase(
-        &mut client,
+        &mut clients,
         &shm,
         daemon_pid,
         "keepalive.del",
@@ -557,9 +609,9 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
         cfg.batch,
         |i| json!({"uri": contact_uri(i, port, 1, false)}),
     )?;
-    let (contacts_after_dels, commits2) = stats_figures(&mut client)?;
+    let (contacts_after_dels, commits2) = stats_figures(&mut clients[0])?;
     daemon.check_alive()?;
-    drop(client);
+    drop(clients);
 
     let ratio = |r: &PingRates| {
         if baseline.sent_per_s > 0.0 {
@@ -586,6 +638,7 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
         contacts: cfg.contacts,
         adds: cfg.adds,
         batch: cfg.batch,
+        connections: cfg.connections,
         workers,
         backend,
         interval_s: cfg.interval.as_secs_f64(),
@@ -614,8 +667,15 @@ fn opt(v: Option<u64>) -> String {
 pub fn print_text(r: &ControlBenchReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "kaping control-bench: {} contacts pinged every {:.3} s, {} workers, backend {}; {} adds then dels in batches of {}",
-        r.contacts, r.interval_s, r.workers, r.backend, r.adds, r.batch
+        "kaping control-bench: {} contacts pinged every {:.3} s, {} workers, backend {}; {} adds then dels in batches of {} over {} connection{}",
+        r.contacts,
+        r.interval_s,
+        r.workers,
+        r.backend,
+        r.adds,
+        r.batch,
+        r.connections,
+        if r.connections == 1 { "" } else { "s" }
     )?;
     writeln!(
         out,
@@ -782,6 +842,7 @@ tmpfs /dev/shm tmpfs rw 0 0
             contacts: 200_000,
             adds: 200_000,
             batch: 1000,
+            connections: 1,
             workers: 1,
             backend: "uring".into(),
             interval_s: 5.0,
