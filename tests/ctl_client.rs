@@ -125,7 +125,7 @@ fn contact(i: u64) -> Value {
     json!({
         "uri": format!("sip:u{i}@127.0.0.{}:5060", 1 + i % 250), "aor": null, "received": null,
         "path": null, "owner": null, "interval_ms": 30000, "dest": format!("127.0.0.{}:5060", 1 + i % 250),
-        "worker": 0, "slot": i, "state": if i % 3 == 0 { "down" } else { "up" }, "misses": 0,
+        "worker": 0, "slot": i, "state": if i.is_multiple_of(3) { "down" } else { "up" }, "misses": 0,
         "sent": 4, "answered": 4, "rtt_last_us": 800, "rtt_min_us": 700, "rtt_max_us": 900,
         "srtt_us": 810, "rttvar_us": 40, "last_code": 200, "last_ping": null, "last_reply": null,
         "source": "control"

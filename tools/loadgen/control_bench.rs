@@ -784,6 +784,7 @@ tmpfs /dev/shm tmpfs rw 0 0
             contacts: 10,
             adds: V4_ADDRS,
             batch: 1000,
+            connections: 1,
             workers: Some(1),
             backend: "auto".into(),
             interval: Duration::from_secs(5),
@@ -805,7 +806,16 @@ tmpfs /dev/shm tmpfs rw 0 0
             ..cfg
         };
         assert!(run(&cfg).unwrap_err().contains("at least 1"));
-        let cfg = ControlBenchConfig { batch: 10, ..cfg };
+        let cfg = ControlBenchConfig {
+            batch: 10,
+            connections: 0,
+            ..cfg
+        };
+        assert!(run(&cfg).unwrap_err().contains("at least 1"));
+        let cfg = ControlBenchConfig {
+            connections: 2,
+            ..cfg
+        };
         assert!(run(&cfg)
             .unwrap_err()
             .contains("no kaping daemon at /nonexistent/kaping"));
