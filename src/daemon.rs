@@ -25,7 +25,7 @@ use crossbeam::queue::ArrayQueue;
 use socket2::Socket;
 
 use crate::config::{BackendChoice, EventsTo, RawConfig, Settings, Steering};
-use crate::contact::{ContactSpec, Resolver};
+use crate::contact::{ContactError, ContactSpec, Resolver};
 use crate::control::registry::{Entry, Registry, Source};
 use crate::control::server::{ControlServer, Request};
 use crate::engine::liveness::{Policy, Reason, State};
@@ -103,6 +103,11 @@ struct ControlPlane {
     subscribers: Vec<Sender<std::sync::Arc<str>>>,
     /// Journal ops made since the last commit (gone notices).
     uncommitted: Vec<Op>,
+    /// Histories handed to workers (restored or kept by an update) that a
+    /// worker may not have published in shared memory yet. A snapshot taken
+    /// before it has uses these, not "no history"; each is dropped once a
+    /// snapshot finds its slot published (or its contact gone).
+    pending_history: std::collections::HashMap<crate::control::registry::Loc, SlotRecord>,
     /// Set when a journal commit failed: changes are refused from then on.
     journal_failed: Option<String>,
     snapshot_running: Option<JoinHandle<Result<SnapshotStats, StateError>>>,
@@ -532,6 +537,9 @@ impl Daemon {
             return Err(Refusal::Full(self.full_message(p.worker)));
         };
         p.contact.handle = Some(loc.handle);
+        if let Some(h) = &history {
+            self.ctl.pending_history.insert(loc, *h);
+        }
         p.contact.history = history;
         self.queue_add(p.worker, p.contact);
         Ok(loc)
@@ -540,8 +548,10 @@ impl Daemon {
     /// Checks a contact and builds what its worker needs; the error is the
     /// reason, for the operator.
     fn prepare(&mut self, spec: &ContactSpec) -> Result<Prepared, String> {
+        // Parsed once for the destination and the To header.
+        let contact_uri = SipUri::parse(&spec.uri).map_err(|e| ContactError::Uri(e).to_string())?;
         let dest = spec
-            .destination(&mut self.resolver)
+            .destination_parsed(&contact_uri, &mut self.resolver)
             .map_err(|e| e.to_string())?;
         let Some(sock) = self.family_sock[dest.is_ipv6() as usize] else {
             let (fam, setting) = if dest.is_ipv6() {
@@ -558,10 +568,7 @@ impl Daemon {
         let to = match &spec.aor {
             Some(aor) => to_uri(aor, self.settings.domain.as_deref())
                 .map_err(|e| format!("AoR '{aor}': {e}"))?,
-            None => match SipUri::parse(&spec.uri) {
-                Ok(u) => strip_params(&spec.uri, &u),
-                Err(e) => return Err(format!("contact URI: {e}")),
-            },
+            None => strip_params(&spec.uri, &contact_uri),
         };
         let uri = request_uri(&spec.uri).to_string();
         let text = ContactText {

@@ -765,14 +765,32 @@ impl Daemon {
     }
 
     /// Every contact added through the control socket, with its liveness.
-    fn durable_contacts(&self) -> Vec<(ContactRecord, Option<crate::state::History>)> {
+    /// A contact whose worker has not published it yet (just restored, or
+    /// updated) gets the history it was handed with.
+    fn durable_contacts(&mut self) -> Vec<(ContactRecord, Option<crate::state::History>)> {
         let Some(reg) = &self.ctl.registry else {
             return Vec::new();
         };
-        reg.iter_from(0)
-            .filter(|(_, e)| e.source == Source::Control)
-            .map(|(loc, e)| (e.rec.clone(), self.read_slot(loc).map(|s| history_of(&s))))
-            .collect()
+        let pending = &mut self.ctl.pending_history;
+        let mut out = Vec::with_capacity(reg.len());
+        for (loc, e) in reg.iter_from(0) {
+            if e.source != Source::Control {
+                continue;
+            }
+            let slot = match self.ctl.reader.as_ref().and_then(|r| {
+                r.read_slot(loc.worker as u32, loc.handle.slot)
+                    .filter(|s| s.generation == loc.handle.generation)
+            }) {
+                Some(s) => {
+                    pending.remove(&loc);
+                    Some(s)
+                }
+                None => pending.get(&loc).copied(),
+            };
+            out.push((e.rec.clone(), slot.map(|s| history_of(&s))));
+        }
+        pending.retain(|loc, _| reg.get(*loc).is_some());
+        out
     }
 
     /// Last step of a clean stop (workers have stopped, so histories are
