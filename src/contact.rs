@@ -66,6 +66,15 @@ impl ContactSpec {
         // Validate the URI even when another field decides the destination:
         // it is the Request-URI of every ping.
         let contact = uri::SipUri::parse(&self.uri).map_err(ContactError::Uri)?;
+        self.destination_parsed(&contact, resolver)
+    }
+
+    /// [`ContactSpec::destination`] with `self.uri` already parsed.
+    pub fn destination_parsed(
+        &self,
+        contact: &uri::SipUri<'_>,
+        resolver: &mut Resolver,
+    ) -> Result<SocketAddr, ContactError> {
         let transport = contact.transport();
         if transport != Transport::Udp {
             return Err(ContactError::Transport(transport));
@@ -73,18 +82,19 @@ impl ContactSpec {
         if let Some(addr) = self.send_to {
             return Ok(addr);
         }
-        let dest = uri::destination_of(&self.uri, self.received.as_deref(), self.path.as_deref())
-            .map_err(|e| match e.part {
-            UriPart::Contact => ContactError::Uri(e.error),
-            UriPart::Received => ContactError::Field {
-                field: "received",
-                source: e.error,
-            },
-            UriPart::Path => ContactError::Field {
-                field: "path",
-                source: e.error,
-            },
-        })?;
+        let dest =
+            uri::destination_of_parsed(contact, self.received.as_deref(), self.path.as_deref())
+                .map_err(|e| match e.part {
+                    UriPart::Contact => ContactError::Uri(e.error),
+                    UriPart::Received => ContactError::Field {
+                        field: "received",
+                        source: e.error,
+                    },
+                    UriPart::Path => ContactError::Field {
+                        field: "path",
+                        source: e.error,
+                    },
+                })?;
         if dest.transport != Transport::Udp {
             return Err(ContactError::Transport(dest.transport));
         }

@@ -727,8 +727,21 @@ pub fn destination_of(
     received: Option<&str>,
     path: Option<&str>,
 ) -> Result<Destination, DestinationError> {
+    let contact_uri = SipUri::parse(contact).map_err(|error| DestinationError {
+        part: UriPart::Contact,
+        error,
+    })?;
+    destination_of_parsed(&contact_uri, received, path)
+}
+
+/// [`destination_of`] for a contact URI the caller has already parsed (the
+/// daemon parses each contact once for all it needs).
+pub fn destination_of_parsed(
+    contact_uri: &SipUri<'_>,
+    received: Option<&str>,
+    path: Option<&str>,
+) -> Result<Destination, DestinationError> {
     let on = |part| move |error| DestinationError { part, error };
-    let contact_uri = SipUri::parse(contact).map_err(on(UriPart::Contact))?;
     if let Some(received) = received.filter(|r| !r.is_empty()) {
         let uri = SipUri::parse(received).map_err(on(UriPart::Received))?;
         return Ok(destination_from_uri(&uri));
@@ -736,7 +749,7 @@ pub fn destination_of(
     if let Some(path) = path.filter(|p| !p.is_empty()) {
         return path_destination(path).map_err(on(UriPart::Path));
     }
-    Ok(destination_from_uri(&contact_uri))
+    Ok(destination_from_uri(contact_uri))
 }
 
 fn path_destination(path: &str) -> Result<Destination, UriError> {
