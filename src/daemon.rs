@@ -529,7 +529,7 @@ impl Daemon {
             .as_mut()
             .expect("place needs the registry");
         let entry = Entry {
-            rec,
+            rec: crate::control::registry::PackedRecord::new(&rec),
             source,
             dest: p.contact.dest,
         };

@@ -731,7 +731,11 @@ fn kill_9_never_loses_an_acknowledged_contact() {
                 .count()
         };
         assert_eq!(state_of_first("unknown"), 0, "run {run}: liveness restored");
-        assert!(state_of_first("up") >= 9_900, "run {run}: {} up", state_of_first("up"));
+        assert!(
+            state_of_first("up") >= 9_900,
+            "run {run}: {} up",
+            state_of_first("up")
+        );
         d = Some(back);
     }
     d.unwrap().stop();

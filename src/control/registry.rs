@@ -10,8 +10,9 @@
 //! `Gone` notice and is forgotten here.
 //!
 //! Owned by the daemon's main thread; nothing here is on a packet path.
-//! The hash index stores 8-byte locations, not keys: the key is compared in
-//! the slab entry it points to, so each key's text is held once.
+//! The hash index stores locations with their key's hash (16 bytes), not
+//! keys: the key is compared in the slab entry it points to, so each key's
+//! text is held once, in the entry's [`PackedRecord`].
 
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::SocketAddr;
@@ -38,10 +39,104 @@ impl Source {
     }
 }
 
+/// A contact's parameters ([`ContactRecord`]) in one allocation: the
+/// registry holds one per contact, a million or more, and five `String`s
+/// with their `Option`s cost 128 bytes before any text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedRecord {
+    /// uri, aor, received, path, owner, back to back.
+    text: Box<str>,
+    /// End of each of the five in `text`.
+    ends: [u32; 5],
+    /// Bit i: field i is present (aor..owner; the uri always is).
+    present: u8,
+    interval_ms: Option<u32>,
+}
+
+impl PackedRecord {
+    pub fn new(r: &ContactRecord) -> PackedRecord {
+        let fields = [
+            Some(r.uri.as_str()),
+            r.aor.as_deref(),
+            r.received.as_deref(),
+            r.path.as_deref(),
+            r.owner.as_deref(),
+        ];
+        let mut text = String::with_capacity(fields.iter().flatten().map(|f| f.len()).sum());
+        let mut ends = [0u32; 5];
+        let mut present = 0u8;
+        for (i, f) in fields.iter().enumerate() {
+            if let Some(f) = f {
+                text.push_str(f);
+                present |= 1 << i;
+            }
+            // Request sizes are bounded far below 4 GiB (control_max_request).
+            ends[i] = u32::try_from(text.len()).expect("a contact's text is under 4 GiB");
+        }
+        PackedRecord {
+            text: text.into_boxed_str(),
+            ends,
+            present,
+            interval_ms: r.interval_ms,
+        }
+    }
+
+    fn field(&self, i: usize) -> Option<&str> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        (self.present & (1 << i) != 0).then(|| &self.text[start..self.ends[i] as usize])
+    }
+
+    pub fn uri(&self) -> &str {
+        self.field(0).unwrap_or("")
+    }
+    pub fn aor(&self) -> Option<&str> {
+        self.field(1)
+    }
+    pub fn received(&self) -> Option<&str> {
+        self.field(2)
+    }
+    pub fn path(&self) -> Option<&str> {
+        self.field(3)
+    }
+    pub fn owner(&self) -> Option<&str> {
+        self.field(4)
+    }
+    pub fn interval_ms(&self) -> Option<u32> {
+        self.interval_ms
+    }
+
+    /// [`ContactRecord::key`].
+    pub fn key(&self) -> String {
+        crate::state::contact_key(self.aor(), self.uri())
+    }
+
+    pub fn record(&self) -> ContactRecord {
+        let owned = |f: Option<&str>| f.map(str::to_string);
+        ContactRecord {
+            uri: self.uri().to_string(),
+            aor: owned(self.aor()),
+            received: owned(self.received()),
+            path: owned(self.path()),
+            interval_ms: self.interval_ms,
+            owner: owned(self.owner()),
+        }
+    }
+
+    /// Whether `r` holds the same parameters.
+    pub fn is(&self, r: &ContactRecord) -> bool {
+        self.uri() == r.uri
+            && self.aor() == r.aor.as_deref()
+            && self.received() == r.received.as_deref()
+            && self.path() == r.path.as_deref()
+            && self.owner() == r.owner.as_deref()
+            && self.interval_ms == r.interval_ms
+    }
+}
+
 /// One contact as the registry knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub rec: ContactRecord,
+    pub rec: PackedRecord,
     pub source: Source,
     /// The resolved destination (for listings and to see whether an
     /// update moves the contact).
@@ -100,7 +195,7 @@ impl Registry {
             .find(hash, |(h, loc)| {
                 *h == hash
                     && Self::entry_of(&self.slabs, loc)
-                        .is_some_and(|e| e.rec.uri == uri && e.rec.aor.as_deref() == aor)
+                        .is_some_and(|e| e.rec.uri() == uri && e.rec.aor() == aor)
             })
             .map(|&(_, loc)| loc)
     }
@@ -112,11 +207,10 @@ impl Registry {
     /// Stores a contact whose key is not present, in a slot of `worker`.
     pub fn insert(&mut self, worker: u8, entry: Entry) -> Result<Loc, SlabFull> {
         debug_assert!(
-            self.find(entry.rec.aor.as_deref(), &entry.rec.uri)
-                .is_none(),
+            self.find(entry.rec.aor(), entry.rec.uri()).is_none(),
             "key already present"
         );
-        let hash = Self::hash(&self.hasher, entry.rec.aor.as_deref(), &entry.rec.uri);
+        let hash = Self::hash(&self.hasher, entry.rec.aor(), entry.rec.uri());
         let handle = self.slabs[worker as usize].insert(entry)?;
         let loc = Loc { worker, handle };
         self.index.insert_unique(hash, (hash, loc), |&(h, _)| h);
@@ -127,7 +221,7 @@ impl Registry {
     /// nothing.
     pub fn remove(&mut self, loc: Loc) -> Option<Entry> {
         let e = Self::entry_of(&self.slabs, &loc)?;
-        let hash = Self::hash(&self.hasher, e.rec.aor.as_deref(), &e.rec.uri);
+        let hash = Self::hash(&self.hasher, e.rec.aor(), e.rec.uri());
         if let Ok(found) = self.index.find_entry(hash, |&(_, l)| l == loc) {
             found.remove();
         }
@@ -184,14 +278,43 @@ mod tests {
 
     fn entry(aor: Option<&str>, uri: &str) -> Entry {
         Entry {
-            rec: ContactRecord {
+            rec: PackedRecord::new(&ContactRecord {
                 uri: uri.into(),
                 aor: aor.map(Into::into),
                 ..ContactRecord::default()
-            },
+            }),
             source: Source::Control,
             dest: "127.0.0.1:5060".parse().unwrap(),
         }
+    }
+
+    #[test]
+    fn a_packed_record_gives_back_what_it_was_given() {
+        let full = ContactRecord {
+            uri: "sip:alice@192.0.2.10:5060;transport=udp".into(),
+            aor: Some("alice@example.com".into()),
+            received: Some("203.0.113.7:41022".into()),
+            path: Some("<sip:edge.example;lr>".into()),
+            interval_ms: Some(30_000),
+            owner: Some("registrar-1".into()),
+        };
+        // Absent and empty differ; neighbours never bleed into each other.
+        let sparse = ContactRecord {
+            uri: "sip:b@h".into(),
+            received: Some(String::new()),
+            owner: Some("o".into()),
+            ..ContactRecord::default()
+        };
+        for r in [full, sparse, ContactRecord::default()] {
+            let p = PackedRecord::new(&r);
+            assert_eq!(p.record(), r);
+            assert!(p.is(&r));
+            assert_eq!(p.key(), r.key());
+            let mut other = r.clone();
+            other.interval_ms = Some(1);
+            assert!(!p.is(&other));
+        }
+        assert!(std::mem::size_of::<PackedRecord>() <= 48);
     }
 
     #[test]
@@ -223,7 +346,7 @@ mod tests {
         r.insert(0, entry(None, "sip:z@h")).unwrap();
         let all: Vec<_> = r
             .iter_from(0)
-            .map(|(l, e)| (l.cursor(), e.rec.uri.clone()))
+            .map(|(l, e)| (l.cursor(), e.rec.uri().to_string()))
             .collect();
         assert_eq!(
             all,
@@ -262,7 +385,7 @@ mod tests {
                 }
                 _ => {
                     if let Some(loc) = model.remove(&key) {
-                        assert_eq!(r.remove(loc).unwrap().rec.uri, uri);
+                        assert_eq!(r.remove(loc).unwrap().rec.uri(), uri);
                     }
                 }
             }

@@ -363,7 +363,7 @@ impl Daemon {
         let mut history = None;
         if let Some(loc) = existing {
             let e = self.registry_entry(loc);
-            if e.rec == rec && e.source == Source::Control {
+            if e.rec.is(&rec) && e.source == Source::Control {
                 return Ok(json!({
                     "status": "unchanged", "uri": rec.uri, "aor": rec.aor,
                     "worker": loc.worker, "slot": loc.handle.slot,
@@ -485,11 +485,11 @@ impl Daemon {
 
     fn contact_json(&self, loc: Loc, e: &Entry, slot: Option<&SlotRecord>) -> Value {
         let mut v = json!({
-            "uri": e.rec.uri,
-            "aor": e.rec.aor,
-            "received": e.rec.received,
-            "path": e.rec.path,
-            "owner": e.rec.owner,
+            "uri": e.rec.uri(),
+            "aor": e.rec.aor(),
+            "received": e.rec.received(),
+            "path": e.rec.path(),
+            "owner": e.rec.owner(),
             "dest": e.dest.to_string(),
             "worker": loc.worker,
             "slot": loc.handle.slot,
@@ -497,7 +497,7 @@ impl Daemon {
         });
         let interval_ms = e
             .rec
-            .interval_ms
+            .interval_ms()
             .unwrap_or(self.settings.interval.as_millis() as u32);
         v["interval_ms"] = interval_ms.into();
         // The same keys whether or not the worker has published the contact
@@ -562,7 +562,7 @@ impl Daemon {
         let mut contacts = Vec::new();
         let mut next = Value::Null;
         for (loc, e) in reg.iter_from(cursor) {
-            if owner.is_some() && e.rec.owner != owner {
+            if owner.is_some() && e.rec.owner() != owner.as_deref() {
                 continue;
             }
             let slot = self.read_slot(loc);
@@ -586,7 +586,7 @@ impl Daemon {
         let locs: Vec<Loc> = match &self.ctl.registry {
             Some(reg) => reg
                 .iter_from(0)
-                .filter(|(_, e)| owner.is_none() || e.rec.owner == owner)
+                .filter(|(_, e)| owner.is_none() || e.rec.owner() == owner.as_deref())
                 .map(|(l, _)| l)
                 .collect(),
             None => Vec::new(),
@@ -787,7 +787,7 @@ impl Daemon {
                 }
                 None => pending.get(&loc).copied(),
             };
-            out.push((e.rec.clone(), slot.map(|s| history_of(&s))));
+            out.push((e.rec.record(), slot.map(|s| history_of(&s))));
         }
         pending.retain(|loc, _| reg.get(*loc).is_some());
         out
