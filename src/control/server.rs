@@ -231,6 +231,15 @@ fn accept_loop(
     }
 }
 
+/// A read that ended for lack of input within the tick (or a signal), not
+/// because the connection failed.
+fn is_tick(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 fn write_line(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(v).expect("a Value always serializes");
     bytes.push(b'\n');
@@ -268,13 +277,7 @@ impl Connection {
                         return;
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if is_tick(&e) => {}
                 Err(_) => return,
             }
             if let Next::Close = self.forward_events() {
@@ -337,13 +340,7 @@ impl Connection {
             match self.stream.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => left = left.saturating_sub(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if is_tick(&e) => {}
                 Err(_) => return,
             }
         }

@@ -510,6 +510,137 @@ pub(crate) fn duration_flag(d: Duration) -> String {
     format!("{}us", d.as_micros().max(1))
 }
 
+/// Starts the `serve` responder child on `0.0.0.0:port` and waits until it
+/// says it is ready. `backstop_s`: it stops by itself after that long.
+pub(crate) fn spawn_responder(
+    port: u16,
+    threads: usize,
+    latency_ns: u64,
+    backstop_s: u64,
+) -> Result<Guarded, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let mut serve = Command::new(exe);
+    serve.args([
+        "serve",
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--threads",
+        &threads.to_string(),
+        "--latency",
+        &format!("{latency_ns}ns"),
+        "--rcvbuf",
+        &RESPONDER_BUFFER_BYTES.to_string(),
+        "--sndbuf",
+        &RESPONDER_BUFFER_BYTES.to_string(),
+        "--stop-on-stdin-eof",
+        "--json",
+        "--seconds",
+        &backstop_s.to_string(),
+    ]);
+    let mut responder = Guarded::spawn("responder", serve)?;
+    let ready_by = Instant::now() + Duration::from_secs(READY_TIMEOUT_S);
+    loop {
+        let line = responder.next_line(ready_by)?;
+        if line.trim() == "ready" {
+            return Ok(responder);
+        }
+        if !line.starts_with("listening ") {
+            eprintln!("responder: {}", line.trim());
+        }
+    }
+}
+
+/// What the benches give every daemon they start.
+pub(crate) struct DaemonArgs<'a> {
+    pub kaping: &'a Path,
+    pub contacts: &'a Path,
+    pub shm: &'a Path,
+    pub bind_port: u16,
+    pub workers: u32,
+    pub backend: &'a str,
+    pub interval: Duration,
+    pub reply_timeout: Duration,
+    pub instance: &'a str,
+    pub max_contacts: u32,
+    /// `--run-for` (its own backstop).
+    pub run_for: Duration,
+}
+
+/// The `kaping run` command of a bench (more flags may be added).
+pub(crate) fn daemon_command(a: &DaemonArgs) -> Command {
+    let mut run = Command::new(a.kaping);
+    run.args(["run", "--contacts"])
+        .arg(a.contacts)
+        .arg("--shm")
+        .arg(a.shm)
+        .args([
+            "--bind",
+            &format!("127.0.0.1:{}", a.bind_port),
+            "--workers",
+            &a.workers.to_string(),
+            "--backend",
+            a.backend,
+            "--interval",
+            &duration_flag(a.interval),
+            "--reply-timeout",
+            &duration_flag(a.reply_timeout),
+            "--down-after",
+            "3",
+            "--events",
+            "none",
+            "--instance",
+            a.instance,
+            "--max-contacts",
+            &a.max_contacts.to_string(),
+            "--run-for",
+            &format!("{:.3}s", a.run_for.as_secs_f64()),
+        ]);
+    run
+}
+
+/// A bench daemon's start, from its stderr: the load summary, the backend
+/// it named, and its other lines (bounded).
+pub(crate) struct Started {
+    pub loaded: u64,
+    pub skipped: u64,
+    pub load_seconds: f64,
+    pub backend: Option<String>,
+    pub messages: Vec<String>,
+}
+
+/// Reads the daemon's lines until it reports its contacts loaded. A daemon
+/// that refuses its flags says why on stderr: that line is kept in the
+/// error.
+pub(crate) fn wait_loaded(daemon: &mut Guarded, load_timeout: Duration) -> Result<Started, String> {
+    let load_by = Instant::now() + load_timeout;
+    let mut backend = None;
+    let mut messages: Vec<String> = Vec::new();
+    loop {
+        let said = messages
+            .iter()
+            .find(|m| m.contains("error"))
+            .or(messages.last());
+        let line = daemon.next_line(load_by).map_err(|e| match said {
+            Some(last) => format!("{e}: {last}"),
+            None => e,
+        })?;
+        if let Some((loaded, skipped, load_seconds)) = parse_load_line(&line) {
+            return Ok(Started {
+                loaded,
+                skipped,
+                load_seconds,
+                backend,
+                messages,
+            });
+        }
+        if line.contains(" workers, backend ") {
+            backend = parse_backend(&line);
+        } else if messages.len() < MESSAGES_MAX {
+            messages.push(line);
+        }
+    }
+}
+
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     if cfg.contacts == 0 || cfg.seconds == 0 || cfg.ceiling_seconds == 0 {
         return Err("--contacts, --seconds and --ceiling-seconds must be at least 1".to_string());
@@ -592,65 +723,27 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     let run_for_s = cfg.warmup.as_secs_f64() + f64::from(cfg.seconds) + RUN_FOR_MARGIN_S;
     let backstop_s = load_timeout.as_secs_f64() + run_for_s + 30.0;
 
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
-    let mut serve = Command::new(exe);
-    serve.args([
-        "serve",
-        "--listen",
-        &format!("0.0.0.0:{responder_port}"),
-        "--threads",
-        &cfg.responder_threads.to_string(),
-        "--latency",
-        &format!("{}ns", cfg.latency_ns),
-        "--rcvbuf",
-        &RESPONDER_BUFFER_BYTES.to_string(),
-        "--sndbuf",
-        &RESPONDER_BUFFER_BYTES.to_string(),
-        "--stop-on-stdin-eof",
-        "--json",
-        "--seconds",
-        &format!("{backstop_s:.0}"),
-    ]);
-    let mut responder = Guarded::spawn("responder", serve)?;
-    let ready_by = Instant::now() + Duration::from_secs(READY_TIMEOUT_S);
-    loop {
-        let line = responder.next_line(ready_by)?;
-        if line.trim() == "ready" {
-            break;
-        }
-        if !line.starts_with("listening ") {
-            eprintln!("responder: {}", line.trim());
-        }
-    }
+    let mut responder = spawn_responder(
+        responder_port,
+        cfg.responder_threads,
+        cfg.latency_ns,
+        backstop_s.ceil() as u64,
+    )?;
 
     let shm_path = dir.0.join("kaping.shm");
-    let mut run = Command::new(&kaping);
-    run.args(["run", "--contacts"])
-        .arg(&contacts_path)
-        .arg("--shm")
-        .arg(&shm_path)
-        .args([
-            "--bind",
-            &format!("127.0.0.1:{bind_port}"),
-            "--workers",
-            &workers.to_string(),
-            "--backend",
-            &cfg.backend,
-            "--interval",
-            &duration_flag(interval),
-            "--reply-timeout",
-            &duration_flag(reply_timeout),
-            "--down-after",
-            "3",
-            "--events",
-            "none",
-            "--instance",
-            "bench",
-            "--max-contacts",
-            &cfg.max_contacts.unwrap_or(cfg.contacts as u32).to_string(),
-            "--run-for",
-            &format!("{run_for_s:.3}s"),
-        ]);
+    let run = daemon_command(&DaemonArgs {
+        kaping: &kaping,
+        contacts: &contacts_path,
+        shm: &shm_path,
+        bind_port,
+        workers,
+        backend: &cfg.backend,
+        interval,
+        reply_timeout,
+        instance: "bench",
+        max_contacts: cfg.max_contacts.unwrap_or(cfg.contacts as u32),
+        run_for: Duration::from_secs_f64(run_for_s),
+    });
     eprintln!(
         "bench: {} contacts, interval {:.3} s (offered {:.0}/s), {workers} workers, backend {} ...",
         cfg.contacts,
@@ -660,20 +753,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     );
     let mut daemon = Guarded::spawn("daemon", run)?;
     let daemon_pid = daemon.pid();
-    let mut backend = None;
-    let mut messages = Vec::new();
-    let load_by = Instant::now() + load_timeout;
-    let (loaded, skipped, load_seconds) = loop {
-        let line = daemon.next_line(load_by)?;
-        if let Some(load) = parse_load_line(&line) {
-            break load;
-        }
-        if line.contains(" workers, backend ") {
-            backend = parse_backend(&line);
-        } else if messages.len() < MESSAGES_MAX {
-            messages.push(line);
-        }
-    };
+    let Started {
+        loaded,
+        skipped,
+        load_seconds,
+        backend,
+        mut messages,
+    } = wait_loaded(&mut daemon, load_timeout)?;
     if skipped > 0 || loaded != cfg.contacts {
         return Err(format!(
             "the daemon loaded {loaded} of {} contacts ({skipped} skipped){}",

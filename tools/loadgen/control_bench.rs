@@ -35,7 +35,6 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,9 +47,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::bench::{
-    cpu_ticks, duration_flag, free_ports, loadavg, parse_backend, parse_load_line, Guarded, Sample,
-    TempDir, LOAD_TIMEOUT_BASE_S, LOAD_TIMEOUT_PER_MILLION_S, MESSAGES_MAX, READY_TIMEOUT_S,
-    RESPONDER_BUFFER_BYTES, USER_HZ,
+    cpu_ticks, daemon_command, free_ports, loadavg, spawn_responder, wait_loaded, DaemonArgs,
+    Guarded, Sample, Started, TempDir, LOAD_TIMEOUT_BASE_S, LOAD_TIMEOUT_PER_MILLION_S,
+    MESSAGES_MAX, USER_HZ,
 };
 
 /// Slab headroom over contacts + adds: the daemon places each contact on a
@@ -447,71 +446,33 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
         + BACKSTOP_FLOOR_S
         + 2 * cfg.adds / BACKSTOP_CHANGES_PER_S;
 
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
-    let mut serve = Command::new(exe);
-    serve.args([
-        "serve",
-        "--listen",
-        &format!("0.0.0.0:{responder_port}"),
-        "--threads",
-        &cfg.responder_threads.to_string(),
-        "--latency",
-        &format!("{}ns", cfg.latency_ns),
-        "--rcvbuf",
-        &RESPONDER_BUFFER_BYTES.to_string(),
-        "--sndbuf",
-        &RESPONDER_BUFFER_BYTES.to_string(),
-        "--stop-on-stdin-eof",
-        "--json",
-        "--seconds",
-        &backstop_s.to_string(),
-    ]);
-    let mut responder = Guarded::spawn("responder", serve)?;
-    let ready_by = Instant::now() + Duration::from_secs(READY_TIMEOUT_S);
-    loop {
-        let line = responder.next_line(ready_by)?;
-        if line.trim() == "ready" {
-            break;
-        }
-        if !line.starts_with("listening ") {
-            eprintln!("responder: {}", line.trim());
-        }
-    }
+    let mut responder = spawn_responder(
+        responder_port,
+        cfg.responder_threads,
+        cfg.latency_ns,
+        backstop_s,
+    )?;
 
     let shm_path = dir.0.join("kaping.shm");
     let socket = dir.0.join("ctl.sock");
     let reply_timeout = (cfg.interval / 4).min(Duration::from_secs(1));
-    let mut run = Command::new(&kaping);
-    run.args(["run", "--contacts"])
-        .arg(&contacts_path)
-        .arg("--shm")
-        .arg(&shm_path)
-        .arg("--control")
+    let mut run = daemon_command(&DaemonArgs {
+        kaping: &kaping,
+        contacts: &contacts_path,
+        shm: &shm_path,
+        bind_port,
+        workers,
+        backend: &cfg.backend,
+        interval: cfg.interval,
+        reply_timeout,
+        instance: "control-bench",
+        max_contacts,
+        run_for: Duration::from_secs(backstop_s),
+    });
+    run.arg("--control")
         .arg(&socket)
         .arg("--state-dir")
-        .arg(&state.0)
-        .args([
-            "--bind",
-            &format!("127.0.0.1:{bind_port}"),
-            "--workers",
-            &workers.to_string(),
-            "--backend",
-            &cfg.backend,
-            "--interval",
-            &duration_flag(cfg.interval),
-            "--reply-timeout",
-            &duration_flag(reply_timeout),
-            "--down-after",
-            "3",
-            "--events",
-            "none",
-            "--instance",
-            "control-bench",
-            "--max-contacts",
-            &max_contacts.to_string(),
-            "--run-for",
-            &format!("{backstop_s}s"),
-        ]);
+        .arg(&state.0);
     eprintln!(
         "control-bench: {} contacts pinged every {:.3} s, {workers} workers, backend {}; state in {} ({state_fs}) ...",
         cfg.contacts,
@@ -521,29 +482,13 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
     );
     let mut daemon = Guarded::spawn("daemon", run)?;
     let daemon_pid = daemon.pid();
-    let mut backend = None;
-    let mut messages: Vec<String> = Vec::new();
-    let load_by = Instant::now() + load_timeout;
-    let (loaded, skipped, load_seconds) = loop {
-        // A daemon that refuses its flags (one older than the control
-        // socket) says why on stderr: keep that in the error.
-        let said = messages
-            .iter()
-            .find(|m| m.contains("error"))
-            .or(messages.last());
-        let line = daemon.next_line(load_by).map_err(|e| match said {
-            Some(last) => format!("{e}: {last}"),
-            None => e,
-        })?;
-        if let Some(load) = parse_load_line(&line) {
-            break load;
-        }
-        if line.contains(" workers, backend ") {
-            backend = parse_backend(&line);
-        } else if messages.len() < MESSAGES_MAX {
-            messages.push(line);
-        }
-    };
+    let Started {
+        loaded,
+        skipped,
+        load_seconds,
+        backend,
+        mut messages,
+    } = wait_loaded(&mut daemon, load_timeout)?;
     if skipped > 0 || loaded != cfg.contacts {
         return Err(format!(
             "the daemon loaded {loaded} of {} contacts ({skipped} skipped){}",
