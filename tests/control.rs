@@ -188,23 +188,24 @@ impl Lab {
         )
     }
 
-    fn daemon(&self, args: &[&str]) -> Daemon {
+    /// `kaping run` on this lab's control socket, 2 unpinned workers.
+    fn run_command(&self, shm: &str) -> Command {
         let port = free_ports(2);
-        let child = Command::new(env!("CARGO_BIN_EXE_kaping"))
-            .arg("run")
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kaping"));
+        c.arg("run")
             .arg("--control")
             .arg(self.path("ctl.sock"))
             .arg("--shm")
-            .arg(self.path("shm"))
+            .arg(self.path(shm))
             .args(["--bind", &format!("127.0.0.1:{port}")])
-            .args([
-                "--workers",
-                "2",
-                "--pin-workers",
-                "false",
-                "--events",
-                "none",
-            ])
+            .args(["--workers", "2", "--pin-workers", "false"])
+            .args(["--events", "none"]);
+        c
+    }
+
+    fn daemon(&self, args: &[&str]) -> Daemon {
+        let child = self
+            .run_command("shm")
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -313,22 +314,8 @@ fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 
 /// Runs `kaping run` expecting it to fail at start; returns stderr.
 fn fails_to_start(lab: &Lab, args: &[&str]) -> String {
-    let port = free_ports(2);
-    let out = Command::new(env!("CARGO_BIN_EXE_kaping"))
-        .arg("run")
-        .arg("--control")
-        .arg(lab.path("ctl.sock"))
-        .arg("--shm")
-        .arg(lab.path("shm2"))
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .args([
-            "--workers",
-            "2",
-            "--pin-workers",
-            "false",
-            "--events",
-            "none",
-        ])
+    let out = lab
+        .run_command("shm2")
         .args(["--run-for", "3"])
         .args(args)
         .output()
