@@ -982,13 +982,23 @@ pub fn print_text(r: &BenchReport, out: &mut dyn Write) -> io::Result<()> {
         "  contacts at the end up {}  down {}  unknown {}; responder {:.2} cores",
         r.contacts_up, r.contacts_down, r.contacts_unknown, r.responder_cpu_cores
     )?;
-    for m in &r.daemon_messages {
+    write_footer(out, &r.daemon_messages, &r.loadavg_before, &r.loadavg_after)
+}
+
+/// The last lines of a bench's readable report: what the daemon said and
+/// how loaded the machine was (figures from a loaded machine are suspect).
+pub(crate) fn write_footer(
+    out: &mut dyn Write,
+    daemon_messages: &[String],
+    loadavg_before: &str,
+    loadavg_after: &str,
+) -> io::Result<()> {
+    for m in daemon_messages {
         writeln!(out, "  daemon said: {m}")?;
     }
     writeln!(
         out,
-        "  load average before: {}  after: {}",
-        r.loadavg_before, r.loadavg_after
+        "  load average before: {loadavg_before}  after: {loadavg_after}"
     )
 }
 

@@ -47,8 +47,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::bench::{
-    cpu_ticks, daemon_command, free_ports, loadavg, spawn_responder, wait_loaded, DaemonArgs,
-    Guarded, Sample, Started, TempDir, LOAD_TIMEOUT_BASE_S, LOAD_TIMEOUT_PER_MILLION_S,
+    cpu_ticks, daemon_command, free_ports, loadavg, spawn_responder, wait_loaded, write_footer,
+    DaemonArgs, Guarded, Sample, Started, TempDir, LOAD_TIMEOUT_BASE_S, LOAD_TIMEOUT_PER_MILLION_S,
     MESSAGES_MAX, USER_HZ,
 };
 
@@ -681,14 +681,7 @@ pub fn print_text(r: &ControlBenchReport, out: &mut dyn Write) -> io::Result<()>
             writeln!(out, "    first refusal     {e}")?;
         }
     }
-    for m in &r.daemon_messages {
-        writeln!(out, "  daemon said: {m}")?;
-    }
-    writeln!(
-        out,
-        "  load average before: {}  after: {}",
-        r.loadavg_before, r.loadavg_after
-    )
+    write_footer(out, &r.daemon_messages, &r.loadavg_before, &r.loadavg_after)
 }
 
 #[cfg(test)]
