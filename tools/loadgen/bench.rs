@@ -510,6 +510,24 @@ pub(crate) fn duration_flag(d: Duration) -> String {
     format!("{}us", d.as_micros().max(1))
 }
 
+/// The daemon a bench runs: `--kaping PATH`, else `kaping` beside this
+/// program (both built by `cargo build --release`).
+pub(crate) fn kaping_binary(given: Option<&Path>) -> Result<PathBuf, String> {
+    let kaping = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find own binary: {e}"))?
+            .with_file_name("kaping"),
+    };
+    if !kaping.is_file() {
+        return Err(format!(
+            "no kaping daemon at {} (build it, or give --kaping PATH)",
+            kaping.display()
+        ));
+    }
+    Ok(kaping)
+}
+
 /// Starts the `serve` responder child on `0.0.0.0:port` and waits until it
 /// says it is ready. `backstop_s`: it stops by itself after that long.
 pub(crate) fn spawn_responder(
@@ -608,10 +626,14 @@ pub(crate) struct Started {
     pub messages: Vec<String>,
 }
 
-/// Reads the daemon's lines until it reports its contacts loaded. A daemon
-/// that refuses its flags says why on stderr: that line is kept in the
-/// error.
-pub(crate) fn wait_loaded(daemon: &mut Guarded, load_timeout: Duration) -> Result<Started, String> {
+/// Reads the daemon's lines until it reports its contacts loaded, and
+/// refuses a start that did not load all `expected`. A daemon that refuses
+/// its flags says why on stderr: that line is kept in the error.
+pub(crate) fn wait_loaded(
+    daemon: &mut Guarded,
+    load_timeout: Duration,
+    expected: u64,
+) -> Result<Started, String> {
     let load_by = Instant::now() + load_timeout;
     let mut backend = None;
     let mut messages: Vec<String> = Vec::new();
@@ -625,6 +647,14 @@ pub(crate) fn wait_loaded(daemon: &mut Guarded, load_timeout: Duration) -> Resul
             None => e,
         })?;
         if let Some((loaded, skipped, load_seconds)) = parse_load_line(&line) {
+            if skipped > 0 || loaded != expected {
+                return Err(format!(
+                    "the daemon loaded {loaded} of {expected} contacts ({skipped} skipped){}",
+                    messages
+                        .first()
+                        .map_or(String::new(), |m| format!(": {m} (raise --max-contacts?)"))
+                ));
+            }
             return Ok(Started {
                 loaded,
                 skipped,
@@ -658,18 +688,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         // machine the same way: half the CPUs each.
         None => (thread::available_parallelism().map_or(2, |n| n.get() as u32) / 2).max(1),
     };
-    let kaping = match &cfg.kaping {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot find own binary: {e}"))?
-            .with_file_name("kaping"),
-    };
-    if !kaping.is_file() {
-        return Err(format!(
-            "no kaping daemon at {} (build it, or give --kaping PATH)",
-            kaping.display()
-        ));
-    }
+    let kaping = kaping_binary(cfg.kaping.as_deref())?;
     let loadavg_before = loadavg();
     let dir = TempDir::create()?;
     let (responder_port, bind_port) = free_ports(workers as u16)?;
@@ -759,16 +778,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         load_seconds,
         backend,
         mut messages,
-    } = wait_loaded(&mut daemon, load_timeout)?;
-    if skipped > 0 || loaded != cfg.contacts {
-        return Err(format!(
-            "the daemon loaded {loaded} of {} contacts ({skipped} skipped){}",
-            cfg.contacts,
-            messages
-                .first()
-                .map_or(String::new(), |m| format!(": {m} (raise --max-contacts?)"))
-        ));
-    }
+    } = wait_loaded(&mut daemon, load_timeout, cfg.contacts)?;
     let shm = ShmReader::open(&shm_path)
         .map_err(|e| format!("cannot open {}: {e}", shm_path.display()))?;
     let backend = backend.unwrap_or_else(|| shm.header().backend);

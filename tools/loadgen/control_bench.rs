@@ -47,9 +47,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::bench::{
-    cpu_ticks, daemon_command, free_ports, loadavg, spawn_responder, wait_loaded, write_footer,
-    DaemonArgs, Guarded, Sample, Started, TempDir, LOAD_TIMEOUT_BASE_S, LOAD_TIMEOUT_PER_MILLION_S,
-    MESSAGES_MAX, USER_HZ,
+    cpu_ticks, daemon_command, free_ports, kaping_binary, loadavg, spawn_responder, wait_loaded,
+    write_footer, DaemonArgs, Guarded, Sample, Started, TempDir, LOAD_TIMEOUT_BASE_S,
+    LOAD_TIMEOUT_PER_MILLION_S, MESSAGES_MAX, USER_HZ,
 };
 
 /// Slab headroom over contacts + adds: the daemon places each contact on a
@@ -400,18 +400,7 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
             want as u32
         }
     };
-    let kaping = match &cfg.kaping {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot find own binary: {e}"))?
-            .with_file_name("kaping"),
-    };
-    if !kaping.is_file() {
-        return Err(format!(
-            "no kaping daemon at {} (build it, or give --kaping PATH)",
-            kaping.display()
-        ));
-    }
+    let kaping = kaping_binary(cfg.kaping.as_deref())?;
     let loadavg_before = loadavg();
     let dir = TempDir::create()?;
     let state_parent = cfg.state_parent.clone().unwrap_or_else(std::env::temp_dir);
@@ -483,19 +472,11 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
     let mut daemon = Guarded::spawn("daemon", run)?;
     let daemon_pid = daemon.pid();
     let Started {
-        loaded,
-        skipped,
         load_seconds,
         backend,
         mut messages,
-    } = wait_loaded(&mut daemon, load_timeout)?;
-    if skipped > 0 || loaded != cfg.contacts {
-        return Err(format!(
-            "the daemon loaded {loaded} of {} contacts ({skipped} skipped){}",
-            cfg.contacts,
-            messages.first().map_or(String::new(), |m| format!(": {m}"))
-        ));
-    }
+        ..
+    } = wait_loaded(&mut daemon, load_timeout, cfg.contacts)?;
     let shm = ShmReader::open(&shm_path)
         .map_err(|e| format!("cannot open {}: {e}", shm_path.display()))?;
     let backend = backend.unwrap_or_else(|| shm.header().backend);
