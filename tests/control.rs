@@ -16,9 +16,10 @@
 //!
 //! Serialized (the machine has two cores), bounded in time, loopback only.
 
+mod common;
+use common::free_ports;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -34,24 +35,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn free_ports(count: u16) -> u16 {
-    let mut x = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-    for _ in 0..200 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let base = 20_000 + (x % 40_000) as u16;
-        if (0..count).all(|i| UdpSocket::bind(("0.0.0.0", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range of {count}");
 }
 
 /// A JSON-RPC connection.

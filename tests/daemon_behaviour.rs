@@ -20,6 +20,8 @@
 //! Each test is small (≤ 2,000 contacts), bounded in time and serialized
 //! (the machine has two cores); nothing leaves loopback.
 
+mod common;
+use common::free_ports;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::UdpSocket;
@@ -40,27 +42,6 @@ fn kaping() -> &'static str {
 
 fn loadgen() -> &'static str {
     env!("CARGO_BIN_EXE_kaping-loadgen")
-}
-
-/// A base port such that `base..base+count` are free for UDP on the wildcard
-/// address (checked, then released).
-fn free_ports(count: u16) -> u16 {
-    let mut x = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-        ^ 0x9E37_79B9;
-    for _ in 0..200 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let base = 20_000 + (x % 40_000) as u16;
-        if (0..count).all(|i| UdpSocket::bind(("0.0.0.0", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range of {count}");
 }
 
 fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {

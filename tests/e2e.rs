@@ -11,6 +11,8 @@
 //! runs. Runs are serialized (the machine has two cores) and bounded in
 //! time; nothing leaves loopback.
 
+mod common;
+use common::free_ports_on;
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -37,31 +39,6 @@ fn kaping() -> &'static str {
 
 fn loadgen() -> &'static str {
     env!("CARGO_BIN_EXE_kaping-loadgen")
-}
-
-/// A base port such that `base..base+count` are free for UDP on the
-/// wildcard and loopback addresses of the family (checked, then released).
-fn free_ports(count: u16, v6: bool) -> u16 {
-    let mut x =
-        std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64 ^ 0x9E37_79B9;
-    for _ in 0..200 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let base = 20_000 + (x % 40_000) as u16;
-        let ok = (0..count).all(|i| {
-            let any = if v6 {
-                format!("[::]:{}", base + i)
-            } else {
-                format!("0.0.0.0:{}", base + i)
-            };
-            UdpSocket::bind(any).is_ok()
-        });
-        if ok {
-            return base;
-        }
-    }
-    panic!("no free port range of {count}");
 }
 
 struct Run {
@@ -114,7 +91,7 @@ fn run(r: Run) {
 
     // Contacts and their fates, from the same options the responder gets.
     let ports = if r.v6 { V6_PORTS } else { 1 };
-    let serve_port = free_ports(ports, r.v6);
+    let serve_port = free_ports_on(ports, r.v6);
     let mut contacts = Command::new(loadgen());
     contacts.args([
         "contacts",
@@ -159,7 +136,7 @@ fn run(r: Run) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let bind_port = free_ports(WORKERS as u16, r.v6);
+    let bind_port = free_ports_on(WORKERS as u16, r.v6);
     let bind = if r.v6 {
         format!("[::1]:{bind_port}")
     } else {
