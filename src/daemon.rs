@@ -105,9 +105,9 @@ struct ControlPlane {
     uncommitted: Vec<Op>,
     /// Histories handed to workers (restored or kept by an update) that a
     /// worker may not have published in shared memory yet. A snapshot taken
-    /// before it has uses these, not "no history"; each is dropped once a
-    /// snapshot finds its slot published (or its contact gone).
-    pending_history: std::collections::HashMap<crate::control::registry::Loc, SlotRecord>,
+    /// before it has uses these, not "no history"; each is dropped within
+    /// a second of its slot being published (or its contact gone).
+    pending_history: std::collections::HashMap<crate::control::registry::Loc, History>,
     /// Set when a journal commit failed: changes are refused from then on.
     journal_failed: Option<String>,
     snapshot_running: Option<JoinHandle<Result<SnapshotStats, StateError>>>,
@@ -538,7 +538,7 @@ impl Daemon {
         };
         p.contact.handle = Some(loc.handle);
         if let Some(h) = &history {
-            self.ctl.pending_history.insert(loc, *h);
+            self.ctl.pending_history.insert(loc, history_of(h));
         }
         p.contact.history = history;
         self.queue_add(p.worker, p.contact);

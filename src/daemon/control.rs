@@ -701,6 +701,7 @@ impl Daemon {
     /// Starts a snapshot when one is due and none is running; reports a
     /// finished one.
     pub(super) fn maybe_snapshot(&mut self) {
+        self.settle_pending_history();
         if let Some(job) = &self.ctl.snapshot_running {
             if !job.is_finished() {
                 return;
@@ -764,33 +765,43 @@ impl Daemon {
         }
     }
 
+    /// Forgets the pending histories whose slot its worker has published
+    /// (shared memory holds them now) or whose contact is gone. Runs every
+    /// second, so after a restore of a million contacts the copies last
+    /// about as long as the workers take to apply them.
+    fn settle_pending_history(&mut self) {
+        if self.ctl.pending_history.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.ctl.pending_history);
+        pending.retain(|&loc, _| {
+            self.ctl
+                .registry
+                .as_ref()
+                .is_some_and(|r| r.get(loc).is_some())
+                && self.read_slot(loc).is_none()
+        });
+        self.ctl.pending_history = pending;
+    }
+
     /// Every contact added through the control socket, with its liveness.
     /// A contact whose worker has not published it yet (just restored, or
     /// updated) gets the history it was handed with.
     fn durable_contacts(&mut self) -> Vec<(ContactRecord, Option<crate::state::History>)> {
+        self.settle_pending_history();
         let Some(reg) = &self.ctl.registry else {
             return Vec::new();
         };
-        let pending = &mut self.ctl.pending_history;
-        let mut out = Vec::with_capacity(reg.len());
-        for (loc, e) in reg.iter_from(0) {
-            if e.source != Source::Control {
-                continue;
-            }
-            let slot = match self.ctl.reader.as_ref().and_then(|r| {
-                r.read_slot(loc.worker as u32, loc.handle.slot)
-                    .filter(|s| s.generation == loc.handle.generation)
-            }) {
-                Some(s) => {
-                    pending.remove(&loc);
-                    Some(s)
-                }
-                None => pending.get(&loc).copied(),
-            };
-            out.push((e.rec.record(), slot.map(|s| history_of(&s))));
-        }
-        pending.retain(|loc, _| reg.get(*loc).is_some());
-        out
+        reg.iter_from(0)
+            .filter(|(_, e)| e.source == Source::Control)
+            .map(|(loc, e)| {
+                let history = self
+                    .read_slot(loc)
+                    .map(|s| history_of(&s))
+                    .or_else(|| self.ctl.pending_history.get(&loc).copied());
+                (e.rec.record(), history)
+            })
+            .collect()
     }
 
     /// Last step of a clean stop (workers have stopped, so histories are
