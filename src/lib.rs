@@ -13,13 +13,15 @@
 //! * [`sim`]: the simulated SIP platform (responder, contact plans) used by
 //!   the load generator, the demo and the tests.
 //!
-//! `unsafe` is denied here and allowed only in `io` and `shm`, where every
-//! block states the invariant that makes it sound.
+//! `unsafe` is denied here and allowed only in `io`, `shm` and `cpu` (the
+//! prefetch hint), where every block states the invariant that makes it
+//! sound.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
 pub mod contact;
+pub mod cpu;
 pub mod control;
 pub mod daemon;
 pub mod demo;

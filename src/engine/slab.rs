@@ -255,6 +255,15 @@ impl<T> Slab<T> {
         }
     }
 
+    /// Asks the CPU for `slot`'s entry ahead of a `get_slot` soon after
+    /// (a hint: out-of-range slots are ignored).
+    #[inline]
+    pub fn prefetch(&self, slot: u32) {
+        if let Some(e) = self.entries.get(slot as usize) {
+            crate::cpu::prefetch((e as *const Entry<T>).cast(), std::mem::size_of::<Entry<T>>());
+        }
+    }
+
     /// Mutable form of [`Slab::get_slot`].
     #[inline]
     pub fn get_slot_mut(&mut self, slot: u32) -> Option<(Handle, &mut T)> {

@@ -228,6 +228,15 @@ impl Wheel {
         }
     }
 
+    /// Asks the CPU for `index`'s link ahead of an `insert` soon after (a
+    /// hint: out-of-range indices are ignored).
+    #[inline]
+    pub fn prefetch(&self, index: u32) {
+        if let Some(link) = self.links.get(index as usize) {
+            crate::cpu::prefetch((link as *const Link).cast(), std::mem::size_of::<Link>());
+        }
+    }
+
     /// Arms `index` to fire at `deadline_tick`, moving it if it was already
     /// armed. A deadline `<= now_tick()` is due at the next poll. O(1).
     ///

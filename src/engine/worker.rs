@@ -53,6 +53,9 @@ const T1_MS: u64 = 500;
 /// Scratch capacity for one contact string (a request is at most
 /// `io::TX_DATAGRAM_MAX` bytes, so no contact string is longer).
 const TEXT_SCRATCH: usize = 2048;
+/// Matched replies held back within one receive batch while what they
+/// touch (slab entry, shm slot, wheel link) is fetched (see `cpu`).
+const REPLY_BATCH: usize = 64;
 /// Replies handed over between workers, per receiving worker.
 pub const HANDOFF_QUEUE: usize = 4096;
 
@@ -241,6 +244,9 @@ struct Core {
     by_state: [u64; 5],
     bucket: TokenBucket,
     due: Vec<u32>,
+    /// Matched replies of the current receive batch, settled at its end
+    /// (capacity kept: no allocation).
+    replies: Vec<(Match, u32)>,
     /// Scratch for a contact's URI and To text read back from the shm
     /// string region before rendering (capacity kept: no allocation).
     uri_scratch: Vec<u8>,
@@ -655,6 +661,13 @@ impl Core {
         l.state
     }
 
+    /// Asks the CPU for `slot`'s slab entry and shm record (see `cpu`).
+    #[inline]
+    fn prefetch_entry(&self, slot: u32) {
+        self.slab.prefetch(slot);
+        self.shm.prefetch_slot(slot);
+    }
+
     fn next_ping_tick(&mut self, c_anchor: u64, interval_ms: u32) -> u64 {
         let jitter = self.cfg.jitter.as_millis() as u64;
         let base = c_anchor + interval_ms as u64;
@@ -906,7 +919,17 @@ impl Handler for Core {
         match result {
             Ok(m) => {
                 let rx_us = d.rx_ns.map_or_else(wall_us, |ns| ns / 1000) as u32;
-                self.on_match(m, rx_us);
+                if m.worker != self.cfg.id {
+                    self.hand_over(m, rx_us);
+                    return;
+                }
+                // Held to the end of the batch while its lines arrive.
+                self.prefetch_entry(m.slot);
+                self.wheel.prefetch(m.slot);
+                if self.replies.len() == REPLY_BATCH {
+                    self.end_batch();
+                }
+                self.replies.push((m, rx_us));
             }
             Err(r) => {
                 self.shm.add_reject(r.index(), 1);
@@ -918,6 +941,15 @@ impl Handler for Core {
                 self.shm.add(counter, 1);
             }
         }
+    }
+
+    fn end_batch(&mut self) {
+        let mut replies = std::mem::take(&mut self.replies);
+        for &(m, rx_us) in &replies {
+            self.on_match(m, rx_us);
+        }
+        replies.clear();
+        self.replies = replies;
     }
 
     fn send_failed(&mut self, tag: u32, _err: &io::Error) {
@@ -971,6 +1003,7 @@ impl<B: Backend> Worker<B> {
                     last_tick: 0,
                 },
                 due: Vec::with_capacity(DUE_BATCH),
+                replies: Vec::with_capacity(REPLY_BATCH),
                 uri_scratch: Vec::with_capacity(TEXT_SCRATCH),
                 to_scratch: Vec::with_capacity(TEXT_SCRATCH),
                 refused_log_tick: 0,
@@ -1048,7 +1081,24 @@ impl<B: Backend> Worker<B> {
         const CLOCK_EVERY: usize = 32;
         let mut now_us = 0;
         let mut deferred = false;
+        // Each due contact's entry, slot and text are cold (touched once
+        // per interval): ask for them a few contacts ahead so the misses
+        // overlap. The strings' place is read from the slot, so they are
+        // asked for once the slot has had time to arrive.
+        const AHEAD: usize = 8;
+        for &slot in due.iter().take(2 * AHEAD) {
+            self.core.prefetch_entry(slot);
+        }
+        for &slot in due.iter().take(AHEAD) {
+            self.core.shm.prefetch_strings(slot);
+        }
         for (i, &slot) in due.iter().enumerate() {
+            if let Some(&ahead) = due.get(i + 2 * AHEAD) {
+                self.core.prefetch_entry(ahead);
+            }
+            if let Some(&ahead) = due.get(i + AHEAD) {
+                self.core.shm.prefetch_strings(ahead);
+            }
             if deferred {
                 // Out of room or over the rate cap: try again next tick.
                 self.core.wheel.insert(slot, now + 1);

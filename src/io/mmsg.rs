@@ -65,6 +65,7 @@ impl MmsgBackend {
                         for i in 0..n {
                             h.datagram(sock, &self.rx.get(i));
                         }
+                        h.end_batch();
                         delivered += n;
                         if n < self.rx.capacity() {
                             break;

@@ -45,6 +45,11 @@ pub trait Handler {
     fn send_failed(&mut self, tag: u32, err: &io::Error);
     /// An ICMP error arrived about a datagram we sent.
     fn icmp(&mut self, e: &IcmpError);
+    /// The datagrams of one receive batch have all been handed over: a
+    /// handler that holds them back (to fetch what they touch ahead of
+    /// use) finishes them here. Backends call it after every batch, before
+    /// returning or sleeping.
+    fn end_batch(&mut self) {}
 }
 
 /// A worker's I/O: its sockets (one per address family it serves), a

@@ -499,6 +499,7 @@ impl UringBackend {
                     _ => debug_assert!(false, "unknown user_data {ud:#x}"),
                 }
             }
+            h.end_batch();
         }
         if returned {
             self.publish_rx_tail();

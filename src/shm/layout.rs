@@ -371,6 +371,7 @@ const _: () = assert!(RECORD_WORDS < SLOT_WORDS);
 /// ```
 #[inline]
 pub fn encode_record(r: &SlotRecord) -> [u64; RECORD_WORDS] {
+    const _: () = assert!(STR_LENS_WORD == 1 && STR_OFFSETS_WORD == 11);
     let lo_hi = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
     let mut a0 = [0u8; 8];
     let mut a1 = [0u8; 8];
@@ -395,6 +396,12 @@ pub fn encode_record(r: &SlotRecord) -> [u64; RECORD_WORDS] {
         lo_hi(r.uri.offset, r.aor.offset),
     ]
 }
+
+/// The record words holding the URI and To string lengths (bits 16..48)
+/// and offsets (low and high halves), for a reader that wants only where
+/// the text is.
+pub const STR_LENS_WORD: usize = 1;
+pub const STR_OFFSETS_WORD: usize = 11;
 
 /// Inverse of [`encode_record`]; total (any words decode to some record).
 #[inline]

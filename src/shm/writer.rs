@@ -56,7 +56,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use super::layout::{
     bucket_index, decode_record, encode_record, Counter, Geometry, Header, Slot, SlotRecord,
     StrRef, WorkerBlock, BACKEND_NAME_MAX, HIST_BUCKETS, INSTANCE_NAME_MAX, MAGIC_WORD,
-    RECORD_WORDS, REJECT_COUNTERS, STR_LEN_MAX, VERSION,
+    RECORD_WORDS, REJECT_COUNTERS, STR_LENS_WORD, STR_LEN_MAX, STR_OFFSETS_WORD, VERSION,
 };
 use super::reader::ShmReader;
 
@@ -652,6 +652,41 @@ impl WorkerShm {
             *w = src.load(Ordering::Relaxed);
         }
         decode_record(&words)
+    }
+
+    /// Asks the CPU for `slot`'s record ahead of a `read_own_slot` soon
+    /// after (a hint: out-of-range slots are ignored).
+    #[inline]
+    pub fn prefetch_slot(&self, slot: u32) {
+        if slot < self.slots_len {
+            // wrapping_add: no dereference, so no bounds are promised here;
+            // the check above keeps the hint inside the slot array anyway.
+            let p = self.slots.as_ptr().wrapping_add(slot as usize);
+            crate::cpu::prefetch(p.cast(), size_of::<Slot>());
+        }
+    }
+
+    /// Asks the CPU for the URI and To text of `slot` ahead of a
+    /// `read_own_str` soon after. Reads the slot's string references, so
+    /// the slot itself should have been prefetched a little earlier.
+    #[inline]
+    pub fn prefetch_strings(&self, slot: u32) {
+        if slot >= self.slots_len {
+            return;
+        }
+        let words = &self.slot(slot).words;
+        let offsets = words[STR_OFFSETS_WORD].load(Ordering::Relaxed);
+        let lens = words[STR_LENS_WORD].load(Ordering::Relaxed);
+        for (offset, len) in [
+            (offsets as u32, (lens >> 16) as u16),
+            ((offsets >> 32) as u32, (lens >> 32) as u16),
+        ] {
+            let word = (offset / 8) as usize;
+            if word < self.string_words as usize {
+                let p = self.strings.as_ptr().wrapping_add(word);
+                crate::cpu::prefetch(p.cast(), len as usize);
+            }
+        }
     }
 
     /// Mark `slot` free (all fields zero). The strings it referenced are the
