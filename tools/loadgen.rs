@@ -256,6 +256,11 @@ struct BenchArgs {
     /// Daemon slab capacity (default: exactly --contacts).
     #[arg(long)]
     max_contacts: Option<u32>,
+    /// Where the contacts file and the daemon's shm file go (default:
+    /// /dev/shm, else the system temp dir). A tmpfs mounted with
+    /// `huge=advise` gives the shm file huge pages (tuning.md).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -493,6 +498,7 @@ fn run_bench(a: BenchArgs) -> Result<(), String> {
         ceiling_seconds: a.ceiling_seconds,
         responder_threads: a.responder_threads,
         max_contacts: a.max_contacts,
+        dir: a.dir,
     })?;
     let mut out = io::stdout().lock();
     if a.json {

@@ -89,6 +89,8 @@ pub struct BenchConfig {
     pub responder_threads: usize,
     /// Daemon slab capacity; `None`: exactly `contacts`.
     pub max_contacts: Option<u32>,
+    /// Directory for the contacts and shm files; `None`: `TempDir`'s default.
+    pub dir: Option<PathBuf>,
 }
 
 /// Everything `bench` measured. Field names are a stable contract for
@@ -174,11 +176,14 @@ pub struct BenchReport {
 pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    /// Under /dev/shm when it exists (tmpfs: the daemon's shm file is then
-    /// where it would live in production), else the system temp dir.
-    pub(crate) fn create() -> Result<TempDir, String> {
+    /// Under `base`, else /dev/shm when it exists (tmpfs: the daemon's shm
+    /// file is then where it would live in production), else the system
+    /// temp dir.
+    pub(crate) fn create(base: Option<&Path>) -> Result<TempDir, String> {
         let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
+        let base = if let Some(base) = base {
+            base.to_path_buf()
+        } else if shm.is_dir() {
             shm.to_path_buf()
         } else {
             std::env::temp_dir()
@@ -690,7 +695,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     };
     let kaping = kaping_binary(cfg.kaping.as_deref())?;
     let loadavg_before = loadavg();
-    let dir = TempDir::create()?;
+    let dir = TempDir::create(cfg.dir.as_deref())?;
     let (responder_port, bind_port) = free_ports(workers as u16)?;
 
     // The contacts, and how many bytes of URI text each one is.

@@ -402,7 +402,7 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
     };
     let kaping = kaping_binary(cfg.kaping.as_deref())?;
     let loadavg_before = loadavg();
-    let dir = TempDir::create()?;
+    let dir = TempDir::create(None)?;
     let state_parent = cfg.state_parent.clone().unwrap_or_else(std::env::temp_dir);
     let state = RemoveOnDrop(state_parent.join(format!(
         "kaping-control-bench-{}-{}",
