@@ -257,8 +257,8 @@ struct BenchArgs {
     #[arg(long)]
     max_contacts: Option<u32>,
     /// Where the contacts file and the daemon's shm file go (default:
-    /// /dev/shm, else the system temp dir). A tmpfs mounted with
-    /// `huge=advise` gives the shm file huge pages (tuning.md).
+    /// /dev/shm, else the system temp dir), e.g. a tmpfs mounted with other
+    /// options than /dev/shm's.
     #[arg(long)]
     dir: Option<PathBuf>,
 }

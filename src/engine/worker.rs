@@ -203,7 +203,11 @@ struct Contact {
     dest_ip: [u8; 16],
     dest_port: u16,
     dest_v6: bool,
-    /// Tick the current ping was due; the next is due at anchor + interval.
+    /// Tick the current (or next) ping is due by the contact's schedule,
+    /// not when it left: the next is due at anchor + interval, so a ping
+    /// sent late (a busy worker, a rate cap) is late once and the contact
+    /// keeps its phase instead of carrying the delay into every later
+    /// interval (a stall would otherwise become a burst every interval).
     anchor_tick: u64,
     interval_ms: u32,
     /// Wall-clock µs (low 32 bits) of the latest transmission.
@@ -302,6 +306,22 @@ impl TokenBucket {
             self.tokens += 1.0;
         }
     }
+}
+
+/// When the ping after the one due at `anchor` is due: an interval later,
+/// moved by `offset - jitter` (`offset` drawn from `0..=2 * jitter`). A
+/// contact more than an interval behind (the worker was stalled or capped
+/// for that long) skips the pings it missed instead of sending them back to
+/// back, and keeps its phase.
+fn next_due(anchor: u64, interval_ms: u32, jitter: u64, offset: u64, now: u64) -> u64 {
+    let interval = u64::from(interval_ms.max(1));
+    let mut base = anchor + interval;
+    if base <= now {
+        base += ((now - base) / interval + 1) * interval;
+    }
+    // Never before the next tick: a large jitter may not schedule a ping
+    // in the past.
+    (base + offset).saturating_sub(jitter).max(now + 1)
 }
 
 fn wall_us() -> u64 {
@@ -437,12 +457,15 @@ impl Core {
                 continue;
             };
             let (_, dest_ip, dest_port) = addr_fields(&c.dest);
+            // First ping at a random phase within the interval, so a bulk
+            // load produces an even rate, not a burst (DESIGN §5).
+            let first_tick = now + self.next_random() % interval_ms as u64;
             let contact = Contact {
                 route: c.route.take().map(String::into_boxed_str),
                 dest_ip,
                 dest_port,
                 dest_v6: c.dest.is_ipv6(),
-                anchor_tick: now,
+                anchor_tick: first_tick,
                 interval_ms,
                 sent_us: 0,
                 seq: 0,
@@ -491,10 +514,7 @@ impl Core {
             }
             self.shm.write_slot(handle.slot, &rec);
             self.by_state[rec.state as usize] += 1;
-            // First ping at a random phase within the interval, so a bulk
-            // load produces an even rate, not a burst (DESIGN §5).
-            let phase = self.next_random() % interval_ms as u64;
-            self.wheel.insert(handle.slot, now + phase);
+            self.wheel.insert(handle.slot, first_tick);
         }
         self.set_state_gauges();
     }
@@ -673,14 +693,20 @@ impl Core {
         self.shm.prefetch_slot(slot);
     }
 
-    fn next_ping_tick(&mut self, c_anchor: u64, interval_ms: u32) -> u64 {
+    /// Schedules the next ping of `handle` after the one due at `anchor`
+    /// (see `Contact::anchor_tick`) and arms its timer.
+    fn schedule_next(&mut self, handle: Handle, anchor: u64, interval_ms: u32) {
         let jitter = self.cfg.jitter.as_millis() as u64;
-        let base = c_anchor + interval_ms as u64;
-        if jitter == 0 {
-            return base;
+        let offset = if jitter == 0 {
+            0
+        } else {
+            self.next_random() % (2 * jitter + 1)
+        };
+        let next = next_due(anchor, interval_ms, jitter, offset, self.wheel.now_tick());
+        if let Some(c) = self.slab.get_mut(handle) {
+            c.anchor_tick = next;
         }
-        let offset = self.next_random() % (2 * jitter + 1);
-        (base + offset).saturating_sub(jitter)
+        self.wheel.insert(handle.slot, next);
     }
 
     /// Renders, patches and queues one ping for `slot`, stamped `now_us`
@@ -785,9 +811,6 @@ impl Core {
                 self.shm.add(Counter::RateLimited, 1);
                 return Expiry::RateLimited;
             }
-            if let Some((_, c)) = self.slab.get_slot_mut(slot) {
-                c.anchor_tick = now_tick;
-            }
             if self.transmit(backend, slot, now_tick, now_us) {
                 return Expiry::Done;
             }
@@ -821,8 +844,7 @@ impl Core {
             self.drop_contact(handle);
             return Expiry::Done;
         }
-        let next = self.next_ping_tick(anchor, interval_ms);
-        self.wheel.insert(slot, next);
+        self.schedule_next(handle, anchor, interval_ms);
         Expiry::Done
     }
 
@@ -876,8 +898,7 @@ impl Core {
             self.drop_contact(handle);
             return;
         }
-        let next = self.next_ping_tick(anchor, interval_ms);
-        self.wheel.insert(m.slot, next);
+        self.schedule_next(handle, anchor, interval_ms);
     }
 
     fn hand_over(&mut self, m: Match, rx_us: u32) {
@@ -1133,5 +1154,39 @@ impl<B: Backend> Worker<B> {
         }
         self.core.due = due;
         Ok(n == DUE_BATCH && !deferred)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_due;
+
+    #[test]
+    fn next_ping_keeps_the_contacts_phase() {
+        // Due at 1,000 every 30 s; the reply came at 1,200 (sent late):
+        // the next is due at 31,000, not 31,200.
+        assert_eq!(next_due(1_000, 30_000, 0, 0, 1_200), 31_000);
+        // A timer that fired on time gives the same.
+        assert_eq!(next_due(1_000, 30_000, 0, 0, 1_005), 31_000);
+    }
+
+    #[test]
+    fn a_contact_far_behind_skips_missed_pings_and_keeps_its_phase() {
+        // Due at 1,000 every 100 ms, now 1,350: 1,100, 1,200 and 1,300 were
+        // missed; the next is 1,400, one interval's phase later.
+        assert_eq!(next_due(1_000, 100, 0, 0, 1_350), 1_400);
+        // Exactly on a missed due tick: the next one, not now.
+        assert_eq!(next_due(1_000, 100, 0, 0, 1_100), 1_200);
+    }
+
+    #[test]
+    fn jitter_moves_around_the_due_tick_but_never_into_the_past() {
+        for offset in 0..=20 {
+            let next = next_due(1_000, 30_000, 10, offset, 1_001);
+            assert_eq!(next, 31_000 + offset - 10);
+        }
+        // Jitter larger than what is left of the wait: next tick at the
+        // earliest.
+        assert_eq!(next_due(1_000, 100, 500, 0, 1_050), 1_051);
     }
 }
