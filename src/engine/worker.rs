@@ -1146,7 +1146,7 @@ impl<B: Backend> Worker<B> {
                 self.core.wheel.insert(slot, now + 1);
             }
             served += 1;
-            if served % SUBMIT_EVERY == 0 {
+            if served.is_multiple_of(SUBMIT_EVERY) {
                 // Hand a round to the kernel while its transmit buffers are
                 // still in cache, and get them back (LIFO) for the next.
                 self.backend.flush(&mut self.core)?;
