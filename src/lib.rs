@@ -21,8 +21,8 @@
 
 pub mod config;
 pub mod contact;
-pub mod cpu;
 pub mod control;
+pub mod cpu;
 pub mod daemon;
 pub mod demo;
 pub mod duration;

@@ -211,7 +211,9 @@ fn run(args: RunArgs) -> Result<(), String> {
         let _ = daemon.stop();
         return Err(e.to_string());
     }
-    daemon.wait(run_for, release_freed_memory).map_err(|e| e.to_string())
+    daemon
+        .wait(run_for, release_freed_memory)
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

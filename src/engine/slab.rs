@@ -260,7 +260,10 @@ impl<T> Slab<T> {
     #[inline]
     pub fn prefetch(&self, slot: u32) {
         if let Some(e) = self.entries.get(slot as usize) {
-            crate::cpu::prefetch((e as *const Entry<T>).cast(), std::mem::size_of::<Entry<T>>());
+            crate::cpu::prefetch(
+                (e as *const Entry<T>).cast(),
+                std::mem::size_of::<Entry<T>>(),
+            );
         }
     }
 
