@@ -185,6 +185,37 @@ fn every_field_round_trips_through_a_reader() {
 }
 
 #[test]
+fn prefetch_hints_change_nothing_and_take_any_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path());
+    let shm = ShmFile::create(&c).unwrap();
+    let mut w = shm.worker(0);
+    let uri = w.alloc_str(b"sip:bob@192.0.2.7:5060").unwrap();
+    let aor = w.alloc_str(b"bob@example.com").unwrap();
+    let rec = record(5, uri, aor);
+    w.write_slot(2, &rec);
+    // A record whose string references point past the region (as a
+    // corrupt or foreign one might): the hint must stay inside, or skip.
+    let far = StrRef {
+        offset: u32::MAX - 7,
+        len: u16::MAX,
+    };
+    let wild = record(6, far, far);
+    w.write_slot(4, &wild);
+    for slot in [0, 2, 4, 7, 8, 1_000, u32::MAX] {
+        w.prefetch_slot(slot);
+        w.prefetch_strings(slot);
+    }
+    assert_eq!(w.read_own_slot(2), rec);
+    assert_eq!(w.read_own_slot(4), wild);
+    let mut own = Vec::new();
+    w.read_own_str(uri, &mut own);
+    assert_eq!(own, b"sip:bob@192.0.2.7:5060");
+    w.read_own_str(aor, &mut own);
+    assert_eq!(own, b"bob@example.com");
+}
+
+#[test]
 fn string_region_full_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let shm = ShmFile::create(&cfg(dir.path())).unwrap();

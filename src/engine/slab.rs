@@ -338,6 +338,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prefetch_is_only_a_hint_for_any_slot() {
+        let mut s: Slab<u64> = Slab::with_capacity(4);
+        let h = s.insert(42).unwrap();
+        for slot in [0, h.slot, 3, 4, u32::MAX] {
+            s.prefetch(slot);
+        }
+        assert_eq!(s.get(h), Some(&42));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
     fn placed_slots_take_the_given_handle_and_refuse_occupied_or_out_of_range() {
         let mut s: Slab<u32> = Slab::with_capacity(8);
         let h = Handle {

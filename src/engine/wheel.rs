@@ -549,6 +549,17 @@ mod tests {
 
     const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 
+    #[test]
+    fn prefetch_is_only_a_hint_for_any_index() {
+        let mut w = Wheel::new(4, 0);
+        w.insert(1, 10);
+        for index in [0, 1, 3, 4, u32::MAX] {
+            w.prefetch(index);
+        }
+        assert_eq!(w.deadline(1), Some(10));
+        assert_eq!(w.len(), 1);
+    }
+
     fn poll_all(w: &mut Wheel, now: u64) -> Vec<u32> {
         let mut out = Vec::new();
         w.poll_expired(now, &mut out, usize::MAX);

@@ -848,11 +848,10 @@ impl Core {
         Expiry::Done
     }
 
+    /// A verified reply for one of this worker's contacts (`datagram` hands
+    /// the others over; hand-offs arrive only at their owner).
     fn on_match(&mut self, m: Match, rx_us: u32) {
-        if m.worker != self.cfg.id {
-            self.hand_over(m, rx_us);
-            return;
-        }
+        debug_assert_eq!(m.worker, self.cfg.id, "reply for another worker");
         let Some((handle, c)) = self.slab.get_slot_mut(m.slot) else {
             self.shm.add(Counter::Stray, 1);
             return;

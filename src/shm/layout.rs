@@ -371,7 +371,6 @@ const _: () = assert!(RECORD_WORDS < SLOT_WORDS);
 /// ```
 #[inline]
 pub fn encode_record(r: &SlotRecord) -> [u64; RECORD_WORDS] {
-    const _: () = assert!(STR_LENS_WORD == 1 && STR_OFFSETS_WORD == 11);
     let lo_hi = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
     let mut a0 = [0u8; 8];
     let mut a1 = [0u8; 8];
@@ -397,15 +396,15 @@ pub fn encode_record(r: &SlotRecord) -> [u64; RECORD_WORDS] {
     ]
 }
 
-/// The record words holding the URI and To string lengths (bits 16..48)
-/// and offsets (low and high halves), for a reader that wants only where
-/// the text is.
+/// The record words holding the URI and To string lengths (word 1, bits
+/// 16..48, beside the misses) and offsets (word 11, low and high halves).
 pub const STR_LENS_WORD: usize = 1;
 pub const STR_OFFSETS_WORD: usize = 11;
 
 /// Inverse of [`encode_record`]; total (any words decode to some record).
 #[inline]
 pub fn decode_record(w: &[u64; RECORD_WORDS]) -> SlotRecord {
+    let (uri, aor) = decode_str_refs(w[STR_LENS_WORD], w[STR_OFFSETS_WORD]);
     let lo = |x: u64| x as u32;
     let hi = |x: u64| (x >> 32) as u32;
     let mut addr = [0u8; 16];
@@ -430,15 +429,24 @@ pub fn decode_record(w: &[u64; RECORD_WORDS]) -> SlotRecord {
         last_ping_ms: w[8],
         last_reply_ms: w[9],
         key_hash: w[10],
-        uri: StrRef {
-            offset: lo(w[11]),
-            len: (w[1] >> 16) as u16,
-        },
-        aor: StrRef {
-            offset: hi(w[11]),
-            len: (w[1] >> 32) as u16,
-        },
+        uri,
+        aor,
     }
+}
+
+/// The URI and To string references of a record, from its two words that
+/// hold them (for a reader that wants only where the text is).
+#[inline]
+pub fn decode_str_refs(lens: u64, offsets: u64) -> (StrRef, StrRef) {
+    let uri = StrRef {
+        offset: offsets as u32,
+        len: (lens >> 16) as u16,
+    };
+    let aor = StrRef {
+        offset: (offsets >> 32) as u32,
+        len: (lens >> 32) as u16,
+    };
+    (uri, aor)
 }
 
 // ---------------------------------------------------------------------------

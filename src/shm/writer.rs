@@ -54,8 +54,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::layout::{
-    bucket_index, decode_record, encode_record, Counter, Geometry, Header, Slot, SlotRecord,
-    StrRef, WorkerBlock, BACKEND_NAME_MAX, HIST_BUCKETS, INSTANCE_NAME_MAX, MAGIC_WORD,
+    bucket_index, decode_record, decode_str_refs, encode_record, Counter, Geometry, Header, Slot,
+    SlotRecord, StrRef, WorkerBlock, BACKEND_NAME_MAX, HIST_BUCKETS, INSTANCE_NAME_MAX, MAGIC_WORD,
     RECORD_WORDS, REJECT_COUNTERS, STR_LENS_WORD, STR_LEN_MAX, STR_OFFSETS_WORD, VERSION,
 };
 use super::reader::ShmReader;
@@ -675,16 +675,15 @@ impl WorkerShm {
             return;
         }
         let words = &self.slot(slot).words;
-        let offsets = words[STR_OFFSETS_WORD].load(Ordering::Relaxed);
-        let lens = words[STR_LENS_WORD].load(Ordering::Relaxed);
-        for (offset, len) in [
-            (offsets as u32, (lens >> 16) as u16),
-            ((offsets >> 32) as u32, (lens >> 32) as u16),
-        ] {
-            let word = (offset / 8) as usize;
+        let (uri, aor) = decode_str_refs(
+            words[STR_LENS_WORD].load(Ordering::Relaxed),
+            words[STR_OFFSETS_WORD].load(Ordering::Relaxed),
+        );
+        for r in [uri, aor] {
+            let word = (r.offset / 8) as usize;
             if word < self.string_words as usize {
                 let p = self.strings.as_ptr().wrapping_add(word);
-                crate::cpu::prefetch(p.cast(), len as usize);
+                crate::cpu::prefetch(p.cast(), r.len as usize);
             }
         }
     }
