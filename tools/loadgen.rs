@@ -478,6 +478,11 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         {
             println!("responder used {cpu:.2} CPU s: {rate} answered per responder CPU second");
         }
+        if let Some(us) = report.sender_cpu_us_per_round_trip {
+            println!(
+                "sender used {us:.2} CPU us per round trip (flat out, almost all in the kernel)"
+            );
+        }
     }
     Ok(())
 }

@@ -46,9 +46,7 @@ use serde::Serialize;
 
 use crate::ceiling;
 
-/// Linux reports `/proc/PID/stat` times in USER_HZ ticks, 100 per second on
-/// every architecture's ABI.
-pub(crate) const USER_HZ: u64 = 100;
+pub(crate) use crate::ceiling::USER_HZ;
 /// Share of the measured ceiling the default interval offers.
 const OFFERED_SHARE: f64 = 0.9;
 /// Datagrams in flight in the ceiling run (the `ceiling` default).
@@ -150,6 +148,10 @@ pub struct BenchReport {
     pub cpu_cores: f64,
     pub cpu_us_per_answered: Option<f64>,
     pub cpu_us_per_sent: Option<f64>,
+    /// The raw ceiling's sender CPU per round trip in the same run (see
+    /// `CeilingReport`), and kaping's CPU per answered ping over it.
+    pub ceiling_sender_cpu_us_per_round_trip: Option<f64>,
+    pub cpu_over_raw_sender: Option<f64>,
     /// Responder CPU over the window, in cores (is the peer the limit?).
     pub responder_cpu_cores: f64,
     pub rss_bytes: u64,
@@ -400,14 +402,7 @@ fn request_bytes(contacts: u64, responder_port: u16, bind_port: u16) -> Result<u
 
 /// utime + stime of a process, in ticks.
 pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the ")" closing the command name: state is #3, utime
-    // #14 and stime #15 (1-based, proc(5)).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    ceiling::stat_cpu_ticks(&format!("/proc/{pid}/stat"))
 }
 
 /// Memory figures of `/proc/PID/status`, bytes.
@@ -908,6 +903,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         cpu_cores: cpu_s / window_s,
         cpu_us_per_answered: per(matched),
         cpu_us_per_sent: per(sent),
+        ceiling_sender_cpu_us_per_round_trip: ceiling.sender_cpu_us_per_round_trip,
+        cpu_over_raw_sender: per(matched)
+            .zip(ceiling.sender_cpu_us_per_round_trip)
+            .filter(|&(_, raw)| raw > 0.0)
+            .map(|(ours, raw)| ours / raw),
         responder_cpu_cores: resp_cpu1.saturating_sub(resp_cpu0) as f64 / USER_HZ as f64 / window_s,
         rss_bytes: mem.rss,
         rss_anon_bytes: mem.anon,
@@ -975,6 +975,12 @@ pub fn print_text(r: &BenchReport, out: &mut dyn Write) -> io::Result<()> {
         r.cpu_cores,
         opt(r.cpu_us_per_answered),
         opt(r.cpu_us_per_sent)
+    )?;
+    writeln!(
+        out,
+        "  raw sender CPU      {} us per round trip (flat out, almost all in the kernel); kaping {} x that",
+        opt(r.ceiling_sender_cpu_us_per_round_trip),
+        opt(r.cpu_over_raw_sender)
     )?;
     writeln!(
         out,

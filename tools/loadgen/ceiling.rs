@@ -36,7 +36,20 @@ use serde::Serialize;
 const STALL_MS: u64 = 200;
 /// Linux reports `/proc/PID/stat` times in USER_HZ ticks, 100 per second on
 /// every architecture's ABI.
-const USER_HZ: f64 = 100.0;
+pub(crate) const USER_HZ: u64 = 100;
+
+/// User + system CPU, in USER_HZ ticks, of the process or thread whose
+/// `stat` file is `path` (`/proc/PID/stat`, `/proc/thread-self/stat`).
+pub(crate) fn stat_cpu_ticks(path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name: state is field 3,
+    // utime and stime are fields 14 and 15 (1-based, proc(5)).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
 /// How long trailing echoes are awaited after the last second.
 const DRAIN_MS: u64 = 100;
 /// Distinct pre-rendered requests in `sip` mode (they cycle beyond this).
@@ -71,6 +84,11 @@ pub struct CeilingReport {
     pub lost: u64,
     /// CPU seconds (user + system) the responder process used in its life.
     pub responder_cpu_s: Option<f64>,
+    /// CPU of the sending thread (this one) per round trip while it
+    /// blasted, µs. It runs flat out (non-blocking, never sleeping), almost
+    /// all of it in the kernel: what one datagram out and one in cost
+    /// through UDP sockets on this machine, at most.
+    pub sender_cpu_us_per_round_trip: Option<f64>,
     /// Datagrams the responder answered per CPU second it used: its
     /// capacity, independent of what else the machine was running.
     pub responder_answered_per_cpu_s: Option<u64>,
@@ -145,14 +163,8 @@ impl EchoChild {
 
     /// CPU seconds the child has used so far, from `/proc/PID/stat`.
     fn cpu_s(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the parenthesised command name: state is field 3,
-        // utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let mut fields = rest.split(' ');
-        let utime: u64 = fields.nth(11)?.parse().ok()?;
-        let stime: u64 = fields.next()?.parse().ok()?;
-        Some((utime + stime) as f64 / USER_HZ)
+        let ticks = stat_cpu_ticks(&format!("/proc/{}/stat", self.child.id()))?;
+        Some(ticks as f64 / USER_HZ as f64)
     }
 
     /// Closes stdin, waits for the exit and returns the child's stdout.
@@ -237,6 +249,8 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
     let (mut sent, mut echoed, mut lost) = (0u64, 0u64, 0u64);
     let mut next = 0u64;
     let mut per_second = Vec::with_capacity(cfg.seconds as usize);
+    const MY_STAT: &str = "/proc/thread-self/stat";
+    let sender_ticks0 = stat_cpu_ticks(MY_STAT);
     let start = Instant::now();
     let mut tick = start + Duration::from_secs(1);
     let mut echoed_at_tick = 0u64;
@@ -272,6 +286,12 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
             last_progress = now;
         }
     }
+    let sender_cpu_us_per_round_trip = match (sender_ticks0, stat_cpu_ticks(MY_STAT)) {
+        (Some(t0), Some(t1)) if echoed > 0 => {
+            Some(t1.saturating_sub(t0) as f64 / USER_HZ as f64 * 1e6 / echoed as f64)
+        }
+        _ => None,
+    };
     let drain_end = Instant::now() + Duration::from_millis(DRAIN_MS);
     while Instant::now() < drain_end {
         let n = recv.recv(fd).unwrap_or(0) as u64;
@@ -305,6 +325,7 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         echoed,
         lost,
         responder_cpu_s,
+        sender_cpu_us_per_round_trip,
         responder_answered_per_cpu_s,
         responder,
     })
