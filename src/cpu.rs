@@ -16,7 +16,7 @@ pub fn prefetch(p: *const u8, len: usize) {
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let first = p as usize & !63;
-        let last = (p as usize).wrapping_add(len.clamp(1, 256) - 1) & !63;
+        let last = (p as usize).wrapping_add(len.max(1) - 1) & !63;
         // 1 to 4 lines; an address range that wraps around is one line.
         let lines = if last < first {
             1
