@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::contact::{parse_socket, KeepaliveKind, PingSource};
 use crate::duration::parse_duration;
 use crate::engine::liveness::AliveCodes;
 use crate::sources::Format;
@@ -70,6 +71,11 @@ pub struct RawConfig {
     pub recv_buffer: Option<u64>,
     pub send_buffer: Option<u64>,
     pub pin_workers: Option<bool>,
+    pub source: Option<String>,
+    pub source_default: Option<String>,
+    pub replies: Option<String>,
+    pub divert_interfaces: Option<Vec<String>>,
+    pub keepalive: Option<String>,
 
     pub method: Option<String>,
     pub from: Option<String>,
@@ -134,6 +140,11 @@ impl RawConfig {
             recv_buffer,
             send_buffer,
             pin_workers,
+            source,
+            source_default,
+            replies,
+            divert_interfaces,
+            keepalive,
             method,
             from,
             domain,
@@ -191,6 +202,11 @@ pub const SETTINGS: &[&str] = &[
     "recv_buffer",
     "send_buffer",
     "pin_workers",
+    "source",
+    "source_default",
+    "replies",
+    "divert_interfaces",
+    "keepalive",
     "method",
     "from",
     "domain",
@@ -227,6 +243,28 @@ pub enum Steering {
     SharedPort,
 }
 
+/// How replies to pings sent as the proxy reach kaping (DESIGN §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replies {
+    /// The request carries a second Via naming kaping's receive socket;
+    /// the proxy finds no transaction for the reply and forwards it there
+    /// statelessly (one forward per ping on the proxy).
+    Relay,
+    /// A tc-ingress eBPF program hands replies bearing kaping's marker to
+    /// kaping's socket before the proxy sees them (needs CAP_BPF and
+    /// CAP_NET_ADMIN at start; falls back to relay, saying why).
+    Divert,
+}
+
+impl Replies {
+    pub fn name(self) -> &'static str {
+        match self {
+            Replies::Relay => "relay",
+            Replies::Divert => "divert",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventsTo {
     None,
@@ -255,6 +293,15 @@ pub struct Settings {
     pub recv_buffer: usize,
     pub send_buffer: usize,
     pub pin_workers: bool,
+    /// Where pings leave from, unless a contact says otherwise.
+    pub source: PingSource,
+    /// The source of a contact without a registration socket when the
+    /// source is `socket`; `None`: kaping's own socket.
+    pub source_default: Option<SocketAddr>,
+    pub replies: Replies,
+    /// Interfaces the divert program attaches to; empty = every interface.
+    pub divert_interfaces: Vec<String>,
+    pub keepalive: KeepaliveKind,
     pub template: TemplateConfig,
     pub domain: Option<String>,
     pub interval: Duration,
@@ -316,6 +363,11 @@ impl Settings {
             recv_buffer,
             send_buffer,
             pin_workers,
+            source,
+            source_default,
+            replies,
+            divert_interfaces,
+            keepalive,
             domain,
             control,
             control_max_connections,
@@ -496,6 +548,69 @@ impl Settings {
         let recv_buffer = buffer("recv_buffer", raw.recv_buffer, defaults::RECV_BUFFER)?;
         let send_buffer = buffer("send_buffer", raw.send_buffer, defaults::SEND_BUFFER)?;
 
+        let source: PingSource = match raw.source.as_deref() {
+            None | Some("") => PingSource::Bind,
+            Some(t) => t.parse().map_err(|e| ConfigError::invalid("source", e))?,
+        };
+        let source_default = match raw.source_default.as_deref() {
+            None | Some("") => None,
+            Some(t) => {
+                Some(parse_socket(t).map_err(|e| ConfigError::invalid("source_default", e))?)
+            }
+        };
+        // A ping sent as the proxy has its reply relayed (or diverted) to
+        // kaping's own socket of the same family: there must be one.
+        for (setting, addr) in [
+            (
+                "source",
+                if let PingSource::Addr(a) = source {
+                    Some(a)
+                } else {
+                    None
+                },
+            ),
+            ("source_default", source_default),
+        ] {
+            let Some(a) = addr else { continue };
+            let (have, family, needs) = if a.is_ipv6() {
+                (bind6.is_some(), "IPv6", "bind6")
+            } else {
+                (bind.is_some(), "IPv4", "bind")
+            };
+            if !have {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{a} is {family} but kaping has no {family} socket to receive the replies on (set {needs})"),
+                ));
+            }
+        }
+        let replies = match raw.replies.as_deref().unwrap_or("relay") {
+            "relay" => Replies::Relay,
+            "divert" => Replies::Divert,
+            other => {
+                return Err(ConfigError::invalid(
+                    "replies",
+                    format!("'{other}' is not one of relay, divert"),
+                ))
+            }
+        };
+        let divert_interfaces = raw.divert_interfaces.clone().unwrap_or_default();
+        if let Some(bad) = divert_interfaces
+            .iter()
+            .find(|i| i.is_empty() || i.len() > 15 || i.contains(['/', ' ']))
+        {
+            return Err(ConfigError::invalid(
+                "divert_interfaces",
+                format!("'{bad}' is not an interface name"),
+            ));
+        }
+        let keepalive: KeepaliveKind = raw
+            .keepalive
+            .as_deref()
+            .unwrap_or("sip")
+            .parse()
+            .map_err(|e| ConfigError::invalid("keepalive", e))?;
+
         let method = raw.method.clone().unwrap_or_else(|| "OPTIONS".into());
         let advertise_in_uri = match advertise.parse::<IpAddr>() {
             Ok(IpAddr::V6(_)) => format!("[{advertise}]"),
@@ -646,6 +761,11 @@ impl Settings {
             recv_buffer,
             send_buffer,
             pin_workers: raw.pin_workers.unwrap_or(true),
+            source,
+            source_default,
+            replies,
+            divert_interfaces,
+            keepalive,
             template,
             domain,
             interval,
@@ -832,6 +952,74 @@ mod tests {
             };
             assert!(e.contains(starts), "{toml:?} gave {e:?}");
         }
+    }
+
+    #[test]
+    fn source_replies_and_keepalive_settings() {
+        let s = settings("").unwrap();
+        assert_eq!(s.source, PingSource::Bind);
+        assert_eq!(
+            (s.replies, s.keepalive),
+            (Replies::Relay, KeepaliveKind::Sip)
+        );
+        let s = settings(
+            "source = \"socket\"\nsource_default = \"udp:203.0.113.10:5060\"\nreplies = \"divert\"\n\
+             divert_interfaces = [\"eth0\"]\nkeepalive = \"crlf\"",
+        )
+        .unwrap();
+        assert_eq!(s.source, PingSource::Socket);
+        assert_eq!(s.source_default, Some("203.0.113.10:5060".parse().unwrap()));
+        assert_eq!(s.replies, Replies::Divert);
+        assert_eq!(s.divert_interfaces, vec!["eth0".to_string()]);
+        assert_eq!(s.keepalive, KeepaliveKind::Crlf);
+        let s = settings("source = \"203.0.113.10:5060\"").unwrap();
+        assert_eq!(
+            s.source,
+            PingSource::Addr("203.0.113.10:5060".parse().unwrap())
+        );
+        for (toml, says) in [
+            (
+                "source = \"proxy\"",
+                "setting 'source': socket 'proxy' is not",
+            ),
+            (
+                "source = \"tcp:203.0.113.10:5060\"",
+                "setting 'source': socket 'tcp:203.0.113.10:5060': protocol tcp",
+            ),
+            (
+                "source = \"0.0.0.0:5060\"",
+                "setting 'source': socket '0.0.0.0:5060': a wildcard",
+            ),
+            (
+                "source_default = \"203.0.113.10\"",
+                "setting 'source_default':",
+            ),
+            (
+                "source = \"[2001:db8::1]:5060\"",
+                "setting 'source': [2001:db8::1]:5060 is IPv6 but kaping has no IPv6 socket",
+            ),
+            (
+                "bind = \"[::]:5070\"\nsource_default = \"203.0.113.10:5060\"",
+                "setting 'source_default': 203.0.113.10:5060 is IPv4 but kaping has no IPv4 socket",
+            ),
+            (
+                "replies = \"bounce\"",
+                "setting 'replies': 'bounce' is not one of relay, divert",
+            ),
+            (
+                "divert_interfaces = [\"a/b\"]",
+                "setting 'divert_interfaces':",
+            ),
+            (
+                "keepalive = \"stun\"",
+                "setting 'keepalive': 'stun' is not one of sip, null, crlf",
+            ),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(says), "{toml:?} gave {e:?}");
+        }
+        // An IPv6 source with an IPv6 socket of kaping's own is fine.
+        settings("bind6 = \"[::]:5070\"\nsource = \"[2001:db8::1]:5060\"").unwrap();
     }
 
     #[test]

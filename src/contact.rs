@@ -32,6 +32,126 @@ pub struct ContactSpec {
     pub send_to: Option<SocketAddr>,
     /// Kamailio's record id, kept to name the contact in reports.
     pub ruid: Option<String>,
+    /// Where this contact's pings leave from, overriding the `source`
+    /// setting (DESIGN §10).
+    pub source: Option<PingSource>,
+    /// What is sent, overriding the `keepalive` setting.
+    pub keepalive: Option<KeepaliveKind>,
+}
+
+/// Where a contact's pings leave from (DESIGN §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PingSource {
+    /// kaping's own socket (`bind` / `bind6`): replies come straight back.
+    Bind,
+    /// The socket the contact registered on (ul.dump `Socket`, `socket`);
+    /// a contact without one uses `source_default`, else `bind`.
+    Socket,
+    /// This address, shared with the proxy that owns it: the pings leave
+    /// as from the registrar, so NATs that filter by address and port let
+    /// them through.
+    Addr(SocketAddr),
+}
+
+impl std::str::FromStr for PingSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "bind" => Ok(PingSource::Bind),
+            "socket" => Ok(PingSource::Socket),
+            other => parse_socket(other).map(PingSource::Addr),
+        }
+    }
+}
+
+impl std::fmt::Display for PingSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PingSource::Bind => f.write_str("bind"),
+            PingSource::Socket => f.write_str("socket"),
+            PingSource::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// What a ping is (DESIGN §2): a SIP request that proves the contact
+/// alive, or a NAT-only keepalive that keeps its binding open and proves
+/// nothing (no reply is expected, so its liveness is never known).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeepaliveKind {
+    /// The configured SIP request (`method`), matched and timed.
+    #[default]
+    Sip,
+    /// Four zero bytes: nathelper's UDP ping.
+    Null,
+    /// `CRLF CRLF`: the RFC 5626 §3.5.1 double-CRLF ping (without waiting
+    /// for the pong).
+    Crlf,
+}
+
+impl KeepaliveKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeepaliveKind::Sip => "sip",
+            KeepaliveKind::Null => "null",
+            KeepaliveKind::Crlf => "crlf",
+        }
+    }
+
+    /// The datagram of a NAT-only keepalive; `None` for `Sip`.
+    pub fn payload(self) -> Option<&'static [u8]> {
+        match self {
+            KeepaliveKind::Sip => None,
+            KeepaliveKind::Null => Some(&[0, 0, 0, 0]),
+            KeepaliveKind::Crlf => Some(b"\r\n\r\n"),
+        }
+    }
+}
+
+impl std::str::FromStr for KeepaliveKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "sip" => Ok(KeepaliveKind::Sip),
+            "null" => Ok(KeepaliveKind::Null),
+            "crlf" => Ok(KeepaliveKind::Crlf),
+            other => Err(format!("'{other}' is not one of sip, null, crlf")),
+        }
+    }
+}
+
+/// A local socket as Kamailio names it (`udp:198.51.100.10:5060`,
+/// `udp:[2001:db8::1]:5060`) or a bare `IP:PORT`. Only UDP sockets can
+/// carry kaping's pings; any other protocol is refused with the reason.
+pub fn parse_socket(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let (proto, addr) = match t.split_once(':') {
+        Some((p, rest)) if p.chars().all(|c| c.is_ascii_alphabetic()) && !p.is_empty() => {
+            (Some(p), rest)
+        }
+        _ => (None, t),
+    };
+    if let Some(p) = proto {
+        if !p.eq_ignore_ascii_case("udp") {
+            return Err(format!(
+                "socket '{t}': protocol {p} cannot carry kaping's pings (UDP only)"
+            ));
+        }
+    }
+    // Kamailio may follow the address with " advertise ..." or a name.
+    let addr = addr.split_whitespace().next().unwrap_or("");
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("socket '{t}' is not [udp:]IP:PORT (IPv6 as [addr]:port)"))?;
+    if parsed.port() == 0 {
+        return Err(format!("socket '{t}': port 0"));
+    }
+    if parsed.ip().is_unspecified() {
+        return Err(format!(
+            "socket '{t}': a wildcard address names no source (give the proxy's own address)"
+        ));
+    }
+    Ok(parsed)
 }
 
 /// Why a contact cannot be pinged.
@@ -156,6 +276,51 @@ mod tests {
         assert_eq!(dest(&c).unwrap(), "203.0.113.7:41022".parse().unwrap());
         c.send_to = Some("127.0.0.5:5060".parse().unwrap());
         assert_eq!(dest(&c).unwrap(), "127.0.0.5:5060".parse().unwrap());
+    }
+
+    #[test]
+    fn sockets_are_read_as_kamailio_writes_them() {
+        assert_eq!(
+            parse_socket("udp:198.51.100.10:5060").unwrap(),
+            "198.51.100.10:5060".parse().unwrap()
+        );
+        assert_eq!(
+            parse_socket("UDP:[2001:db8::1]:5062").unwrap(),
+            "[2001:db8::1]:5062".parse().unwrap()
+        );
+        assert_eq!(
+            parse_socket("203.0.113.1:5060").unwrap(),
+            "203.0.113.1:5060".parse().unwrap()
+        );
+        assert_eq!(
+            parse_socket("udp:203.0.113.1:5060 advertise 198.51.100.1:5060").unwrap(),
+            "203.0.113.1:5060".parse().unwrap()
+        );
+        for (bad, says) in [
+            ("tcp:203.0.113.1:5060", "protocol tcp"),
+            ("tls:203.0.113.1:5061", "protocol tls"),
+            ("udp:0.0.0.0:5060", "wildcard"),
+            ("udp:203.0.113.1", "not [udp:]IP:PORT"),
+            ("udp:203.0.113.1:0", "port 0"),
+            ("", "not [udp:]IP:PORT"),
+        ] {
+            let e = parse_socket(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        assert_eq!("bind".parse::<PingSource>().unwrap(), PingSource::Bind);
+        assert_eq!("socket".parse::<PingSource>().unwrap(), PingSource::Socket);
+        assert_eq!(
+            "203.0.113.1:5060"
+                .parse::<PingSource>()
+                .unwrap()
+                .to_string(),
+            "203.0.113.1:5060"
+        );
+        assert_eq!(
+            "crlf".parse::<KeepaliveKind>().unwrap().payload(),
+            Some(&b"\r\n\r\n"[..])
+        );
+        assert!("ping".parse::<KeepaliveKind>().is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crossbeam::queue::ArrayQueue;
 use socket2::Socket;
 
 use crate::config::{BackendChoice, EventsTo, RawConfig, Settings, Steering};
-use crate::contact::{ContactError, ContactSpec, Resolver};
+use crate::contact::{parse_socket, ContactError, ContactSpec, PingSource, Resolver};
 use crate::control::registry::{Entry, Registry, Source};
 use crate::control::server::{ControlServer, Request};
 use crate::engine::liveness::{Policy, Reason, State};
@@ -34,10 +34,11 @@ use crate::engine::worker::{
     Command, Event, Gone, NewContact, Peers, Worker, WorkerConfig, HANDOFF_QUEUE,
 };
 use crate::io::mmsg::MmsgBackend;
+use crate::io::share::{bind_shared, check_shareable};
 use crate::io::udp::{bind_udp, SocketOptions};
 use crate::io::uring::{self, UringBackend};
 use crate::io::waker::Waker;
-use crate::io::{signal, steer, TX_DATAGRAM_MAX};
+use crate::io::{signal, steer, WorkerSocket, MAX_SOCKETS, TX_DATAGRAM_MAX};
 use crate::shm::layout::SlotRecord;
 use crate::shm::reader::ShmReader;
 use crate::shm::writer::{ShmConfig, ShmFile};
@@ -145,6 +146,15 @@ pub struct Daemon {
     capacity: u32,
     /// Which address families have a socket: [v4, v6] -> socket index.
     family_sock: [Option<u8>; 2],
+    /// Each worker's own bound address per family [v4, v6]: where the
+    /// replies to pings sent as a proxy are relayed to.
+    own_addrs: Vec<[Option<SocketAddr>; 2]>,
+    /// Sources shared with a proxy (DESIGN §10): the socket index they got
+    /// (the same in every worker), or why they cannot be used (kept, so a
+    /// million contacts naming one bad socket probe it once).
+    sources: std::collections::HashMap<SocketAddr, Result<u8, String>>,
+    socket_options: SocketOptions,
+    /// Worker 0's template per socket index, to size requests at add time.
     template_check: Vec<Template>,
     seen: HashSet<u64>,
     resolver: Resolver,
@@ -226,6 +236,7 @@ impl Daemon {
             recv_buffer_bytes: settings.recv_buffer,
             send_buffer_bytes: settings.send_buffer,
             reuse_port: shared,
+            reuse_addr: false,
             pktinfo: false,
             timestamps: true,
             recv_errors: true,
@@ -233,6 +244,7 @@ impl Daemon {
             nonblocking: true,
         };
         let mut sockets: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
+        let mut own_addrs: Vec<[Option<SocketAddr>; 2]> = vec![[None, None]; n as usize];
         let mut clamp_reported = false;
         for (i, &b) in binds.iter().enumerate() {
             let mut first_port = b.port();
@@ -259,6 +271,8 @@ impl Daemon {
                         report.recv_buffer_bytes, settings.recv_buffer, report.send_buffer_bytes, settings.send_buffer
                     );
                 }
+                own_addrs[w as usize][b.is_ipv6() as usize] =
+                    s.local_addr().ok().and_then(|a| a.as_socket());
                 sockets[w as usize].push(s);
             }
             if shared && n > 1 {
@@ -295,7 +309,10 @@ impl Daemon {
             .map(|_| Waker::new())
             .collect::<io::Result<_>>()
             .map_err(|e| err(format!("cannot create eventfd: {e}")))?;
-        let peers = shared.then(|| Peers {
+        // Replies may land on another worker's socket in shared-port mode,
+        // and when sent as a proxy (a diverted reply, or one that reached
+        // the shared port while the proxy was down): hand them over.
+        let peers = (n > 1).then(|| Peers {
             queues: (0..n)
                 .map(|_| ArrayQueue::new(HANDOFF_QUEUE))
                 .collect::<Vec<_>>()
@@ -382,11 +399,15 @@ impl Daemon {
                             );
                         }
                     }
+                    let socks = socks
+                        .into_iter()
+                        .map(|socket| WorkerSocket { socket, src: None })
+                        .collect();
                     if backend_name == "uring" {
                         let backend = UringBackend::new(socks, waker)?;
                         Worker::new(cfg, shm_w, backend, rx, events, peers).run()
                     } else {
-                        let backend = MmsgBackend::new(socks, waker);
+                        let backend = MmsgBackend::new(socks, waker)?;
                         Worker::new(cfg, shm_w, backend, rx, events, peers).run()
                     }
                 })
@@ -426,7 +447,14 @@ impl Daemon {
                 ))
             })?);
         }
-        Ok(Daemon {
+        let initial_sources: Vec<SocketAddr> = match settings.source {
+            PingSource::Addr(a) => Some(a),
+            _ => None,
+        }
+        .into_iter()
+        .chain(settings.source_default)
+        .collect();
+        let mut daemon = Daemon {
             settings,
             shm,
             workers,
@@ -434,6 +462,9 @@ impl Daemon {
             events_out,
             capacity: per_worker,
             family_sock,
+            own_addrs,
+            sources: std::collections::HashMap::new(),
+            socket_options: opts,
             template_check,
             seen: HashSet::new(),
             resolver: Resolver::default(),
@@ -441,7 +472,102 @@ impl Daemon {
             ctl,
             reload: None,
             started: Instant::now(),
-        })
+        };
+        // A configured source that cannot be used stops the start: one line
+        // that says why and what to do.
+        for a in initial_sources {
+            let setting = if PingSource::Addr(a) == daemon.settings.source {
+                "source"
+            } else {
+                "source_default"
+            };
+            daemon
+                .source_sock(a)
+                .map_err(|why| err(format!("setting '{setting}': {why}")))?;
+        }
+        Ok(daemon)
+    }
+
+    /// The socket index of source `addr` (DESIGN §10), opening it in every
+    /// worker on first use: a wildcard socket on the proxy's port beside the
+    /// proxy's own, whose datagrams leave as `addr`, with the request
+    /// template that carries the proxy's Via on top of the worker's.
+    fn source_sock(&mut self, addr: SocketAddr) -> Result<u8, String> {
+        if let Some(known) = self.sources.get(&addr) {
+            return known.clone();
+        }
+        let opened = self.open_source(addr);
+        match &opened {
+            Ok(_) => eprintln!(
+                "kaping: pinging as {addr} (sharing the proxy's port), replies: {}",
+                self.settings.replies.name()
+            ),
+            Err(why) => eprintln!("kaping: cannot ping as {addr}: {why}"),
+        }
+        self.sources.insert(addr, opened.clone());
+        opened
+    }
+
+    fn open_source(&mut self, addr: SocketAddr) -> Result<u8, String> {
+        let index = self.template_check.len();
+        if index >= MAX_SOCKETS {
+            return Err(format!(
+                "kaping sends from at most {} sources",
+                MAX_SOCKETS - 2
+            ));
+        }
+        let family = addr.is_ipv6() as usize;
+        if self.own_addrs.iter().any(|a| a[family].is_none()) {
+            let (fam, setting) = if addr.is_ipv6() {
+                ("IPv6", "bind6")
+            } else {
+                ("IPv4", "bind")
+            };
+            return Err(format!(
+                "no {fam} socket of kaping's own to receive the replies on (set {setting})"
+            ));
+        }
+        if let Some(warning) = check_shareable(addr)? {
+            eprintln!("kaping: source {addr}: {warning}");
+        }
+        let mut per_worker = Vec::with_capacity(self.workers.len());
+        for own in &self.own_addrs {
+            let own = own[family].expect("checked above");
+            let (socket, _) = bind_shared(addr, &self.socket_options)?;
+            // The relayed reply comes to the worker's own port; on the
+            // proxy's host, the proxy's address reaches a wildcard bind.
+            let host = if self.settings.advertise_explicit {
+                self.settings.advertise.clone()
+            } else if own.ip().is_unspecified() {
+                addr.ip().to_string()
+            } else {
+                own.ip().to_string()
+            };
+            let template = Template::new(&TemplateConfig {
+                local_host: host,
+                local_port: own.port(),
+                proxy_via: Some((addr.ip().to_string(), addr.port())),
+                ..self.settings.template.clone()
+            })
+            .map_err(|e| format!("request template: {e}"))?;
+            per_worker.push((
+                WorkerSocket {
+                    socket,
+                    src: Some(addr.ip()),
+                },
+                template,
+            ));
+        }
+        self.template_check.push(per_worker[0].1.clone());
+        for (w, add) in self.workers.iter_mut().zip(per_worker) {
+            // Queued adds go first; a contact of this source comes after.
+            Self::send_pending(w);
+            Self::send_dels(w);
+            w.waker.wake();
+            let _ = w.commands.send(Command::AddSocket(Box::new(add)));
+            w.waker.wake();
+        }
+        Ok(index as u8)
     }
 
     /// Where to read the configuration again on SIGHUP.
@@ -553,21 +679,52 @@ impl Daemon {
         let dest = spec
             .destination_parsed(&contact_uri, &mut self.resolver)
             .map_err(|e| e.to_string())?;
-        let Some(sock) = self.family_sock[dest.is_ipv6() as usize] else {
-            let (fam, setting) = if dest.is_ipv6() {
-                ("IPv6", "bind6")
-            } else {
-                ("IPv4", "bind")
-            };
-            return Err(format!(
-                "{fam} destination {dest} but no {fam} socket (set {setting})"
-            ));
+        // Where its pings leave from (DESIGN §10): never silently from
+        // another address than the one asked for.
+        let source = match spec.source.unwrap_or(self.settings.source) {
+            PingSource::Bind => None,
+            PingSource::Addr(a) => Some(a),
+            PingSource::Socket => match &spec.socket {
+                Some(s) => Some(parse_socket(s)?),
+                None => self.settings.source_default,
+            },
         };
-        // To header: the AoR (domain added to a user-only one, Kamailio
-        // ka_domain), else the contact URI without parameters.
+        let sock = match source {
+            None => {
+                let Some(sock) = self.family_sock[dest.is_ipv6() as usize] else {
+                    let (fam, setting) = if dest.is_ipv6() {
+                        ("IPv6", "bind6")
+                    } else {
+                        ("IPv4", "bind")
+                    };
+                    return Err(format!(
+                        "{fam} destination {dest} but no {fam} socket (set {setting})"
+                    ));
+                };
+                sock
+            }
+            Some(a) if a.is_ipv6() != dest.is_ipv6() => {
+                return Err(format!(
+                    "source {a} and destination {dest} are of different address families"
+                ))
+            }
+            Some(a) => self
+                .source_sock(a)
+                .map_err(|why| format!("source {a}: {why}"))?,
+        };
+        // To header: the AoR, else the contact URI without parameters. A
+        // user-only AoR (Kamailio with use_domain off) takes `domain`
+        // (Kamailio ka_domain), else the registrar's host (the address
+        // pings leave from as the proxy), else the contact's host.
         let to = match &spec.aor {
-            Some(aor) => to_uri(aor, self.settings.domain.as_deref())
-                .map_err(|e| format!("AoR '{aor}': {e}"))?,
+            Some(aor) => {
+                let domain = match (&self.settings.domain, source) {
+                    (Some(d), _) => d.clone(),
+                    (None, Some(a)) => host_text(a.ip()),
+                    (None, None) => contact_uri.host.to_string(),
+                };
+                to_uri(aor, Some(&domain)).map_err(|e| format!("AoR '{aor}': {e}"))?
+            }
             None => strip_params(&spec.uri, &contact_uri),
         };
         let uri = request_uri(&spec.uri).to_string();
@@ -598,6 +755,7 @@ impl Daemon {
                 route: spec.path.clone(),
                 dest,
                 sock,
+                keepalive: spec.keepalive.unwrap_or(self.settings.keepalive),
                 interval: spec.interval,
                 key_hash,
                 handle: None,
@@ -914,6 +1072,14 @@ fn instance_id(instance: &str) -> u32 {
     (h.finish() & 0xFF_FFFF) as u32
 }
 
+/// An address as the host of a SIP URI (IPv6 in brackets, RFC 3261 §25.1).
+fn host_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
 /// `scheme:user@host:port` of a parsed URI, without parameters or headers.
 fn strip_params(text: &str, uri: &SipUri<'_>) -> String {
     let cut = text.len() - uri.params.len() - uri.headers.len();
@@ -926,6 +1092,7 @@ fn state_name(s: State) -> &'static str {
         State::Up => "up",
         State::Down => "down",
         State::Removed => "removed",
+        State::Unmonitored => "unmonitored",
     }
 }
 

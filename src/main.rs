@@ -118,6 +118,22 @@ pub struct RunArgs {
     send_buffer: Option<u64>,
     #[arg(long)]
     pin_workers: Option<bool>,
+    /// Where pings leave from: kaping's own socket (bind), each contact's
+    /// registration socket (socket), or the proxy's address (IP:PORT).
+    #[arg(long, value_name = "bind|socket|IP:PORT")]
+    source: Option<String>,
+    /// Source of contacts without a registration socket when --source socket.
+    #[arg(long, value_name = "IP:PORT")]
+    source_default: Option<String>,
+    /// How replies to pings sent as the proxy reach kaping.
+    #[arg(long, value_name = "relay|divert")]
+    replies: Option<String>,
+    /// Interfaces the divert program attaches to (default: all).
+    #[arg(long = "divert-interface", value_name = "NAME")]
+    divert_interfaces: Vec<String>,
+    /// What is sent: the SIP request, or a NAT-only keepalive (null, crlf).
+    #[arg(long, value_name = "sip|null|crlf")]
+    keepalive: Option<String>,
     /// UNIX socket path of the JSON-RPC control interface (`kaping ctl`).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -153,6 +169,12 @@ impl RunArgs {
             recv_buffer: self.recv_buffer,
             send_buffer: self.send_buffer,
             pin_workers: self.pin_workers,
+            source: self.source.clone(),
+            source_default: self.source_default.clone(),
+            replies: self.replies.clone(),
+            divert_interfaces: (!self.divert_interfaces.is_empty())
+                .then(|| self.divert_interfaces.clone()),
+            keepalive: self.keepalive.clone(),
             method: self.method.clone(),
             from: self.from.clone(),
             domain: self.domain.clone(),

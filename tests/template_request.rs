@@ -6,8 +6,8 @@
 //! Content-Length matching the (empty) body, blank line terminator.
 
 use kaping::wire::template::{
-    check_contact, patch, request_uri, to_uri, ContactText, Layout, Template, TemplateConfig,
-    TemplateError, CSEQ_WIDTH,
+    check_contact, divert_marker, patch, request_uri, to_uri, ContactText, Layout, Template,
+    TemplateConfig, TemplateError, CSEQ_WIDTH, PROXY_BRANCH_COOKIE,
 };
 use kaping::wire::token::TOKEN_LEN;
 use kaping::wire::uri::{first_path_hop, is_token, SipUri};
@@ -61,8 +61,11 @@ impl Request {
         }
     }
 
+    /// The branch of kaping's own Via: the only one, or the second under
+    /// the proxy's when sent as the proxy.
     fn via_branch(&self) -> String {
-        param_of(self.one("Via", Some("v")).unwrap(), "branch").unwrap()
+        let vias = self.all("Via", Some("v"));
+        param_of(vias.last().unwrap(), "branch").unwrap()
     }
 
     fn tag_of_from(&self) -> String {
@@ -215,30 +218,39 @@ fn parse_strict(bytes: &[u8]) -> Result<Request, String> {
         return Err(format!("Max-Forwards {mf:?}"));
     }
 
-    let via = req.one("Via", Some("v"))?;
-    let (proto, rest) = via.split_once(' ').ok_or_else(|| format!("Via {via:?}"))?;
-    let transport = proto
-        .strip_prefix("SIP/2.0/")
-        .ok_or_else(|| format!("Via protocol {proto:?}"))?;
-    if !is_token(transport) {
-        return Err(format!("Via transport {transport:?}"));
+    // One Via, or two when sent as the proxy (the proxy's on top).
+    let vias = req.all("Via", Some("v"));
+    if vias.is_empty() || vias.len() > 2 {
+        return Err(format!(
+            "{} Via headers (want 1, or 2 sent as the proxy)",
+            vias.len()
+        ));
     }
-    let sent_by = rest.split(';').next().unwrap();
-    let (host, port) = sent_by
-        .rsplit_once(':')
-        .ok_or_else(|| format!("Via sent-by {sent_by:?} without port"))?;
-    kaping::wire::uri::parse_host(host).map_err(|e| format!("Via host {host:?}: {e}"))?;
-    port.parse::<u16>()
-        .map_err(|_| format!("Via port {port:?}"))?;
-    for p in rest.split(';').skip(1) {
-        let name = p.split_once('=').map_or(p, |(n, _)| n);
-        if !is_token(name) {
-            return Err(format!("Via parameter {p:?}"));
+    for via in vias {
+        let (proto, rest) = via.split_once(' ').ok_or_else(|| format!("Via {via:?}"))?;
+        let transport = proto
+            .strip_prefix("SIP/2.0/")
+            .ok_or_else(|| format!("Via protocol {proto:?}"))?;
+        if !is_token(transport) {
+            return Err(format!("Via transport {transport:?}"));
         }
-    }
-    let branch = param_of(via, "branch").ok_or("Via without branch")?;
-    if !branch.starts_with("z9hG4bK") || !is_token(&branch) {
-        return Err(format!("branch {branch:?} (§8.1.1.7)"));
+        let sent_by = rest.split(';').next().unwrap();
+        let (host, port) = sent_by
+            .rsplit_once(':')
+            .ok_or_else(|| format!("Via sent-by {sent_by:?} without port"))?;
+        kaping::wire::uri::parse_host(host).map_err(|e| format!("Via host {host:?}: {e}"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("Via port {port:?}"))?;
+        for p in rest.split(';').skip(1) {
+            let name = p.split_once('=').map_or(p, |(n, _)| n);
+            if !is_token(name) {
+                return Err(format!("Via parameter {p:?}"));
+            }
+        }
+        let branch = param_of(via, "branch").ok_or("Via without branch")?;
+        if !branch.starts_with("z9hG4bK") || !is_token(&branch) {
+            return Err(format!("branch {branch:?} (§8.1.1.7)"));
+        }
     }
 
     let cl = req.one("Content-Length", Some("l"))?;
@@ -331,6 +343,16 @@ fn render_patch_parse(
         &buf[at(layout.branch_at) - 7..at(layout.branch_at)],
         b"z9hG4bK"
     );
+    assert_eq!(&buf[at(layout.proxy_branch_at)..][..TOKEN_LEN], tok);
+    let vias = req.all("Via", Some("v"));
+    match vias.len() {
+        1 => assert_eq!(layout.proxy_branch_at, layout.branch_at),
+        2 => assert_eq!(
+            param_of(vias[0], "branch").unwrap(),
+            format!("z9hG4bK.{tok_str}")
+        ),
+        n => panic!("{n} Vias"),
+    }
     assert_eq!(req.method.as_bytes(), t.method());
     buf.truncate(len);
     (buf, layout, req)
@@ -385,6 +407,52 @@ fn notify_with_route_and_extra_headers_exact_bytes() {
     );
     assert_eq!(String::from_utf8(bytes).unwrap(), expected);
     assert_eq!(req.one("Event", Some("o")), Ok("keep-alive"));
+}
+
+#[test]
+fn sent_as_the_proxy_the_proxys_via_goes_on_top_exact_bytes() {
+    let mut c = cfg("OPTIONS", "203.0.113.10");
+    c.local_port = 5070;
+    c.proxy_via = Some(("203.0.113.10".to_owned(), 5060));
+    let t = template(&c);
+    let tok = *b"AAAAbbbbCCCCdddd0123456789-.";
+    let (bytes, layout, _) = render_patch_parse(&t, &BOB_PATH, &tok, 7);
+    let expected = "OPTIONS sip:bob@10.0.0.5:5060 SIP/2.0\r\n\
+        Via: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bK.AAAAbbbbCCCCdddd0123456789-.;rport\r\n\
+        Via: SIP/2.0/UDP 203.0.113.10:5070;branch=z9hG4bKAAAAbbbbCCCCdddd0123456789-.;rport\r\n\
+        Route: <sip:edge1.example.com;lr;received=sip:198.51.100.77:40332>\r\n\
+        Max-Forwards: 70\r\n\
+        From: <sip:kaping@203.0.113.10>;tag=AAAAbbbbCCCCdddd0123456789-.\r\n\
+        To: <sip:bob@example.com>\r\n\
+        Call-ID: AAAAbbbbCCCCdddd0123456789-.@203.0.113.10\r\n\
+        CSeq: 0000000007 OPTIONS\r\n\
+        Content-Length: 0\r\n\
+        \r\n";
+    assert_eq!(String::from_utf8(bytes.clone()).unwrap(), expected);
+    // The divert marker (cookie + instance prefix) is at the top, where
+    // the divert program looks for it in the reply.
+    let marker = divert_marker(b"AAAA");
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .unwrap();
+    assert_eq!(
+        at + PROXY_BRANCH_COOKIE.len(),
+        usize::from(layout.proxy_branch_at)
+    );
+    assert!(at < 100, "marker at {at}");
+    // IPv6 proxy addresses are bracketed.
+    c.proxy_via = Some(("2001:db8:2::10".to_owned(), 5060));
+    c.local_host = "2001:db8:2::10".to_owned();
+    let (_, _, req) = render_patch_parse(&template(&c), &CAROL_V6, &token(3), 1);
+    assert!(
+        req.all("Via", None)[0].starts_with("SIP/2.0/UDP [2001:db8:2::10]:5060;branch=z9hG4bK.")
+    );
+    // A bad proxy host is refused like a bad local host.
+    c.proxy_via = Some(("bad host".to_owned(), 5060));
+    assert!(matches!(new_err(&c), TemplateError::LocalHost { .. }));
+    c.proxy_via = Some(("203.0.113.10".to_owned(), 0));
+    assert_eq!(new_err(&c), TemplateError::LocalPort);
 }
 
 #[test]

@@ -52,6 +52,7 @@ fn state_of(rec: &SlotRecord) -> &'static str {
         2 => "up",
         3 => "down",
         4 => "removed",
+        5 => "unmonitored",
         _ => "unknown",
     }
 }
@@ -641,6 +642,7 @@ impl Daemon {
                 "up": get(Counter::ContactsUp),
                 "down": get(Counter::ContactsDown),
                 "removed": get(Counter::ContactsRemoved),
+                "unmonitored": get(Counter::ContactsUnmonitored),
             },
             "pings": pings,
             "rtt_us": {

@@ -49,6 +49,9 @@ pub enum State {
     Up = 2,
     Down = 3,
     Removed = 4,
+    /// Kept open by NAT-only keepalives: pinged, liveness not known. Never
+    /// changes (no reply is expected, so none is waited for).
+    Unmonitored = 5,
 }
 
 impl State {
@@ -59,6 +62,7 @@ impl State {
             State::Up => "up",
             State::Down => "down",
             State::Removed => "removed",
+            State::Unmonitored => "unmonitored",
         }
     }
 }

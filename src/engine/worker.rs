@@ -30,11 +30,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use crossbeam::queue::ArrayQueue;
 
+use crate::contact::KeepaliveKind;
 use crate::engine::liveness::{Liveness, Policy, Reason, State, Transition};
 use crate::engine::slab::{Handle, Slab};
 use crate::engine::wheel::Wheel;
 use crate::io::waker::Waker;
-use crate::io::{Backend, Datagram, Handler, IcmpError};
+use crate::io::{Backend, Datagram, Handler, IcmpError, WorkerSocket};
 use crate::shm::layout::{Counter, SlotRecord};
 use crate::shm::writer::WorkerShm;
 use crate::wire::reply::{self, Match, Reject};
@@ -132,8 +133,11 @@ pub struct NewContact {
     /// Path, sent as Route.
     pub route: Option<String>,
     pub dest: SocketAddr,
-    /// Socket index (address family) in the worker's backend.
+    /// Socket index in the worker's backend: kaping's own socket of the
+    /// destination's family, or a source shared with a proxy.
     pub sock: u8,
+    /// What is sent: the SIP request, or a NAT-only keepalive.
+    pub keepalive: KeepaliveKind,
     pub interval: Option<Duration>,
     pub key_hash: u64,
     /// The slot and generation the daemon's registry chose (control socket
@@ -156,6 +160,9 @@ pub enum Command {
     },
     /// New live settings (SIGHUP).
     Reconfigure(Box<LiveConfig>),
+    /// A new socket (a source shared with a proxy) and its request
+    /// template; it takes the next socket index, the same in every worker.
+    AddSocket(Box<(WorkerSocket, Template)>),
     /// Stop sending, wait for the replies in flight (up to their deadline),
     /// then return.
     Stop,
@@ -222,6 +229,9 @@ struct Contact {
     /// The interval was set for this contact (else it follows the
     /// configured default, also after a reload).
     own_interval: bool,
+    /// What each ping is: the SIP request, or a NAT-only keepalive that
+    /// is not answered (never in flight, state Unmonitored).
+    keepalive: KeepaliveKind,
 }
 
 impl Contact {
@@ -250,7 +260,7 @@ struct Core {
     in_flight: u32,
     stopping: bool,
     /// Contacts per state, indexed by the shm state code.
-    by_state: [u64; 5],
+    by_state: [u64; 6],
     bucket: TokenBucket,
     due: Vec<u32>,
     /// Matched replies of the current receive batch, settled at its end
@@ -342,6 +352,7 @@ fn liveness_of(rec: &SlotRecord, fractions: (u8, u8)) -> Liveness {
         2 => State::Up,
         3 => State::Down,
         4 => State::Removed,
+        5 => State::Unmonitored,
         _ => State::Unknown,
     };
     l.misses = rec.misses;
@@ -427,6 +438,7 @@ impl Core {
         self.shm.set(Counter::ContactsUp, self.by_state[2]);
         self.shm.set(Counter::ContactsDown, self.by_state[3]);
         self.shm.set(Counter::ContactsRemoved, self.by_state[4]);
+        self.shm.set(Counter::ContactsUnmonitored, self.by_state[5]);
     }
 
     fn add(&mut self, batch: Vec<NewContact>) {
@@ -474,6 +486,7 @@ impl Core {
                 srtt_frac: 0,
                 rttvar_frac: 0,
                 own_interval: c.interval.is_some(),
+                keepalive: c.keepalive,
             };
             let handle = match c.handle {
                 Some(h) => match self.slab.insert_at(h, contact) {
@@ -511,6 +524,11 @@ impl Core {
             };
             if let Some(h) = &c.history {
                 restore_history(&mut rec, h);
+            }
+            if c.keepalive != KeepaliveKind::Sip {
+                // No reply is expected: its liveness is never known, so it
+                // is never shown Up (nor Down).
+                rec.state = State::Unmonitored as u8;
             }
             self.shm.write_slot(handle.slot, &rec);
             self.by_state[rec.state as usize] += 1;
@@ -725,6 +743,22 @@ impl Core {
         let Some(buf) = backend.tx_buf(c.sock as usize) else {
             return false;
         };
+        if let Some(payload) = c.keepalive.payload() {
+            // A NAT-only keepalive: fixed bytes, nothing to match, so
+            // nothing in flight; the next is due an interval on.
+            buf[..payload.len()].copy_from_slice(payload);
+            let (dest, sock) = (c.dest(), c.sock as usize);
+            let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
+            backend.tx_commit(sock, payload.len(), &dest, slot);
+            self.shm.add(Counter::Sent, 1);
+            let now_ms = self.tick_to_wall_ms(now_tick);
+            self.update_liveness(handle, None, |l, _| {
+                l.on_sent(now_ms);
+                None
+            });
+            self.schedule_next(handle, anchor, interval_ms);
+            return true;
+        }
         let template = &self.cfg.templates[c.sock as usize];
         let rec = self.shm.read_own_slot(slot);
         self.shm.read_own_str(rec.uri, &mut self.uri_scratch);
@@ -979,9 +1013,13 @@ impl Handler for Core {
 
     fn send_failed(&mut self, tag: u32, _err: &io::Error) {
         self.shm.add(Counter::SendErrors, 1);
-        let Some((handle, _)) = self.slab.get_slot(tag) else {
+        let Some((handle, c)) = self.slab.get_slot(tag) else {
             return;
         };
+        if c.keepalive != KeepaliveKind::Sip {
+            // Counted above; an unmonitored contact's state says nothing.
+            return;
+        }
         self.update_liveness(handle, None, |l, p| l.on_unreachable(p));
     }
 
@@ -1021,7 +1059,7 @@ impl<B: Backend> Worker<B> {
                 rng: seed,
                 in_flight: 0,
                 stopping: false,
-                by_state: [0; 5],
+                by_state: [0; 6],
                 bucket: TokenBucket {
                     rate,
                     tokens: 0.0,
@@ -1053,6 +1091,18 @@ impl<B: Backend> Worker<B> {
                         }
                     }
                     Ok(Command::Reconfigure(live)) => self.core.reconfigure(*live),
+                    Ok(Command::AddSocket(add)) => {
+                        let (socket, template) = *add;
+                        let index = self.backend.add_socket(socket).map_err(|e| {
+                            io::Error::other(format!(
+                                "worker {}: cannot add a source socket: {e}",
+                                self.core.cfg.id
+                            ))
+                        })?;
+                        // Indexes are the daemon's: the same in every worker.
+                        assert_eq!(index, self.core.cfg.templates.len(), "socket index");
+                        self.core.cfg.templates.push(template);
+                    }
                     Ok(Command::Stop) => self.begin_stop(&mut stop_deadline),
                     Err(TryRecvError::Empty) => break,
                     // The daemon is gone: stop as if asked.

@@ -9,7 +9,7 @@
 //! equal to its next timer deadline.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use socket2::Socket;
 
 use super::udp::{read_errors, wait_fds, RecvBatch, SendBatch};
 use super::waker::Waker;
-use super::{Backend, Handler, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
+use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
 
 /// Datagrams per `sendmmsg`/`recvmmsg` call.
 pub const BATCH: usize = 64;
@@ -30,6 +30,8 @@ const ERRORS_PER_POLL: usize = 64;
 
 pub struct MmsgBackend {
     sockets: Vec<Socket>,
+    /// The source address of each socket's datagrams (`WorkerSocket::src`).
+    srcs: Vec<Option<IpAddr>>,
     tx: Vec<SendBatch>,
     /// `tx_tags[sock][i]`: the tag of datagram `i` of `tx[sock]`.
     tx_tags: Vec<Vec<u32>>,
@@ -39,17 +41,19 @@ pub struct MmsgBackend {
 
 impl MmsgBackend {
     /// Takes ownership of the worker's sockets (non-blocking, bound).
-    pub fn new(sockets: Vec<Socket>, waker: Waker) -> MmsgBackend {
-        let n = sockets.len();
-        MmsgBackend {
-            tx: (0..n)
-                .map(|_| SendBatch::new(TX_QUEUE, TX_DATAGRAM_MAX))
-                .collect(),
-            tx_tags: (0..n).map(|_| Vec::with_capacity(TX_QUEUE)).collect(),
+    pub fn new(sockets: Vec<WorkerSocket>, waker: Waker) -> io::Result<MmsgBackend> {
+        let mut b = MmsgBackend {
+            tx: Vec::with_capacity(MAX_SOCKETS),
+            tx_tags: Vec::with_capacity(MAX_SOCKETS),
             rx: RecvBatch::new(BATCH, RX_DATAGRAM_MAX),
-            sockets,
+            sockets: Vec::with_capacity(MAX_SOCKETS),
+            srcs: Vec::with_capacity(MAX_SOCKETS),
             waker,
+        };
+        for s in sockets {
+            b.add_socket(s)?;
         }
+        Ok(b)
     }
 
     /// Drains up to RX_ROUNDS batches from each socket; returns how many
@@ -87,9 +91,9 @@ impl MmsgBackend {
     /// buffer until the caller drains them).
     fn wait(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
         let n = self.sockets.len();
-        assert!(n <= 2, "a worker has at most one socket per address family");
+        assert!(n <= MAX_SOCKETS, "{n} sockets");
         // Sockets with no events: only errors (POLLERR) wake us for them.
-        let mut fds = [(-1, 0i16); 3];
+        let mut fds = [(-1, 0i16); MAX_SOCKETS + 1];
         for (f, s) in fds.iter_mut().zip(&self.sockets) {
             *f = (s.as_raw_fd(), 0);
         }
@@ -121,7 +125,7 @@ impl Backend for MmsgBackend {
     }
 
     fn tx_commit(&mut self, sock: usize, len: usize, dest: &SocketAddr, tag: u32) {
-        self.tx[sock].commit(len, dest, None);
+        self.tx[sock].commit(len, dest, self.srcs[sock]);
         self.tx_tags[sock].push(tag);
     }
 
@@ -156,5 +160,18 @@ impl Backend for MmsgBackend {
 
     fn tx_pending(&self) -> usize {
         self.tx.iter().map(SendBatch::pending).sum()
+    }
+
+    fn add_socket(&mut self, s: WorkerSocket) -> io::Result<usize> {
+        if self.sockets.len() == MAX_SOCKETS {
+            return Err(io::Error::other(format!(
+                "a worker has at most {MAX_SOCKETS} sockets"
+            )));
+        }
+        self.tx.push(SendBatch::new(TX_QUEUE, TX_DATAGRAM_MAX));
+        self.tx_tags.push(Vec::with_capacity(TX_QUEUE));
+        self.sockets.push(s.socket);
+        self.srcs.push(s.src);
+        Ok(self.sockets.len() - 1)
     }
 }

@@ -8,6 +8,7 @@
 //!   fallback where io_uring is refused). A third (AF_XDP) would implement
 //!   the same trait without touching the worker.
 //! * `steer`: the shared-port reply steering (SO_REUSEPORT + classic BPF).
+//! * `share`: sharing a SIP proxy's port, so pings leave as the proxy.
 //! * `waker`, `signal`: how a sleeping worker or the main loop is told
 //!   something happened.
 //!
@@ -16,6 +17,7 @@
 #![allow(unsafe_code)]
 
 pub mod mmsg;
+pub mod share;
 pub mod signal;
 pub mod steer;
 pub mod udp;
@@ -27,6 +29,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use udp::{Datagram, IcmpError};
+
+/// Sockets a worker may have: kaping's own (one per address family) and
+/// one per source address shared with a proxy (DESIGN §10). A contact
+/// names its socket by a `u8` index.
+pub const MAX_SOCKETS: usize = 16;
+
+/// One socket of a worker, as handed to its backend.
+pub struct WorkerSocket {
+    pub socket: socket2::Socket,
+    /// Every datagram sent on this socket leaves from this address
+    /// (`IP_PKTINFO` / `IPV6_PKTINFO`): a wildcard-bound socket sharing a
+    /// proxy's port sends as the proxy. `None`: the address it is bound to.
+    pub src: Option<std::net::IpAddr>,
+}
 
 /// Largest datagram a worker sends (a rendered request is checked against
 /// it when the contact is added).
@@ -73,4 +89,7 @@ pub trait Backend: Send {
     fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()>;
     /// Datagrams committed but not yet accepted by the kernel.
     fn tx_pending(&self) -> usize;
+    /// Adds a socket (a new source shared with a proxy) and starts
+    /// receiving on it; returns its index. At most [`MAX_SOCKETS`].
+    fn add_socket(&mut self, s: WorkerSocket) -> io::Result<usize>;
 }

@@ -29,7 +29,13 @@ const CMSG_SPACE: usize = 128;
 /// Control-message buffer with the alignment `cmsghdr` requires.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
-struct CmsgBuf([u8; CMSG_SPACE]);
+pub(crate) struct CmsgBuf(pub(crate) [u8; CMSG_SPACE]);
+
+impl Default for CmsgBuf {
+    fn default() -> Self {
+        CmsgBuf([0; CMSG_SPACE])
+    }
+}
 
 /// Options applied by [`bind_udp`].
 #[derive(Clone, Debug)]
@@ -40,6 +46,9 @@ pub struct SocketOptions {
     pub send_buffer_bytes: usize,
     /// Join a `SO_REUSEPORT` group (one shared port for several workers).
     pub reuse_port: bool,
+    /// Set `SO_REUSEADDR`: share a port with another socket that sets it
+    /// too (a proxy's, see `share`).
+    pub reuse_addr: bool,
     /// Ask for `IP_PKTINFO` / `IPV6_RECVPKTINFO`: the local address each
     /// datagram was sent to, so a reply can leave from it.
     pub pktinfo: bool,
@@ -62,6 +71,7 @@ impl Default for SocketOptions {
             recv_buffer_bytes: 0,
             send_buffer_bytes: 0,
             reuse_port: false,
+            reuse_addr: false,
             pktinfo: false,
             timestamps: true,
             recv_errors: true,
@@ -98,6 +108,9 @@ pub fn bind_udp(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, S
     }
     if opts.reuse_port {
         socket.set_reuse_port(true)?;
+    }
+    if opts.reuse_addr {
+        socket.set_reuse_address(true)?;
     }
     if opts.recv_buffer_bytes > 0 {
         let want = clamp_c_int(opts.recv_buffer_bytes);
@@ -682,7 +695,7 @@ fn is_async_icmp_error(err: &io::Error) -> bool {
 
 /// Writes an `IP_PKTINFO`/`IPV6_PKTINFO` control message naming `src` as the
 /// source address; returns the control length.
-fn write_src_cmsg(buf: &mut CmsgBuf, src: IpAddr) -> usize {
+pub(crate) fn write_src_cmsg(buf: &mut CmsgBuf, src: IpAddr) -> usize {
     buf.0.fill(0);
     // SAFETY: a msghdr whose control buffer is `buf` (CMSG_SPACE bytes,
     // 8-aligned) is built on the stack only to drive the CMSG_* macros;

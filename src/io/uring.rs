@@ -7,7 +7,10 @@
 //!   submits a whole round. The slot is returned to the free list only when
 //!   its CQE is reaped. From Linux 6.1 the SQE is a `Send` carrying the
 //!   destination (sendto), which spares the kernel copying and parsing a
-//!   msghdr and an iovec per datagram; before, a `SendMsg`.
+//!   msghdr and an iovec per datagram; before, a `SendMsg`. A socket that
+//!   sends as a proxy's address (`WorkerSocket::src`) always uses
+//!   `SendMsg`: its msghdr names the socket's `IP_PKTINFO` control message,
+//!   written once when the socket is added.
 //! * Receives: one multishot `RecvMsg` per socket with a provided-buffer
 //!   ring of `RX_BUFS` buffers, so one armed SQE keeps delivering datagrams
 //!   (name, control messages with the kernel timestamp, payload) until it
@@ -50,7 +53,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -59,9 +62,12 @@ use io_uring::types::{BufRingEntry, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec}
 use io_uring::{cqueue, opcode, squeue, EnterFlags, IoUring};
 use socket2::Socket;
 
-use super::udp::{parse_control, read_errors, sockaddr_from_bytes, sockaddr_from_std, Datagram};
+use super::udp::{
+    parse_control, read_errors, sockaddr_from_bytes, sockaddr_from_std, write_src_cmsg, CmsgBuf,
+    Datagram,
+};
 use super::waker::Waker;
-use super::{Backend, Handler, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
+use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
 
 /// Transmit slots: datagrams in flight at once.
 pub const TX_SLOTS: usize = 1024;
@@ -173,10 +179,16 @@ pub struct UringBackend {
     /// The provided-buffer ring: `RX_BUFS` × 16-byte entries.
     rx_ring: Region,
     rx_tail: u16,
-    /// One msghdr template per socket (names the reserved name/control
-    /// space), alive while its multishot receive is armed.
+    /// One msghdr template per possible socket (`MAX_SOCKETS`, allocated
+    /// once so adding a socket moves none), alive while its multishot
+    /// receive is armed.
     rx_hdrs: Box<[libc::msghdr]>,
     rx_armed: Vec<bool>,
+    /// Per possible socket: the `IP_PKTINFO` control message naming its
+    /// source address and its length (0: no source, plain sends). Written
+    /// when the socket is added, before any SQE names it; read-only after.
+    src_cmsgs: Box<[CmsgBuf]>,
+    src_cmsg_lens: [usize; MAX_SOCKETS],
     /// `DEFER_TASKRUN` (Linux 6.1+): completion work runs only when we
     /// enter with GETEVENTS, and sends carry their destination (`Send`).
     deferred: bool,
@@ -244,7 +256,7 @@ fn build_ring(entries: u32) -> io::Result<(IoUring, bool)> {
 impl UringBackend {
     /// Builds the ring on the calling thread (the worker's) and arms the
     /// receives and the waker.
-    pub fn new(sockets: Vec<Socket>, waker: Waker) -> io::Result<UringBackend> {
+    pub fn new(sockets: Vec<WorkerSocket>, waker: Waker) -> io::Result<UringBackend> {
         let (ring, deferred) = build_ring(SQ_ENTRIES).map_err(|e| io::Error::other(explain(e)))?;
         let tx_bufs = Region::new(TX_SLOTS * TX_DATAGRAM_MAX)?;
         let tx_meta = Region::new(TX_SLOTS * std::mem::size_of::<TxSlot>())?;
@@ -260,16 +272,17 @@ impl UringBackend {
                     io::Error::other(format!("cannot register the receive buffer ring: {e}"))
                 })?;
         }
-        let n = sockets.len();
         // Registered files: SQEs name sockets by index, sparing the kernel
-        // an fd-table lookup and reference count per operation.
-        let fds: Vec<RawFd> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        // an fd-table lookup and reference count per operation. The table
+        // has a place for every socket a worker may get; `add_socket`
+        // fills them in.
         ring.submitter()
-            .register_files(&fds)
+            .register_files_sparse(MAX_SOCKETS as u32)
             .map_err(|e| io::Error::other(format!("cannot register sockets with io_uring: {e}")))?;
         // SAFETY: msghdr is a plain C struct, valid when zeroed.
-        let mut rx_hdrs: Box<[libc::msghdr]> =
-            (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut rx_hdrs: Box<[libc::msghdr]> = (0..MAX_SOCKETS)
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
         for h in rx_hdrs.iter_mut() {
             h.msg_namelen = NAME_LEN as libc::socklen_t;
             h.msg_controllen = CONTROL_LEN;
@@ -288,18 +301,20 @@ impl UringBackend {
             rx_ring,
             rx_tail: 0,
             rx_hdrs,
-            rx_armed: vec![false; n],
+            rx_armed: Vec::with_capacity(MAX_SOCKETS),
+            src_cmsgs: vec![CmsgBuf::default(); MAX_SOCKETS].into_boxed_slice(),
+            src_cmsg_lens: [0; MAX_SOCKETS],
             deferred,
             wake_word: Box::new(0),
-            sockets,
+            sockets: Vec::with_capacity(MAX_SOCKETS),
             waker,
         };
         for bid in 0..RX_BUFS as u16 {
             b.give_rx_buffer(bid);
         }
         b.publish_rx_tail();
-        for sock in 0..n {
-            b.arm_recv(sock)?;
+        for s in sockets {
+            b.add_socket(s)?;
         }
         b.arm_wake()?;
         b.submit()?;
@@ -400,9 +415,10 @@ impl UringBackend {
     }
 
     fn push_send(&mut self, slot: u16) -> io::Result<()> {
-        let sock = Fixed(self.tx_sock[slot as usize] as u32);
+        let index = self.tx_sock[slot as usize] as usize;
+        let sock = Fixed(index as u32);
         let meta = self.tx_slot(slot);
-        let sqe = if self.deferred {
+        let sqe = if self.deferred && self.src_cmsg_lens[index] == 0 {
             // SAFETY: the slot's metadata was written by tx_commit and has
             // no SQE in flight (it is being queued now, or its CQE was
             // reaped for a resend), so reading it races with nothing.
@@ -426,7 +442,7 @@ impl UringBackend {
     /// Reaps every completion; returns how many there were.
     fn reap(&mut self, h: &mut dyn Handler) -> io::Result<usize> {
         let mut completions = 0;
-        let mut rearm_recv = [false; 2];
+        let mut rearm_recv = [false; MAX_SOCKETS];
         let mut rearm_wake = false;
         let mut resend: [u16; 64] = [0; 64];
         let mut resend_len = 0;
@@ -653,7 +669,8 @@ impl Backend for UringBackend {
             let addr_len = sockaddr_from_std(dest, &mut meta.addr);
             meta.addr_len = addr_len;
             meta.len = len as u32;
-            if !self.deferred {
+            let cmsg_len = self.src_cmsg_lens[sock];
+            if !self.deferred || cmsg_len != 0 {
                 meta.iov = libc::iovec {
                     iov_base: payload.cast(),
                     iov_len: len,
@@ -663,6 +680,13 @@ impl Backend for UringBackend {
                 meta.hdr.msg_namelen = addr_len;
                 meta.hdr.msg_iov = &mut meta.iov;
                 meta.hdr.msg_iovlen = 1;
+                if cmsg_len != 0 {
+                    // The socket's own control message: allocated once for
+                    // MAX_SOCKETS sockets, never written after add_socket,
+                    // so the kernel may read it while this SQE is in flight.
+                    meta.hdr.msg_control = self.src_cmsgs[sock].0.as_ptr() as *mut libc::c_void;
+                    meta.hdr.msg_controllen = cmsg_len;
+                }
             }
         }
         self.tx_in_flight += 1;
@@ -694,6 +718,32 @@ impl Backend for UringBackend {
 
     fn tx_pending(&self) -> usize {
         self.tx_in_flight
+    }
+
+    fn add_socket(&mut self, s: WorkerSocket) -> io::Result<usize> {
+        let index = self.sockets.len();
+        if index == MAX_SOCKETS {
+            return Err(io::Error::other(format!(
+                "a worker has at most {MAX_SOCKETS} sockets"
+            )));
+        }
+        self.ring
+            .submitter()
+            .register_files_update(index as u32, &[s.socket.as_raw_fd()])
+            .map_err(|e| {
+                io::Error::other(format!("cannot register a socket with io_uring: {e}"))
+            })?;
+        // No SQE names this index yet: its control message and receive
+        // header are ours to write.
+        self.src_cmsg_lens[index] = match s.src {
+            Some(ip) => write_src_cmsg(&mut self.src_cmsgs[index], ip),
+            None => 0,
+        };
+        self.sockets.push(s.socket);
+        self.rx_armed.push(false);
+        self.arm_recv(index)?;
+        self.submit()?;
+        Ok(index)
     }
 }
 
@@ -745,7 +795,14 @@ mod tests {
         let (sock, _) =
             bind_udp("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
         let local = sock.local_addr().unwrap().as_socket().unwrap();
-        let mut b = UringBackend::new(vec![sock], Waker::new().unwrap()).unwrap();
+        let mut b = UringBackend::new(
+            vec![WorkerSocket {
+                socket: sock,
+                src: None,
+            }],
+            Waker::new().unwrap(),
+        )
+        .unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         let peer_addr = peer.local_addr().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -815,7 +872,14 @@ mod tests {
         let (sock, _) = bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
         let local = sock.local_addr().unwrap().as_socket().unwrap();
         let waker = Waker::new().unwrap();
-        let mut b = UringBackend::new(vec![sock], waker.clone()).unwrap();
+        let mut b = UringBackend::new(
+            vec![WorkerSocket {
+                socket: sock,
+                src: None,
+            }],
+            waker.clone(),
+        )
+        .unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut h = Collect::default();
 
@@ -883,7 +947,14 @@ mod tests {
         };
         let (sock, _) = bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
         let local = sock.local_addr().unwrap().as_socket().unwrap();
-        let mut b = UringBackend::new(vec![sock], Waker::new().unwrap()).unwrap();
+        let mut b = UringBackend::new(
+            vec![WorkerSocket {
+                socket: sock,
+                src: None,
+            }],
+            Waker::new().unwrap(),
+        )
+        .unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut h = Collect::default();
         let total = 2 * RX_BUFS + 100;
@@ -922,7 +993,14 @@ mod tests {
             .unwrap();
         let (sock, _) =
             bind_udp("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
-        let mut b = UringBackend::new(vec![sock], Waker::new().unwrap()).unwrap();
+        let mut b = UringBackend::new(
+            vec![WorkerSocket {
+                socket: sock,
+                src: None,
+            }],
+            Waker::new().unwrap(),
+        )
+        .unwrap();
         let mut h = Collect::default();
         let out = b.tx_buf(0).unwrap();
         out[..4].copy_from_slice(b"ping");

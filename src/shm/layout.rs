@@ -58,6 +58,9 @@ pub const SLOT_UNKNOWN: u8 = 1;
 pub const SLOT_UP: u8 = 2;
 pub const SLOT_DOWN: u8 = 3;
 pub const SLOT_REMOVED: u8 = 4;
+/// Kept open by NAT-only keepalives (`null`, `crlf`): pinged, but no reply
+/// is expected, so whether it is alive is not known.
+pub const SLOT_UNMONITORED: u8 = 5;
 
 /// Worker ids are 8 bits in the token (`wire::token::WORKERS_MAX`).
 pub const WORKERS_MAX: u32 = 256;
@@ -114,10 +117,13 @@ pub enum Counter {
     /// Times a due ping was held back by the global pings-per-second cap
     /// (once per tick it waited).
     RateLimited,
+    /// Contacts currently kept open by NAT-only keepalives, liveness not
+    /// known (gauge).
+    ContactsUnmonitored,
 }
 
 impl Counter {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::Sent,
         Counter::Matched,
@@ -137,6 +143,7 @@ impl Counter {
         Counter::ContactsRemoved,
         Counter::ErrorReplies,
         Counter::RateLimited,
+        Counter::ContactsUnmonitored,
     ];
 
     /// Stable snake_case name (Prometheus label / JSON key).
@@ -160,6 +167,7 @@ impl Counter {
             Counter::ContactsRemoved => "contacts_removed",
             Counter::ErrorReplies => "error_replies",
             Counter::RateLimited => "rate_limited",
+            Counter::ContactsUnmonitored => "contacts_unmonitored",
         }
     }
 
@@ -176,7 +184,7 @@ const _: () = {
         assert!(Counter::ALL[i] as usize == i);
         i += 1;
     }
-    assert!(Counter::RateLimited as usize == Counter::COUNT - 1);
+    assert!(Counter::ContactsUnmonitored as usize == Counter::COUNT - 1);
 };
 
 /// Counter words per worker, padded to whole cache lines.

@@ -726,6 +726,7 @@ fn bind_all(cfg: &ServeConfig) -> Result<Bound, String> {
         recv_buffer_bytes: cfg.recv_buffer_bytes,
         send_buffer_bytes: cfg.send_buffer_bytes,
         reuse_port: cfg.threads > 1,
+        reuse_addr: false,
         pktinfo: true,
         timestamps: false,
         recv_errors: false,

@@ -1,11 +1,12 @@
 //! JSON lines: one object per line with `uri` and optional `aor`,
 //! `received`, `path`, `socket`, `interval` (seconds, or a string such as
-//! "30s"), `send_to` (`ip:port`) and `ruid`. Unknown fields are refused so a
+//! "30s"), `send_to` (`ip:port`), `ruid`, `source` (`bind`, `socket` or
+//! `IP:PORT`) and `keepalive` (`sip`, `null`, `crlf`). Unknown fields are refused so a
 //! typo (`recieved`) does not silently change where pings go.
 
 use serde::Deserialize;
 
-use crate::contact::ContactSpec;
+use crate::contact::{ContactSpec, KeepaliveKind, PingSource};
 use crate::duration::parse_duration;
 
 #[derive(Deserialize)]
@@ -19,6 +20,8 @@ struct Record {
     interval: Option<Interval>,
     send_to: Option<String>,
     ruid: Option<String>,
+    source: Option<String>,
+    keepalive: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +58,20 @@ fn parse_record(line: &str) -> Result<ContactSpec, String> {
                 .map_err(|_| format!("send_to '{s}' is not ip:port (IPv6 as [addr]:port)"))?,
         ),
     };
+    let source = match r.source.as_deref() {
+        None => None,
+        Some(s) => Some(
+            s.parse::<PingSource>()
+                .map_err(|e| format!("source: {e}"))?,
+        ),
+    };
+    let keepalive = match r.keepalive.as_deref() {
+        None => None,
+        Some(k) => Some(
+            k.parse::<KeepaliveKind>()
+                .map_err(|e| format!("keepalive: {e}"))?,
+        ),
+    };
     Ok(ContactSpec {
         uri: r.uri.trim().to_string(),
         aor: super::optional(r.aor.as_deref()),
@@ -64,5 +81,7 @@ fn parse_record(line: &str) -> Result<ContactSpec, String> {
         interval,
         send_to,
         ruid: super::optional(r.ruid.as_deref()),
+        source,
+        keepalive,
     })
 }

@@ -207,3 +207,48 @@ fn missing_file_names_the_path() {
         "{err}"
     );
 }
+
+#[test]
+fn json_lines_carry_the_source_and_keepalive_of_each_contact() {
+    use crate::contact::{KeepaliveKind, PingSource};
+    let f = write(concat!(
+        r#"{"uri":"sip:a@127.0.0.2","source":"203.0.113.10:5060","keepalive":"null"}"#,
+        "\n",
+        r#"{"uri":"sip:b@127.0.0.2","source":"socket","socket":"udp:203.0.113.10:5060"}"#,
+        "\n",
+        r#"{"uri":"sip:c@127.0.0.2","source":"bind","keepalive":"crlf"}"#,
+        "\n",
+        r#"{"uri":"sip:d@127.0.0.2","source":"somewhere"}"#,
+        "\n",
+        r#"{"uri":"sip:e@127.0.0.2","keepalive":"stun"}"#,
+        "\n",
+    ));
+    let (report, got) = load_all(f.path(), Format::Jsonl);
+    assert_eq!(
+        (report.loaded, report.skipped),
+        (3, 2),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        got[0].0.source,
+        Some(PingSource::Addr("203.0.113.10:5060".parse().unwrap()))
+    );
+    assert_eq!(got[0].0.keepalive, Some(KeepaliveKind::Null));
+    assert_eq!(got[1].0.source, Some(PingSource::Socket));
+    assert_eq!(got[1].0.keepalive, None);
+    assert_eq!(
+        (got[2].0.source, got[2].0.keepalive),
+        (Some(PingSource::Bind), Some(KeepaliveKind::Crlf))
+    );
+    assert!(
+        report.problems[0].contains(":4: source: socket 'somewhere'"),
+        "{}",
+        report.problems[0]
+    );
+    assert!(
+        report.problems[1].contains(":5: keepalive: 'stun' is not one of"),
+        "{}",
+        report.problems[1]
+    );
+}

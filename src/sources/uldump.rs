@@ -112,6 +112,7 @@ pub(super) fn parse(
                         interval: None,
                         send_to: None,
                         ruid,
+                        ..ContactSpec::default()
                     }),
                 };
                 if !f(spec, place) {

@@ -11,6 +11,7 @@
 //! The request (DESIGN §2, Kamailio usrloc keepalive shape, RFC 3261 §8.1.1):
 //! ```text
 //! OPTIONS <r-uri> SIP/2.0
+//! [Via: SIP/2.0/UDP <proxy>;branch=z9hG4bK.<token>;rport]   (sent as the proxy)
 //! Via: SIP/2.0/UDP <host>:<port>;branch=z9hG4bK<token>;rport
 //! [Route: <path>]
 //! Max-Forwards: 70
@@ -23,6 +24,15 @@
 //! Content-Length: 0
 //! ```
 //! every line ending in CRLF and the header block in an empty line.
+//!
+//! Sent as the proxy (DESIGN §10), the request leaves from the proxy's
+//! address and carries the proxy's Via on top: the phone answers to the
+//! proxy (RFC 3261 §18.2.2, RFC 3581), which finds no transaction for it,
+//! removes its own Via and forwards the reply statelessly to the next one,
+//! kaping's (§18.2.1 / §16.7 step 3 for a stateless proxy). The top branch
+//! starts with [`PROXY_BRANCH_COOKIE`], `z9hG4bK.`: a '.' right after the
+//! cookie, which Kamailio's own branches (hex digits there) never have, so
+//! the divert program can tell kaping's replies from the proxy's by it.
 //!
 //! Invariants:
 //! * Everything the template itself contributes is validated once in
@@ -51,7 +61,7 @@
 //! socket; `render` + `patch` per ping), the contact loaders (`to_uri`,
 //! `check_contact`), benches/wire.rs.
 
-use crate::wire::token::TOKEN_LEN;
+use crate::wire::token::{INSTANCE_LEN, TOKEN_LEN};
 use crate::wire::uri::{self, first_path_hop, is_token, Host, SipUri, UriError};
 
 /// Width of the CSeq number field: enough for any `u32`. Zero-padded digits
@@ -72,6 +82,23 @@ const CSEQ_PLACEHOLDER: [u8; CSEQ_WIDTH] = [b'0'; CSEQ_WIDTH];
 /// The magic cookie that marks an RFC 3261 branch (§8.1.1.7).
 const BRANCH_COOKIE: &str = "z9hG4bK";
 
+/// The cookie of the proxy's Via branch in a request sent as the proxy:
+/// the RFC 3261 cookie and a '.', then the token.
+pub const PROXY_BRANCH_COOKIE: &str = "z9hG4bK.";
+
+/// Length of [`divert_marker`].
+pub const DIVERT_MARKER_LEN: usize = PROXY_BRANCH_COOKIE.len() + INSTANCE_LEN;
+
+/// What marks a reply to a ping sent as the proxy by this kaping instance:
+/// the proxy's Via branch cookie and the token's instance prefix, found
+/// at the top of the reply (the phone copies the Via first, §8.2.6.2).
+pub fn divert_marker(prefix: &[u8; INSTANCE_LEN]) -> [u8; DIVERT_MARKER_LEN] {
+    let mut m = [0u8; DIVERT_MARKER_LEN];
+    m[..PROXY_BRANCH_COOKIE.len()].copy_from_slice(PROXY_BRANCH_COOKIE.as_bytes());
+    m[PROXY_BRANCH_COOKIE.len()..].copy_from_slice(prefix);
+    m
+}
+
 /// What every keepalive request of one worker and local socket shares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TemplateConfig {
@@ -88,6 +115,9 @@ pub struct TemplateConfig {
     /// Full `Name: value` lines, e.g. `User-Agent: kaping`.
     pub extra_headers: Vec<String>,
     pub max_forwards: u8,
+    /// Sent as the proxy: the proxy's Via (host, port) goes on top of ours
+    /// (DESIGN §10); `None` for kaping's own socket.
+    pub proxy_via: Option<(String, u16)>,
 }
 
 impl Default for TemplateConfig {
@@ -100,6 +130,7 @@ impl Default for TemplateConfig {
             transport: "UDP".to_owned(),
             extra_headers: Vec::new(),
             max_forwards: 70,
+            proxy_via: None,
         }
     }
 }
@@ -166,6 +197,9 @@ pub struct Layout {
     pub len: u16,
     /// First byte of the token after `z9hG4bK` in the Via branch.
     pub branch_at: u16,
+    /// First byte of the token in the proxy's Via branch (sent as the
+    /// proxy); `branch_at` otherwise, so patching it is harmless.
+    pub proxy_branch_at: u16,
     /// First byte of the token in the From tag.
     pub tag_at: u16,
     /// First byte of the token in the Call-ID.
@@ -179,9 +213,14 @@ impl Layout {
     /// every layout `render` returns.
     pub fn is_consistent(&self) -> bool {
         let len = usize::from(self.len);
-        [self.branch_at, self.tag_at, self.call_id_at]
-            .iter()
-            .all(|&at| usize::from(at) + TOKEN_LEN <= len)
+        [
+            self.branch_at,
+            self.proxy_branch_at,
+            self.tag_at,
+            self.call_id_at,
+        ]
+        .iter()
+        .all(|&at| usize::from(at) + TOKEN_LEN <= len)
             && usize::from(self.cseq_at) + CSEQ_WIDTH <= len
     }
 }
@@ -212,7 +251,7 @@ pub struct Template {
     bytes: Box<[u8]>,
     /// `METHOD ` (method and the space of the request line).
     head: Piece,
-    /// ` SIP/2.0\r\nVia: ...;branch=z9hG4bK<ph>;rport\r\n`.
+    /// ` SIP/2.0\r\n[proxy Via\r\n]Via: ...;branch=z9hG4bK<ph>;rport\r\n`.
     via: Piece,
     /// `via` followed by `Route: `.
     via_route: Piece,
@@ -223,6 +262,9 @@ pub struct Template {
     /// `>\r\nCall-ID: <ph>@host\r\nCSeq: <ph> METHOD\r\n...Content-Length: 0\r\n\r\n`.
     tail: Piece,
     branch_in_via: usize,
+    /// Where the proxy Via's token starts in `via` (= `branch_in_via`
+    /// without one).
+    proxy_branch_in_via: usize,
     tag_in_from: usize,
     call_id_in_tail: usize,
     cseq_in_tail: usize,
@@ -315,10 +357,23 @@ impl Template {
 
         // §18.2.1/RFC 3581: `rport` asks the UAS to answer to the source
         // port, which is what lets a reply find us through NAT.
-        let via_prefix = format!(
-            " SIP/2.0\r\nVia: SIP/2.0/{transport} {host}:{port};branch={BRANCH_COOKIE}",
+        let mut via_prefix = " SIP/2.0\r\n".to_owned();
+        let mut proxy_branch_in_via = None;
+        if let Some((proxy_host, proxy_port)) = &cfg.proxy_via {
+            let proxy_host = local_host_text(proxy_host)?;
+            if *proxy_port == 0 {
+                return Err(TemplateError::LocalPort);
+            }
+            via_prefix.push_str(&format!(
+                "Via: SIP/2.0/{transport} {proxy_host}:{proxy_port};branch={PROXY_BRANCH_COOKIE}"
+            ));
+            proxy_branch_in_via = Some(via_prefix.len());
+            via_prefix.push_str(&format!("{placeholder};rport\r\n"));
+        }
+        via_prefix.push_str(&format!(
+            "Via: SIP/2.0/{transport} {host}:{port};branch={BRANCH_COOKIE}",
             port = cfg.local_port
-        );
+        ));
         let via = format!("{via_prefix}{placeholder};rport\r\n");
 
         // From and To in name-addr form: mandatory when the URI has
@@ -367,6 +422,7 @@ impl Template {
             from_route,
             tail: tail_piece,
             branch_in_via: via_prefix.len(),
+            proxy_branch_in_via: proxy_branch_in_via.unwrap_or(via_prefix.len()),
             tag_in_from: from_prefix.len(),
             call_id_in_tail: call_id_prefix.len(),
             cseq_in_tail: cseq_prefix.len(),
@@ -426,6 +482,7 @@ impl Template {
         w.put(self.piece(self.head));
         w.put(c.uri.as_bytes());
         let branch_at = w.pos + self.branch_in_via;
+        let proxy_branch_at = w.pos + self.proxy_branch_in_via;
         let tag_at = match c.route {
             None => {
                 w.put(self.piece(self.via));
@@ -452,6 +509,7 @@ impl Template {
         let layout = Layout {
             len: len as u16,
             branch_at: branch_at as u16,
+            proxy_branch_at: proxy_branch_at as u16,
             tag_at: tag_at as u16,
             call_id_at: call_id_at as u16,
             cseq_at: cseq_at as u16,
@@ -490,7 +548,12 @@ pub fn patch(buf: &mut [u8], layout: &Layout, token: &[u8; TOKEN_LEN], cseq: u32
         "layout {layout:?} does not fit a buffer of {} bytes",
         buf.len()
     );
-    for at in [layout.branch_at, layout.tag_at, layout.call_id_at] {
+    for at in [
+        layout.branch_at,
+        layout.proxy_branch_at,
+        layout.tag_at,
+        layout.call_id_at,
+    ] {
         let at = usize::from(at);
         buf[at..at + TOKEN_LEN].copy_from_slice(token);
     }

@@ -220,6 +220,7 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         recv_buffer_bytes: 8 << 20,
         send_buffer_bytes: 8 << 20,
         reuse_port: false,
+        reuse_addr: false,
         pktinfo: false,
         timestamps: false,
         recv_errors: false,

@@ -11,7 +11,9 @@ use std::collections::BinaryHeap;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 
-use kaping::shm::layout::{SlotRecord, SLOT_DOWN, SLOT_REMOVED, SLOT_UNKNOWN, SLOT_UP};
+use kaping::shm::layout::{
+    SlotRecord, SLOT_DOWN, SLOT_REMOVED, SLOT_UNKNOWN, SLOT_UNMONITORED, SLOT_UP,
+};
 use kaping::shm::reader::ShmReader;
 use kaping::timefmt::rfc3339_ms;
 use serde_json::{json, Value};
@@ -31,6 +33,7 @@ pub fn state_name(state: u8) -> &'static str {
         SLOT_UP => "up",
         SLOT_DOWN => "down",
         SLOT_REMOVED => "removed",
+        SLOT_UNMONITORED => "unmonitored",
         _ => "invalid",
     }
 }

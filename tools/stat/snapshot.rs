@@ -84,11 +84,12 @@ pub const EVENTS: [(Counter, &str, &str); 14] = [
 ];
 
 /// The state gauges with their JSON key.
-pub const STATES: [(Counter, &str); 4] = [
+pub const STATES: [(Counter, &str); 5] = [
     (Counter::ContactsUnknown, "unknown"),
     (Counter::ContactsUp, "up"),
     (Counter::ContactsDown, "down"),
     (Counter::ContactsRemoved, "removed"),
+    (Counter::ContactsUnmonitored, "unmonitored"),
 ];
 
 /// One worker's published figures.
@@ -107,11 +108,13 @@ impl WorkerFigures {
         self.counters[c.index()]
     }
 
-    /// Live contacts: Unknown + Up + Down (Removed slots are on their way out).
+    /// Live contacts: Unknown + Up + Down + Unmonitored (Removed slots are
+    /// on their way out).
     pub fn contacts(&self) -> u64 {
         self.get(Counter::ContactsUnknown)
             + self.get(Counter::ContactsUp)
             + self.get(Counter::ContactsDown)
+            + self.get(Counter::ContactsUnmonitored)
     }
 }
 

@@ -96,12 +96,19 @@ pub fn text(path: &Path, s: &Snapshot, before: Option<&Snapshot>) -> String {
     );
     let _ = writeln!(
         o,
-        "contacts {}: up {}, down {}, unknown {}, removed {}",
+        "contacts {}: up {}, down {}, unknown {}, removed {}{}",
         grouped(t.contacts()),
         grouped(t.get(Counter::ContactsUp)),
         grouped(t.get(Counter::ContactsDown)),
         grouped(t.get(Counter::ContactsUnknown)),
         grouped(t.get(Counter::ContactsRemoved)),
+        match t.get(Counter::ContactsUnmonitored) {
+            0 => String::new(),
+            n => format!(
+                ", unmonitored {} (NAT-only keepalives, liveness not known)",
+                grouped(n)
+            ),
+        },
     );
     let _ = writeln!(o, "{:<15} {:>16} {:>12}", "events", "total", "per second");
     for (c, _, label) in EVENTS {
