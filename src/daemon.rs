@@ -649,6 +649,13 @@ impl Daemon {
         source: Source,
         history: Option<SlotRecord>,
     ) -> Result<crate::control::registry::Loc, Refusal> {
+        if rec.text_len() > crate::control::registry::TEXT_MAX {
+            return Err(Refusal::Bad(format!(
+                "its parameters hold {} bytes of text, over the {} a contact may have",
+                rec.text_len(),
+                crate::control::registry::TEXT_MAX
+            )));
+        }
         let reg = self
             .ctl
             .registry
@@ -998,13 +1005,26 @@ fn record_of(spec: &ContactSpec) -> ContactRecord {
             .interval
             .map(|d| d.as_millis().min(u32::MAX as u128) as u32),
         owner: None,
+        socket: spec.socket.clone(),
+        source: spec.source.map(|s| s.to_string()),
+        keepalive: spec.keepalive.map(|k| k.name().to_string()),
     }
 }
 
 /// The contact a durable record describes. A `received` given as a bare
-/// `IP:port` is read as the SIP URI `sip:IP:port`.
-fn spec_of(rec: &ContactRecord) -> ContactSpec {
-    ContactSpec {
+/// `IP:port` is read as the SIP URI `sip:IP:port`. A `source` or
+/// `keepalive` that does not parse is refused (never pinged otherwise
+/// than asked).
+fn spec_of(rec: &ContactRecord) -> Result<ContactSpec, String> {
+    let source = match rec.source.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse().map_err(|e| format!("source: {e}"))?),
+    };
+    let keepalive = match rec.keepalive.as_deref() {
+        None => None,
+        Some(k) => Some(k.parse().map_err(|e| format!("keepalive: {e}"))?),
+    };
+    Ok(ContactSpec {
         uri: rec.uri.clone(),
         aor: rec.aor.clone(),
         received: rec.received.as_ref().map(|r| {
@@ -1016,8 +1036,11 @@ fn spec_of(rec: &ContactRecord) -> ContactSpec {
         }),
         path: rec.path.clone(),
         interval: rec.interval_ms.map(|ms| Duration::from_millis(ms as u64)),
+        socket: rec.socket.clone(),
+        source,
+        keepalive,
         ..ContactSpec::default()
-    }
+    })
 }
 
 /// Whether workers build state-change events: someone reads them (the

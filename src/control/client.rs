@@ -598,6 +598,16 @@ pub struct AddArgs {
     /// Owner (e.g. the registrar), for `list --owner` and `flush --owner`.
     #[arg(long)]
     pub owner: Option<String>,
+    /// The socket the contact registered on (`udp:IP:PORT`), used by
+    /// `--source socket`.
+    #[arg(long, conflicts_with = "file")]
+    pub socket: Option<String>,
+    /// Where its pings leave from: bind, socket, or IP:PORT (the proxy's).
+    #[arg(long, conflicts_with = "file")]
+    pub source: Option<String>,
+    /// What is sent: sip, null or crlf.
+    #[arg(long, conflicts_with = "file")]
+    pub keepalive: Option<String>,
     /// Add every contact of this file (lines, jsonl or Kamailio ul.dump).
     #[arg(long, value_name = "CONTACTS")]
     pub file: Option<PathBuf>,
@@ -766,6 +776,9 @@ fn dispatch(
                     p.insert("interval".into(), json!(i.as_secs_f64()));
                 }
                 put_opt(&mut p, "owner", a.owner.as_deref());
+                put_opt(&mut p, "socket", a.socket.as_deref());
+                put_opt(&mut p, "source", a.source.as_deref());
+                put_opt(&mut p, "keepalive", a.keepalive.as_deref());
                 let r = client
                     .call("keepalive.add", Value::Object(p))
                     .map_err(|e| e.describe("keepalive.add", Some(uri)))?;
@@ -1178,6 +1191,16 @@ pub fn render_contact(c: &Value, out: &mut dyn Write) -> io::Result<()> {
     line(out, "path", text(o.get("path")))?;
     line(out, "owner", text(o.get("owner")))?;
     line(out, "source", text(o.get("source")))?;
+    // How it is pinged as the proxy: shown when set.
+    for (key, label) in [
+        ("socket", "socket"),
+        ("ping_source", "pings from"),
+        ("keepalive", "keepalive"),
+    ] {
+        if o.get(key).is_some_and(|v| !v.is_null()) {
+            line(out, label, text(o.get(key)))?;
+        }
+    }
     if let Some(i) = u("interval_ms") {
         let v = if i % 1000 == 0 {
             format!("{} s", grouped(i / 1000))
@@ -1215,7 +1238,7 @@ pub fn render_contact(c: &Value, out: &mut dyn Write) -> io::Result<()> {
     }
     line(out, "last ping", text(o.get("last_ping")))?;
     line(out, "last reply", text(o.get("last_reply")))?;
-    const SHOWN: [&str; 23] = [
+    const SHOWN: [&str; 26] = [
         "uri",
         "aor",
         "state",
@@ -1227,6 +1250,9 @@ pub fn render_contact(c: &Value, out: &mut dyn Write) -> io::Result<()> {
         "path",
         "owner",
         "source",
+        "socket",
+        "ping_source",
+        "keepalive",
         "interval_ms",
         "sent",
         "answered",
@@ -1407,6 +1433,10 @@ pub fn add_params(spec: &ContactSpec, owner: Option<&str>, interval: Option<Dura
         p.insert("interval".into(), json!(i.as_secs_f64()));
     }
     put_opt(&mut p, "owner", owner);
+    put_opt(&mut p, "socket", spec.socket.as_deref());
+    let source = spec.source.map(|s| s.to_string());
+    put_opt(&mut p, "source", source.as_deref());
+    put_opt(&mut p, "keepalive", spec.keepalive.map(|k| k.name()));
     Value::Object(p)
 }
 
@@ -1965,7 +1995,7 @@ daemon    uptime 1 h 02 m  workers 2  backend uring
             p,
             json!({"uri": "sip:a@192.0.2.1", "aor": "sip:a@example.com",
                    "received": "sip:203.0.113.7:41022", "path": "<sip:198.51.100.9;lr>",
-                   "interval": 30.0, "owner": "reg1"})
+                   "interval": 30.0, "owner": "reg1", "socket": "udp:10.0.0.1:5060"})
         );
         // An explicit destination is where pings go: it wins over received;
         // the contact's own interval wins over the default.

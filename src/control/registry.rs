@@ -44,34 +44,46 @@ impl Source {
 /// with their `Option`s cost 128 bytes before any text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedRecord {
-    /// uri, aor, received, path, owner, back to back.
+    /// uri, aor, received, path, owner, socket, source, keepalive, back
+    /// to back.
     text: Box<str>,
-    /// End of each of the five in `text`.
-    ends: [u32; 5],
-    /// Bit i: field i is present (aor..owner; the uri always is).
+    /// End of each of the eight in `text` (the text is under 64 KiB:
+    /// [`TEXT_MAX`], checked when the contact is prepared).
+    ends: [u16; FIELDS],
+    /// Bit i: field i is present (the uri always is).
     present: u8,
     interval_ms: Option<u32>,
 }
 
+/// Text fields of a [`PackedRecord`].
+const FIELDS: usize = 8;
+
+/// Longest text of a contact's parameters together, bytes. A request is
+/// at most `io::TX_DATAGRAM_MAX`, so a pingable contact is far below it.
+pub const TEXT_MAX: usize = 16 * 1024;
+
 impl PackedRecord {
     pub fn new(r: &ContactRecord) -> PackedRecord {
-        let fields = [
+        let fields: [Option<&str>; FIELDS] = [
             Some(r.uri.as_str()),
             r.aor.as_deref(),
             r.received.as_deref(),
             r.path.as_deref(),
             r.owner.as_deref(),
+            r.socket.as_deref(),
+            r.source.as_deref(),
+            r.keepalive.as_deref(),
         ];
         let mut text = String::with_capacity(fields.iter().flatten().map(|f| f.len()).sum());
-        let mut ends = [0u32; 5];
+        let mut ends = [0u16; FIELDS];
         let mut present = 0u8;
         for (i, f) in fields.iter().enumerate() {
             if let Some(f) = f {
                 text.push_str(f);
                 present |= 1 << i;
             }
-            // Request sizes are bounded far below 4 GiB (control_max_request).
-            ends[i] = u32::try_from(text.len()).expect("a contact's text is under 4 GiB");
+            // Checked against TEXT_MAX when the contact was prepared.
+            ends[i] = u16::try_from(text.len()).expect("a contact's text is under TEXT_MAX");
         }
         PackedRecord {
             text: text.into_boxed_str(),
@@ -101,6 +113,16 @@ impl PackedRecord {
     pub fn owner(&self) -> Option<&str> {
         self.field(4)
     }
+    pub fn socket(&self) -> Option<&str> {
+        self.field(5)
+    }
+    /// The `source` given for this contact (`bind`, `socket`, `IP:PORT`).
+    pub fn ping_source(&self) -> Option<&str> {
+        self.field(6)
+    }
+    pub fn keepalive(&self) -> Option<&str> {
+        self.field(7)
+    }
     pub fn interval_ms(&self) -> Option<u32> {
         self.interval_ms
     }
@@ -119,6 +141,9 @@ impl PackedRecord {
             path: owned(self.path()),
             interval_ms: self.interval_ms,
             owner: owned(self.owner()),
+            socket: owned(self.socket()),
+            source: owned(self.ping_source()),
+            keepalive: owned(self.keepalive()),
         }
     }
 
@@ -129,6 +154,9 @@ impl PackedRecord {
             && self.received() == r.received.as_deref()
             && self.path() == r.path.as_deref()
             && self.owner() == r.owner.as_deref()
+            && self.socket() == r.socket.as_deref()
+            && self.ping_source() == r.source.as_deref()
+            && self.keepalive() == r.keepalive.as_deref()
             && self.interval_ms == r.interval_ms
     }
 }
@@ -297,6 +325,9 @@ mod tests {
             path: Some("<sip:edge.example;lr>".into()),
             interval_ms: Some(30_000),
             owner: Some("registrar-1".into()),
+            socket: Some("udp:203.0.113.10:5060".into()),
+            source: Some("socket".into()),
+            keepalive: Some("crlf".into()),
         };
         // Absent and empty differ; neighbours never bleed into each other.
         let sparse = ContactRecord {

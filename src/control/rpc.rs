@@ -129,10 +129,26 @@ pub struct AddArgs {
     pub path: Option<String>,
     pub interval: Option<std::time::Duration>,
     pub owner: Option<String>,
+    /// The socket the contact registered on (`udp:IP:PORT`).
+    pub socket: Option<String>,
+    /// Where its pings leave from (`bind`, `socket`, `IP:PORT`).
+    pub source: Option<String>,
+    /// What is sent (`sip`, `null`, `crlf`).
+    pub keepalive: Option<String>,
 }
 
 /// Positional order of the `keepalive.add` params.
-pub const ADD_PARAMS: &[&str] = &["uri", "aor", "received", "path", "interval", "owner"];
+pub const ADD_PARAMS: &[&str] = &[
+    "uri",
+    "aor",
+    "received",
+    "path",
+    "interval",
+    "owner",
+    "socket",
+    "source",
+    "keepalive",
+];
 /// Positional order of a contact's key (`del`, `get`).
 pub const KEY_PARAMS: &[&str] = &["uri", "aor"];
 
@@ -170,6 +186,9 @@ impl AddArgs {
             path: p.opt_str("path")?,
             interval: p.opt_duration("interval")?,
             owner: p.opt_str("owner")?,
+            socket: p.opt_str("socket")?,
+            source: p.opt_str("source")?,
+            keepalive: p.opt_str("keepalive")?,
         })
     }
 }
@@ -177,6 +196,9 @@ impl AddArgs {
 /// A message: one request, or a batch. Entries that are not valid requests
 /// are kept in place as their error, so responses keep the batch's order.
 #[derive(Clone, Debug, PartialEq)]
+// One message is read and handled at a time, never stored in bulk: the
+// size of a single call beside a batch's pointer costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Message {
     Single(Result<Call, RpcError>),
     Batch(Vec<Result<Call, RpcError>>),
@@ -499,7 +521,7 @@ mod fast {
     /// order, whose first two are `KEY_PARAMS`). Absent: all `None`.
     #[derive(Default)]
     struct WireParams<'a> {
-        values: [Option<Param<'a>>; 6],
+        values: [Option<Param<'a>>; 9],
         /// Positional params given (0 when by name).
         positional: usize,
         /// Whether the member was present (`{}`/`[]` included).
@@ -631,7 +653,7 @@ mod fast {
     }
 
     fn args(method: &str, p: WireParams) -> Option<Args> {
-        let [uri, aor, received, path, interval, owner] = p.values;
+        let [uri, aor, received, path, interval, owner, socket, source, keepalive] = p.values;
         if method == "keepalive.add" {
             return Some(Args::Add(AddArgs {
                 uri: opt_str(uri)??,
@@ -640,13 +662,18 @@ mod fast {
                 path: opt_str(path)?,
                 interval: opt_duration(interval)?,
                 owner: opt_str(owner)?,
+                socket: opt_str(socket)?,
+                source: opt_str(source)?,
+                keepalive: opt_str(keepalive)?,
             }));
         }
         // A key: only `uri` and `aor`.
         if p.positional > KEY_PARAMS.len()
-            || [&received, &path, &interval, &owner]
-                .iter()
-                .any(|v| v.is_some())
+            || [
+                &received, &path, &interval, &owner, &socket, &source, &keepalive,
+            ]
+            .iter()
+            .any(|v| v.is_some())
         {
             return None;
         }
@@ -868,6 +895,8 @@ mod tests {
         let accepted = [
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":{"uri":" sip:a@1.2.3.4 ","aor":null,"interval":"30s","owner":"r1"}}"#,
             r#"{"jsonrpc":"2.0","id":"x","method":"keepalive.add","params":["sip:a@h",null,"1.2.3.4:5060",null,15]}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"keepalive.add","params":{"uri":"sip:a@h","socket":"udp:203.0.113.10:5060","source":"socket","keepalive":"crlf"}}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"keepalive.add","params":["sip:a@h",null,null,null,null,null,"udp:203.0.113.10:5060","bind","null"]}"#,
             r#"{"method":"keepalive.del","params":{"uri":"sip:\u0061@h","aor":"a@h"},"jsonrpc":"2.0","id":null}"#,
             r#"{"jsonrpc":"2.0","method":"keepalive.get","params":["sip:a@h"],"extra":[1,2]}"#,
             r#"{"jsonrpc":"2.0","id":4,"method":"keepalive.stats"}"#,
@@ -885,7 +914,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":{"uri":5}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":{}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add"}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":["a","b","c","d",1,"f","g"]}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":["a","b","c","d",1,"f","g","h","i","j"]}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":{"uri":"sip:a@h","interval":-1}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.add","params":{"uri":"sip:a@h\r\nX: y"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.del","params":{"uri":"a","uri":"b"}}"#,
@@ -923,6 +952,9 @@ mod tests {
                     path: None,
                     interval: None,
                     owner: None,
+                    socket: None,
+                    source: None,
+                    keepalive: None,
                 }))),
             }))
         );

@@ -81,7 +81,6 @@ impl Daemon {
         let total = restored.contacts.len();
         let mut skipped = 0usize;
         for (rec, history) in restored.contacts {
-            let spec = spec_of(&rec);
             let key_taken = self
                 .ctl
                 .registry
@@ -91,7 +90,10 @@ impl Daemon {
                 continue;
             }
             let history = history.as_ref().map(slot_of);
-            match self.place(&spec, rec.clone(), Source::Control, history) {
+            let placed = spec_of(&rec)
+                .map_err(Refusal::Bad)
+                .and_then(|spec| self.place(&spec, rec.clone(), Source::Control, history));
+            match placed {
                 Ok(_) => {}
                 Err(Refusal::Bad(why)) => {
                     skipped += 1;
@@ -340,6 +342,9 @@ impl Daemon {
             path,
             interval,
             owner,
+            socket,
+            source,
+            keepalive,
         }) = args
         else {
             return Err(RpcError::invalid_params("keepalive.add: not add params"));
@@ -359,6 +364,9 @@ impl Daemon {
             path,
             interval_ms: interval.map(|d| d.as_millis().min(u32::MAX as u128) as u32),
             owner,
+            socket,
+            source,
+            keepalive,
         };
         let existing = self.registry_find(rec.aor.as_deref(), &rec.uri);
         let mut history = None;
@@ -371,7 +379,8 @@ impl Daemon {
                 }));
             }
         }
-        let spec = spec_of(&rec);
+        let spec = spec_of(&rec)
+            .map_err(|why| RpcError::invalid_params(format!("keepalive.add {}: {why}", rec.uri)))?;
         // Check the new form before touching the old one: a bad update
         // leaves the contact as it was.
         let prepared = self.prepare(&spec).map_err(|why| {
@@ -491,6 +500,9 @@ impl Daemon {
             "received": e.rec.received(),
             "path": e.rec.path(),
             "owner": e.rec.owner(),
+            "socket": e.rec.socket(),
+            "ping_source": e.rec.ping_source(),
+            "keepalive": e.rec.keepalive(),
             "dest": e.dest.to_string(),
             "worker": loc.worker,
             "slot": loc.handle.slot,

@@ -28,6 +28,8 @@ pub(super) const NONE_LEN: u32 = u32::MAX;
 pub(super) const KIND_ADD: u8 = 1;
 pub(super) const KIND_DEL: u8 = 2;
 pub(super) const KIND_FLUSH: u8 = 3;
+/// An Add whose contact carries the `contact ext` fields.
+pub(super) const KIND_ADD_EXT: u8 = 4;
 
 /// Encoded size of a present [`History`] (without its presence byte).
 pub(super) const HISTORY_LEN: usize = 1 + 2 + 4 * 7 + 2 + 8 + 8;
@@ -77,6 +79,19 @@ pub(super) fn contact_len(c: &ContactRecord) -> usize {
     4 + c.uri.len() + opt(&c.aor) + opt(&c.received) + opt(&c.path) + 5 + opt(&c.owner)
 }
 
+/// Encoded size of a contact's ext fields.
+pub(super) fn contact_ext_len(c: &ContactRecord) -> usize {
+    let opt = |s: &Option<String>| 4 + s.as_ref().map_or(0, |s| s.len());
+    opt(&c.socket) + opt(&c.source) + opt(&c.keepalive)
+}
+
+/// Appends a contact's ext fields: socket, source, keepalive.
+pub(super) fn put_contact_ext(buf: &mut Vec<u8>, c: &ContactRecord) {
+    put_opt_str(buf, c.socket.as_deref());
+    put_opt_str(buf, c.source.as_deref());
+    put_opt_str(buf, c.keepalive.as_deref());
+}
+
 /// Appends a contact: uri, aor, received, path, interval_ms, owner.
 pub(super) fn put_contact(buf: &mut Vec<u8>, c: &ContactRecord) {
     put_str(buf, &c.uri);
@@ -115,6 +130,7 @@ pub(super) fn put_history(buf: &mut Vec<u8>, h: Option<&History>) {
 /// The kind byte and encoded payload size of an op.
 pub(super) fn op_kind_len(op: &Op) -> (u8, usize) {
     match op {
+        Op::Add(c) if c.has_ext() => (KIND_ADD_EXT, contact_len(c) + contact_ext_len(c)),
         Op::Add(c) => (KIND_ADD, contact_len(c)),
         Op::Del { key } => (KIND_DEL, 4 + key.len()),
         Op::Flush { owner } => (KIND_FLUSH, 4 + owner.as_ref().map_or(0, |s| s.len())),
@@ -124,7 +140,12 @@ pub(super) fn op_kind_len(op: &Op) -> (u8, usize) {
 /// Appends an op's payload (its kind goes in the record header).
 pub(super) fn put_op(buf: &mut Vec<u8>, op: &Op) {
     match op {
-        Op::Add(c) => put_contact(buf, c),
+        Op::Add(c) => {
+            put_contact(buf, c);
+            if c.has_ext() {
+                put_contact_ext(buf, c);
+            }
+        }
         Op::Del { key } => put_str(buf, key),
         Op::Flush { owner } => put_opt_str(buf, owner.as_deref()),
     }
@@ -211,7 +232,16 @@ impl<'a> Cursor<'a> {
             path: self.opt_str()?,
             interval_ms: self.opt_u32()?,
             owner: self.opt_str()?,
+            ..ContactRecord::default()
         })
+    }
+
+    /// The ext fields, into a contact read by [`Cursor::contact`].
+    pub(super) fn contact_ext(&mut self, c: &mut ContactRecord) -> Result<(), &'static str> {
+        c.socket = self.opt_str()?;
+        c.source = self.opt_str()?;
+        c.keepalive = self.opt_str()?;
+        Ok(())
     }
 
     pub(super) fn history(&mut self) -> Result<Option<History>, &'static str> {
@@ -238,6 +268,11 @@ impl<'a> Cursor<'a> {
     pub(super) fn op(&mut self, kind: u8) -> Result<Op, &'static str> {
         match kind {
             KIND_ADD => self.contact().map(Op::Add),
+            KIND_ADD_EXT => {
+                let mut c = self.contact()?;
+                self.contact_ext(&mut c)?;
+                Ok(Op::Add(c))
+            }
             KIND_DEL => Ok(Op::Del { key: self.str()? }),
             KIND_FLUSH => Ok(Op::Flush {
                 owner: self.opt_str()?,
@@ -277,6 +312,7 @@ mod tests {
             path: Some("<sip:edge.example.com;lr>".into()),
             interval_ms: Some(30_000),
             owner: None,
+            ..ContactRecord::default()
         };
         let mut buf = Vec::new();
         put_contact(&mut buf, &c);
@@ -284,6 +320,30 @@ mod tests {
         let mut cur = Cursor::new(&buf);
         assert_eq!(cur.contact().unwrap(), c);
         cur.finish().unwrap();
+    }
+
+    #[test]
+    fn an_add_with_ext_fields_is_kind_4_and_one_without_stays_kind_1() {
+        let plain = ContactRecord {
+            uri: "sip:alice@192.0.2.1:5060".into(),
+            ..ContactRecord::default()
+        };
+        let ext = ContactRecord {
+            socket: Some("udp:203.0.113.10:5060".into()),
+            keepalive: Some("null".into()),
+            ..plain.clone()
+        };
+        for (c, kind) in [(plain, KIND_ADD), (ext, KIND_ADD_EXT)] {
+            let op = Op::Add(c);
+            let (k, len) = op_kind_len(&op);
+            assert_eq!(k, kind);
+            let mut buf = Vec::new();
+            put_op(&mut buf, &op);
+            assert_eq!(buf.len(), len);
+            let mut cur = Cursor::new(&buf);
+            assert_eq!(cur.op(k).unwrap(), op);
+            cur.finish().unwrap();
+        }
     }
 
     #[test]

@@ -94,6 +94,9 @@
 //!   always 5 bytes.
 //! * `contact`: `uri` str, `aor` opt str, `received` opt str, `path` opt str,
 //!   `interval_ms` opt u32, `owner` opt str.
+//! * `contact ext`: `socket` opt str, `source` opt str, `keepalive` opt str
+//!   (how a contact is pinged as the proxy; added after version 1: journal
+//!   kind 4, snapshot version 2).
 //! * `history`: u8 presence (0 or 1); when 1, 49 bytes follow: `state` u8,
 //!   `misses` u16, `sent` u32, `answered` u32, `rtt_last_us` u32,
 //!   `rtt_min_us` u32, `rtt_max_us` u32, `srtt_us` u32, `rttvar_us` u32,
@@ -116,11 +119,11 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | payload length L (at most 16 MiB) |
-//! | 4 | 1 | kind: 1 Add, 2 Del, 3 Flush |
+//! | 4 | 1 | kind: 1 Add, 2 Del, 3 Flush, 4 Add with ext |
 //! | 5 | 3 | zero |
 //! | 8 | 8 | sequence number (F for the first record, then +1 each) |
 //! | 16 | 8 | checksum of bytes 0..16 (the header alone, so a damaged length is caught before it is used) |
-//! | 24 | L | payload: Add = `contact`; Del = `str` key ([`contact_key`]); Flush = `opt str` owner (absent = all) |
+//! | 24 | L | payload: Add = `contact`; Add with ext = `contact` then `contact ext` (written only when one of its fields is present, so a journal without them stays readable by older kapings); Del = `str` key ([`contact_key`]); Flush = `opt str` owner (absent = all) |
 //! | 24+L | 8 | checksum of bytes 0..24+L |
 //!
 //! A commit is one contiguous run of records. The file ends after the last
@@ -134,7 +137,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KAPSNAP\0` |
-//! | 8 | 4 | version = 1 |
+//! | 8 | 4 | version = 2 (version 1 is read too: its entries have no `contact ext`) |
 //! | 12 | 4 | zero |
 //! | 16 | 8 | S, the last journal sequence number it covers |
 //! | 24 | 8 | N, the number of entries |
@@ -147,7 +150,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | body length E |
-//! | 4 | E | `contact` then `history` |
+//! | 4 | E | `contact`, `contact ext` (version 2 only), then `history` |
 //! | 4+E | 8 | checksum of bytes 0..4+E |
 //!
 //! Then the trailer, 24 bytes, ending the file:
@@ -203,6 +206,33 @@ pub struct ContactRecord {
     pub path: Option<String>,
     pub interval_ms: Option<u32>,
     pub owner: Option<String>,
+    /// The socket the contact registered on (`udp:IP:PORT`).
+    pub socket: Option<String>,
+    /// Where its pings leave from, as given (`bind`, `socket`, `IP:PORT`).
+    pub source: Option<String>,
+    /// What is sent, as given (`sip`, `null`, `crlf`).
+    pub keepalive: Option<String>,
+}
+
+impl ContactRecord {
+    /// Whether any field of the extended encoding is present (kind 4 in
+    /// the journal; snapshots of version 2 always carry them).
+    pub fn has_ext(&self) -> bool {
+        self.socket.is_some() || self.source.is_some() || self.keepalive.is_some()
+    }
+
+    /// Bytes of text over all its fields.
+    pub fn text_len(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, |s| s.len());
+        self.uri.len()
+            + opt(&self.aor)
+            + opt(&self.received)
+            + opt(&self.path)
+            + opt(&self.owner)
+            + opt(&self.socket)
+            + opt(&self.source)
+            + opt(&self.keepalive)
+    }
 }
 
 impl ContactRecord {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub(super) const SNAPSHOT_MAGIC: [u8; 8] = *b"KAPSNAP\0";
 pub(super) const TRAILER_MAGIC: [u8; 8] = *b"KAPSEND\0";
-pub(super) const SNAPSHOT_VERSION: u32 = 1;
+pub(super) const SNAPSHOT_VERSION: u32 = 2;
 pub(super) const HEADER_LEN: usize = 64;
 pub(super) const TRAILER_LEN: usize = 24;
 /// Largest entry body accepted when reading: a contact is bounded by the
@@ -114,6 +114,7 @@ fn write_temp_and_rename(
         entry.clear();
         entry.extend_from_slice(&[0; 4]);
         codec::put_contact(&mut entry, contact);
+        codec::put_contact_ext(&mut entry, contact);
         codec::put_history(&mut entry, history.as_ref());
         let body_len = entry.len() - 4;
         if body_len > ENTRY_MAX {
@@ -186,14 +187,18 @@ pub(super) fn read(
         return Err(bad(path, 56, 0, "header checksum mismatch"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    if version != SNAPSHOT_VERSION {
+    // Version 1 entries have no `contact ext`; both are read.
+    if version != SNAPSHOT_VERSION && version != 1 {
         return Err(bad(
             path,
             8,
             0,
-            format!("format version {version}, this kaping reads version {SNAPSHOT_VERSION}"),
+            format!(
+                "format version {version}, this kaping reads versions 1 and {SNAPSHOT_VERSION}"
+            ),
         ));
     }
+    let with_ext = version >= 2;
     let covered_seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if covered_seq != name_seq {
         return Err(bad(
@@ -244,6 +249,12 @@ pub(super) fn read(
         let mut cur = Cursor::new(&covered[4..]);
         let (contact, history) = cur
             .contact()
+            .and_then(|mut c| {
+                if with_ext {
+                    cur.contact_ext(&mut c)?;
+                }
+                Ok(c)
+            })
             .and_then(|c| Ok((c, cur.history()?)))
             .and_then(|ch| cur.finish().map(|()| ch))
             .map_err(|what| bad(path, offset, n, what))?;

@@ -29,6 +29,9 @@ fn full_contact(i: u32, owner: &str) -> ContactRecord {
         path: Some("<sip:edge1.example.com;lr>,<sip:core.example.com;lr>".into()),
         interval_ms: Some(30_000 + i),
         owner: Some(owner.into()),
+        socket: Some("udp:203.0.113.10:5060".into()),
+        source: i.is_multiple_of(2).then(|| "socket".into()),
+        keepalive: i.is_multiple_of(3).then(|| "crlf".into()),
     }
 }
 
@@ -757,14 +760,18 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         proptest::option::of(0u32..3),
         0u32..3,
         proptest::option::of(any::<u32>()),
+        proptest::option::of(0u32..3),
     )
-        .prop_map(|(i, aor, owner, interval_ms)| ContactRecord {
+        .prop_map(|(i, aor, owner, interval_ms, ext)| ContactRecord {
             uri: format!("sip:c{i}@192.0.2.{i}"),
             aor: aor.map(|a| format!("sip:a{a}@example.com")),
             received: interval_ms.map(|v| format!("198.51.100.1:{}", v % 65536)),
             path: None,
             interval_ms,
             owner: Some(format!("o{owner}")),
+            socket: ext.map(|e| format!("udp:203.0.113.{e}:5060")),
+            source: ext.filter(|&e| e == 1).map(|_| "socket".into()),
+            keepalive: ext.filter(|&e| e == 2).map(|_| "null".into()),
         });
     prop_oneof![
         6 => contact.clone().prop_map(Op::Add),
