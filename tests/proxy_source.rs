@@ -23,6 +23,7 @@ use common::free_ports;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::UdpSocket;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -54,6 +55,27 @@ impl Drop for Proc {
     }
 }
 
+/// Kamailio and the processes it forks, in a process group of their own:
+/// stopped with SIGTERM (Kamailio's main process then stops its children),
+/// and the whole group killed on drop whatever happened.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && self.0.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 fn kamailio_binary() -> Option<PathBuf> {
     ["/usr/sbin/kamailio", "/usr/local/sbin/kamailio"]
         .iter()
@@ -64,7 +86,7 @@ fn kamailio_binary() -> Option<PathBuf> {
 /// Kamailio as a stateless reply forwarder on `127.0.0.1:port`: it drops
 /// every request and forwards every reply it has no transaction for to
 /// the next Via, its core's default (`forward_reply`).
-fn start_kamailio(dir: &Path, port: u16) -> Option<Proc> {
+fn start_kamailio(dir: &Path, port: u16) -> Option<Group> {
     let bin = kamailio_binary()?;
     let cfg = dir.join("kamailio.cfg");
     std::fs::write(
@@ -84,9 +106,10 @@ fn start_kamailio(dir: &Path, port: u16) -> Option<Proc> {
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .ok()?;
-    let proc = Proc(child);
+    let proc = Group(child);
     // Ready once its socket shows in /proc/net/udp.
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -117,7 +140,7 @@ struct Lab {
     dir: tempfile::TempDir,
     proxy_port: u16,
     fates: HashMap<String, String>,
-    _kamailio: Option<Proc>,
+    _kamailio: Option<Group>,
     serve: Option<Proc>,
 }
 
@@ -502,4 +525,158 @@ fn a_proxy_socket_that_cannot_be_shared_stops_the_start_with_the_reason() {
         stderr.contains("setting 'source': [::1]:5060 is IPv6 but kaping has no IPv6 socket"),
         "{stderr}"
     );
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(kaping())
+        .arg("ctl")
+        .arg("--control")
+        .arg(sock)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kaping ctl {args:?}: {}\ndaemon: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(sock.with_file_name("daemon.err")).unwrap_or_default(),
+        String::from_utf8_lossy(&Command::new("ss").args(["-uapn"]).output().unwrap().stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Starts a daemon with a control socket and state directory; waits for
+/// the socket.
+fn start_controlled(lab: &Lab, bind: &str, args: &[&str]) -> Proc {
+    let sock = lab.path("ctl.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(kaping())
+        .arg("run")
+        .arg("--control")
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(lab.path("state"))
+        .arg("--shm")
+        .arg(lab.path("shm"))
+        .args(["--events", "none", "--bind", bind, "--workers", "2"])
+        .args([
+            "--interval",
+            "1s",
+            "--reply-timeout",
+            "400ms",
+            "--down-after",
+            "2",
+        ])
+        .args(["--run-for", "60s"])
+        .args(args)
+        .stderr(std::fs::File::create(lab.path("daemon.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Proc(child)
+}
+
+fn stop(mut p: Proc) {
+    // SIGTERM: a clean stop writes the final snapshot.
+    // SAFETY-free: `kill` from the command line.
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status();
+    assert!(wait_with_deadline(&mut p.0, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn contacts_added_at_run_time_keep_their_socket_across_a_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab(false) else { return };
+    // Ten live contacts, as a registrar would add them with their socket.
+    let live: Vec<String> = std::fs::read_to_string(lab.path("contacts.txt"))
+        .unwrap()
+        .lines()
+        .filter(|u| lab.fates[*u] != "dead")
+        .take(10)
+        .map(str::to_owned)
+        .collect();
+    let socket = format!("udp:127.0.0.1:{}", lab.proxy_port);
+    let mut jsonl = String::new();
+    for (i, u) in live.iter().enumerate() {
+        jsonl.push_str(&format!(
+            "{{\"uri\":\"{u}\",\"aor\":\"u{i}\",\"socket\":\"{socket}\"}}\n"
+        ));
+    }
+    std::fs::write(lab.path("add.jsonl"), jsonl).unwrap();
+    let bind = format!("127.0.0.1:{}", free_ports(2));
+    let sock = lab.path("ctl.sock");
+    let daemon = start_controlled(&lab, &bind, &["--source", "socket"]);
+    ctl(
+        &sock,
+        &[
+            "keepalive.add",
+            "--file",
+            lab.path("add.jsonl").to_str().unwrap(),
+        ],
+    );
+    // One with an explicit source and a NAT-only keepalive, by flags.
+    let extra = &lab
+        .fates
+        .iter()
+        .find(|(u, f)| *f != "dead" && !live.contains(u))
+        .unwrap()
+        .0
+        .clone();
+    let source = format!("127.0.0.1:{}", lab.proxy_port);
+    ctl(
+        &sock,
+        &[
+            "keepalive.add",
+            extra,
+            "--source",
+            &source,
+            "--keepalive",
+            "crlf",
+        ],
+    );
+    // A bad source is refused with the reason, and nothing is added.
+    let out = Command::new(kaping())
+        .arg("ctl")
+        .arg("--control")
+        .arg(&sock)
+        .args([
+            "keepalive.add",
+            "sip:z@127.0.0.9:5060",
+            "--source",
+            "nowhere",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("source: socket 'nowhere'"), "{e}");
+    std::thread::sleep(Duration::from_secs(3));
+    let check = |when: &str| {
+        for (i, u) in live.iter().enumerate() {
+            let c = ctl(&sock, &["keepalive.get", u, "--aor", &format!("u{i}")]);
+            assert_eq!(c["state"], "up", "{when}: {c}");
+            assert_eq!(c["socket"], socket.as_str(), "{when}: {c}");
+        }
+        let c = ctl(&sock, &["keepalive.get", extra]);
+        assert_eq!(
+            (c["state"].as_str(), c["keepalive"].as_str()),
+            (Some("unmonitored"), Some("crlf")),
+            "{when}: {c}"
+        );
+        assert_eq!(c["ping_source"], source.as_str(), "{when}: {c}");
+    };
+    check("before the restart");
+    stop(daemon);
+    // Restarted from its state directory: same sockets, same sources.
+    let daemon = start_controlled(&lab, &bind, &["--source", "socket"]);
+    std::thread::sleep(Duration::from_secs(3));
+    check("after the restart");
+    stop(daemon);
+    let _ = responder_counters(&mut lab);
 }
