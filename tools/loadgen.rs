@@ -13,15 +13,20 @@
 //! * `control-bench` runs the same pair with the daemon's control socket and
 //!   durable state on, and measures adds and deletes per second through the
 //!   socket in JSON-RPC batches, and their effect on the ping rate.
+//! * `phones` plays N SIP phones as real ones behave behind a NAT: one
+//!   socket each, registering through a registrar and answering every
+//!   request from their own address (the NAT lab, `tests/nat_proxy.rs`).
+//! * `reach` asks a proxy to relay one OPTIONS to each of those AoRs and
+//!   counts how many phones answered.
 //!
 //! The simulated platform itself lives in the library (`kaping::sim`), so
 //! `kaping demo` runs the very same responder in-process; this binary is its
 //! command line: flags, the stop conditions of `serve` and the reports.
 //!
 //! This binary contains no `unsafe`: every system call goes through
-//! `kaping::io`, socket2 or std. `serve` stops on `--seconds`, on stdin EOF
-//! (`--stop-on-stdin-eof`) or on SIGINT/SIGTERM/SIGHUP, and then prints its
-//! counters.
+//! `kaping::io`, socket2 or std. `serve` and `phones` stop on `--seconds`,
+//! on stdin EOF (`--stop-on-stdin-eof`) or on SIGINT/SIGTERM/SIGHUP, and
+//! then print their counters.
 #![forbid(unsafe_code)]
 
 #[path = "loadgen/bench.rs"]
@@ -30,6 +35,12 @@ mod bench;
 mod ceiling;
 #[path = "loadgen/control_bench.rs"]
 mod control_bench;
+#[path = "loadgen/phones.rs"]
+mod phones;
+#[path = "loadgen/reach.rs"]
+mod reach;
+#[path = "loadgen/sipmsg.rs"]
+mod sipmsg;
 
 /// As in `kaping`: the control bench's client builds and parses a JSON
 /// batch per round trip; the responder and the ceiling allocate nothing
@@ -82,6 +93,12 @@ enum Cmd {
     /// Control-socket benchmark: adds and deletes through JSON-RPC batches
     /// with durability on, and their effect on the ping rate.
     ControlBench(ControlBenchArgs),
+    /// Simulated SIP phones: one socket each, registering and answering
+    /// every request as real phones behind a NAT do.
+    Phones(PhonesArgs),
+    /// Send one OPTIONS per AoR through a proxy and count the phones that
+    /// answered.
+    Reach(ReachArgs),
 }
 
 /// The stable, per-contact fates: shared by `contacts --fates` and `serve`,
@@ -318,6 +335,81 @@ struct ControlBenchArgs {
     max_contacts: Option<u32>,
 }
 
+#[derive(Args, Debug)]
+struct PhonesArgs {
+    /// Number of phones.
+    #[arg(long)]
+    count: u32,
+    /// The phones' address (IPv4 or IPv6; it goes into Via and Contact).
+    #[arg(long)]
+    bind: std::net::IpAddr,
+    /// Port of phone 0; phone i listens on port + i.
+    #[arg(long, default_value_t = 5062)]
+    port: u16,
+    /// Phone i's user part is <prefix><i>.
+    #[arg(long, default_value = "p")]
+    user_prefix: String,
+    /// AoR domain (default: the registrar's host).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Register every phone at this registrar: sip:IP[:PORT].
+    #[arg(long, value_name = "SIP-URI", value_parser = sipmsg::parse_sip_addr)]
+    register: Option<std::net::SocketAddr>,
+    /// Expires asked for in REGISTER, seconds.
+    #[arg(long, default_value_t = 60)]
+    expires: u32,
+    /// First registrations are spread over this long.
+    #[arg(long = "ramp", value_name = "DURATION", default_value = "1s", value_parser = parse_duration_ns)]
+    ramp_ns: u64,
+    /// Send every response to the packet's source IP:port, whatever the
+    /// top Via says (what many real phones do).
+    #[arg(long)]
+    reply_to_source: bool,
+    /// Seed of branches and refresh times (default: random).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Stop when stdin reaches end of file.
+    #[arg(long)]
+    stop_on_stdin_eof: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Add one entry per phone to the summary (registered, requests, age of
+    /// the last request).
+    #[arg(long)]
+    per_phone: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReachArgs {
+    /// The proxy that relays to the registered phones: sip:IP[:PORT].
+    #[arg(long, value_name = "SIP-URI", value_parser = sipmsg::parse_sip_addr)]
+    proxy: std::net::SocketAddr,
+    /// AoRs <prefix>0 .. <prefix><count-1>.
+    #[arg(long)]
+    count: u32,
+    #[arg(long, default_value = "p")]
+    user_prefix: String,
+    /// AoR domain (default: the proxy's host).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Local address (default: the kernel's choice towards the proxy).
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
+    /// Give up on a request this long after its first send.
+    #[arg(long = "timeout", value_name = "DURATION", default_value = "4s", value_parser = parse_duration_ns)]
+    timeout_ns: u64,
+    /// Requests started per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -326,6 +418,8 @@ fn main() -> ExitCode {
         Cmd::Ceiling(a) => run_ceiling(a),
         Cmd::Bench(a) => run_bench(a),
         Cmd::ControlBench(a) => run_control_bench(a),
+        Cmd::Phones(a) => run_phones(a),
+        Cmd::Reach(a) => run_reach(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -390,8 +484,31 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     }
     eprintln!("ready");
 
+    wait_for_stop(a.seconds, a.stop_on_stdin_eof, || {})?;
+    let counters = responder.stop();
+
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&counters).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())?;
+    } else {
+        for (name, value) in counters.fields() {
+            writeln!(out, "{name} {value}").map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Returns when `seconds` have passed, stdin closed (with
+/// `stop_on_stdin_eof`), or SIGINT/SIGTERM/SIGHUP arrived (the handlers
+/// must be installed); calls `tick` every `STOP_CHECK_MS`.
+fn wait_for_stop(
+    seconds: Option<f64>,
+    stop_on_stdin_eof: bool,
+    mut tick: impl FnMut(),
+) -> Result<(), String> {
     let stdin_closed = Arc::new(AtomicBool::new(false));
-    if a.stop_on_stdin_eof {
+    if stop_on_stdin_eof {
         let closed = stdin_closed.clone();
         // Detached: it may still be blocked in read when the process exits.
         thread::Builder::new()
@@ -411,14 +528,13 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
             })
             .map_err(|e| format!("cannot start the stdin thread: {e}"))?;
     }
-    let deadline = a
-        .seconds
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     // SIGHUP ends it too, as it did by default before handlers existed.
     while !signal::stop_requested()
         && !signal::take_reload()
         && !stdin_closed.load(Ordering::Relaxed)
     {
+        tick();
         let mut nap = Duration::from_millis(STOP_CHECK_MS);
         if let Some(d) = deadline {
             let now = Instant::now();
@@ -428,17 +544,6 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
             nap = nap.min(d - now);
         }
         thread::sleep(nap);
-    }
-    let counters = responder.stop();
-
-    let mut out = io::stdout().lock();
-    if a.json {
-        let text = serde_json::to_string(&counters).map_err(|e| e.to_string())?;
-        writeln!(out, "{text}").map_err(|e| e.to_string())?;
-    } else {
-        for (name, value) in counters.fields() {
-            writeln!(out, "{name} {value}").map_err(|e| e.to_string())?;
-        }
     }
     Ok(())
 }
@@ -549,5 +654,77 @@ fn run_control_bench(a: ControlBenchArgs) -> Result<(), String> {
         writeln!(out, "{text}").map_err(|e| e.to_string())
     } else {
         control_bench::print_text(&report, &mut out).map_err(|e| e.to_string())
+    }
+}
+
+fn run_phones(a: PhonesArgs) -> Result<(), String> {
+    let cfg = phones::PhonesConfig {
+        count: a.count,
+        bind: a.bind,
+        port: a.port,
+        user_prefix: a.user_prefix,
+        domain: a.domain,
+        register: a.register,
+        expires: a.expires,
+        ramp: Duration::from_nanos(a.ramp_ns),
+        reply_to_source: a.reply_to_source,
+        seed: a.seed,
+    };
+    // Before the threads start, so none of them is the one interrupted.
+    signal::install_handlers().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let phones = phones::Phones::spawn(&cfg, a.per_phone)?;
+    let (first, last) = phones.range();
+    eprintln!("listening {first} .. {last}");
+    eprintln!("ready");
+    // One line when every phone has registered once (what a test waits for).
+    let mut announced = cfg.register.is_none();
+    wait_for_stop(a.seconds, a.stop_on_stdin_eof, || {
+        if !announced && phones.ever_registered() >= cfg.count {
+            announced = true;
+            eprintln!("registered {}", cfg.count);
+        }
+    })?;
+    let summary = phones.stop();
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&summary).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())
+    } else {
+        summary.print_text(&mut out).map_err(|e| e.to_string())
+    }
+}
+
+fn run_reach(a: ReachArgs) -> Result<(), String> {
+    let report = reach::run(&reach::ReachConfig {
+        proxy: a.proxy,
+        count: a.count,
+        user_prefix: a.user_prefix,
+        domain: a.domain,
+        bind: a.bind,
+        timeout: Duration::from_nanos(a.timeout_ns),
+        rate: a.rate,
+    })?;
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())
+    } else {
+        let codes: Vec<String> = report
+            .by_code
+            .iter()
+            .map(|(c, n)| format!("{c}:{n}"))
+            .collect();
+        writeln!(
+            out,
+            "reached {} of {} ({:.1} %); final codes {}; no answer {}; 200 not from the phone {}; {} ms",
+            report.reached,
+            report.total,
+            100.0 * f64::from(report.reached) / f64::from(report.total.max(1)),
+            if codes.is_empty() { "-".to_string() } else { codes.join(" ") },
+            report.no_answer,
+            report.ok_not_by_phone,
+            report.elapsed_ms
+        )
+        .map_err(|e| e.to_string())
     }
 }
