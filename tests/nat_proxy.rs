@@ -1130,7 +1130,6 @@ fn control_ipv6_no_keepalive_pinholes_close() {
 /// kaping as the proxy, replies relayed by Kamailio (stateless forward of
 /// a reply whose top Via is its own to the second Via, kaping's).
 #[test]
-#[ignore = "needs kaping --source (issue 11 core)"]
 fn kaping_as_proxy_relay_keeps_bindings() {
     run_scenario(Scenario {
         name: "kaping --source 203.0.113.10:5060 --replies relay",
@@ -1151,7 +1150,6 @@ fn kaping_as_proxy_relay_keeps_bindings() {
 /// kaping as the proxy, the source taken per contact from ul.dump's
 /// `Socket` (`udp:203.0.113.10:5060`).
 #[test]
-#[ignore = "needs kaping --source (issue 11 core)"]
 fn kaping_as_proxy_socket_from_uldump_keeps_bindings() {
     run_scenario(Scenario {
         name: "kaping --source socket --replies relay",
@@ -1194,7 +1192,6 @@ fn kaping_as_proxy_divert_keeps_bindings() {
 /// IPv6: phones at 2001:db8:1::2 behind the stateful filter (no
 /// translation); kaping as the proxy on [2001:db8:2::10]:5060.
 #[test]
-#[ignore = "needs kaping --source (issue 11 core)"]
 fn kaping_as_proxy_ipv6_keeps_pinholes() {
     run_scenario(Scenario {
         name: "kaping --source [2001:db8:2::10]:5060 (IPv6)",
