@@ -8,6 +8,8 @@
 //!   fallback where io_uring is refused). A third (AF_XDP) would implement
 //!   the same trait without touching the worker.
 //! * `steer`: the shared-port reply steering (SO_REUSEPORT + classic BPF).
+//! * `divert`: the tc-ingress eBPF program that hands kaping's replies,
+//!   sent to the proxy's port, to kaping's own socket (DESIGN §10).
 //! * `waker`, `signal`: how a sleeping worker or the main loop is told
 //!   something happened.
 //!
@@ -15,6 +17,7 @@
 //! `shm`): each block names the invariant that makes it sound.
 #![allow(unsafe_code)]
 
+pub mod divert;
 pub mod mmsg;
 pub mod signal;
 pub mod steer;
