@@ -7,7 +7,8 @@
 //! * [`engine`]: a worker's building blocks (slab, timer wheel, liveness)
 //!   and the worker loop itself.
 //! * [`io`]: the kernel: batched UDP, the io_uring and mmsg backends behind
-//!   one trait, reply steering, wake-ups and signals.
+//!   one trait, reply steering, the divert program (replies handed to
+//!   kaping before the proxy sees them), wake-ups and signals.
 //! * [`shm`]: the shared-memory contract between the daemon and readers.
 //! * [`config`], [`contact`], [`sources`], [`daemon`]: `kaping run`.
 //! * [`sim`]: the simulated SIP platform (responder, contact plans) used by

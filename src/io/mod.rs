@@ -9,6 +9,8 @@
 //!   the same trait without touching the worker.
 //! * `steer`: the shared-port reply steering (SO_REUSEPORT + classic BPF).
 //! * `share`: sharing a SIP proxy's port, so pings leave as the proxy.
+//! * `divert`: the tc-ingress eBPF program that hands kaping's replies,
+//!   sent to the proxy's port, to kaping's own socket (DESIGN §10).
 //! * `waker`, `signal`: how a sleeping worker or the main loop is told
 //!   something happened.
 //!
@@ -16,6 +18,7 @@
 //! `shm`): each block names the invariant that makes it sound.
 #![allow(unsafe_code)]
 
+pub mod divert;
 pub mod mmsg;
 pub mod share;
 pub mod signal;
