@@ -24,6 +24,7 @@ use crossbeam::channel::{self, Receiver, Sender};
 use crossbeam::queue::ArrayQueue;
 use socket2::Socket;
 
+use crate::config::Replies;
 use crate::config::{BackendChoice, EventsTo, RawConfig, Settings, Steering};
 use crate::contact::{parse_socket, ContactError, ContactSpec, PingSource, Resolver};
 use crate::control::registry::{Entry, Registry, Source};
@@ -33,6 +34,7 @@ use crate::engine::slab::Handle;
 use crate::engine::worker::{
     Command, Event, Gone, NewContact, Peers, Worker, WorkerConfig, HANDOFF_QUEUE,
 };
+use crate::io::divert::{interface_indexes, Divert, DivertSpec};
 use crate::io::mmsg::MmsgBackend;
 use crate::io::share::{bind_shared, check_shareable};
 use crate::io::udp::{bind_udp, SocketOptions};
@@ -45,7 +47,8 @@ use crate::shm::writer::{ShmConfig, ShmFile};
 use crate::sources::{self, LoadReport, Verdict};
 use crate::state::{ContactRecord, History, Op, SnapshotStats, StateError, Store};
 use crate::wire::template::{
-    check_contact, request_uri, to_uri, ContactText, Template, TemplateConfig,
+    check_contact, divert_marker, request_uri, to_uri, ContactText, Template, TemplateConfig,
+    DIVERT_MARKER_LEN,
 };
 use crate::wire::token::TokenKey;
 use crate::wire::uri::SipUri;
@@ -154,6 +157,11 @@ pub struct Daemon {
     /// million contacts naming one bad socket probe it once).
     sources: std::collections::HashMap<SocketAddr, Result<u8, String>>,
     socket_options: SocketOptions,
+    /// `replies = divert`: the program per proxy port, or why it could not
+    /// be attached (those replies are relayed by the proxy instead).
+    diverts: std::collections::HashMap<u16, Result<Divert, String>>,
+    /// What marks this instance's replies for the divert program.
+    divert_marker: [u8; DIVERT_MARKER_LEN],
     /// Worker 0's template per socket index, to size requests at add time.
     template_check: Vec<Template>,
     seen: HashSet<u64>,
@@ -465,6 +473,8 @@ impl Daemon {
             own_addrs,
             sources: std::collections::HashMap::new(),
             socket_options: opts,
+            diverts: std::collections::HashMap::new(),
+            divert_marker: divert_marker(key.instance_prefix()),
             template_check,
             seen: HashSet::new(),
             resolver: Resolver::default(),
@@ -498,14 +508,84 @@ impl Daemon {
         }
         let opened = self.open_source(addr);
         match &opened {
-            Ok(_) => eprintln!(
-                "kaping: pinging as {addr} (sharing the proxy's port), replies: {}",
-                self.settings.replies.name()
-            ),
+            Ok(_) => {
+                let replies = self.divert_replies(addr.port());
+                eprintln!(
+                    "kaping: pinging as {addr} (sharing the proxy's port), replies: {replies}"
+                );
+            }
             Err(why) => eprintln!("kaping: cannot ping as {addr}: {why}"),
         }
         self.sources.insert(addr, opened.clone());
         opened
+    }
+
+    /// With `replies = divert`, attaches the divert program for replies to
+    /// `proxy_port` (once per port) and says how replies come back. Any
+    /// failure falls back to relay, which needs nothing: every request
+    /// carries kaping's own Via under the proxy's.
+    fn divert_replies(&mut self, proxy_port: u16) -> &'static str {
+        if self.settings.replies != Replies::Divert {
+            return "relay (the proxy forwards them)";
+        }
+        if !self.diverts.contains_key(&proxy_port) {
+            let attached = self.attach_divert(proxy_port);
+            match &attached {
+                Ok(d) => {
+                    let names = interface_names(&d.attached());
+                    eprintln!(
+                        "kaping: divert: replies to port {proxy_port} are handed to kaping by a tc-ingress program on {names} (the proxy spends nothing on them)"
+                    );
+                    for (index, why) in d.skipped() {
+                        eprintln!("kaping: divert: interface {index} left out: {why}");
+                    }
+                }
+                Err(why) => eprintln!(
+                    "kaping: divert unavailable ({why}); replies to port {proxy_port} are relayed by the proxy instead"
+                ),
+            }
+            self.diverts.insert(proxy_port, attached);
+        }
+        match self.diverts[&proxy_port] {
+            Ok(_) => "divert",
+            Err(_) => "relay (divert unavailable)",
+        }
+    }
+
+    fn attach_divert(&self, proxy_port: u16) -> Result<Divert, String> {
+        let all = interface_indexes().map_err(|e| format!("cannot list interfaces: {e}"))?;
+        let ifindexes: Vec<u32> = if self.settings.divert_interfaces.is_empty() {
+            all.iter().map(|(i, _)| *i).collect()
+        } else {
+            self.settings
+                .divert_interfaces
+                .iter()
+                .map(|name| {
+                    all.iter()
+                        .find(|(_, n)| n == name)
+                        .map(|(i, _)| *i)
+                        .ok_or_else(|| {
+                            format!("setting 'divert_interfaces': no interface '{name}'")
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        // Worker 0's own sockets receive the diverted replies (and hand a
+        // reply for another worker over); a wildcard bind means "the
+        // reply's own destination", the proxy's address, which it serves.
+        let own = self.own_addrs[0];
+        let target = own[0].unwrap_or_else(|| {
+            // No IPv4 socket: nothing to look up for IPv4 (no_socket).
+            SocketAddr::from(([0, 0, 0, 0], own[1].map_or(0, |a| a.port())))
+        });
+        let spec = DivertSpec {
+            ifindexes: &ifindexes,
+            proxy_port,
+            target,
+            target6: own[1],
+            marker: &self.divert_marker,
+        };
+        Divert::attach(&spec).map_err(|e| e.to_string())
     }
 
     fn open_source(&mut self, addr: SocketAddr) -> Result<u8, String> {
@@ -937,6 +1017,15 @@ impl Daemon {
         if let Some(server) = self.ctl.server.take() {
             server.stop();
         }
+        for (port, d) in &self.diverts {
+            if let Ok(d) = d {
+                let c = d.counters();
+                eprintln!(
+                    "kaping: divert on port {port}: {} replies handed to kaping, {} datagrams left to the proxy, {} marked but without a kaping socket, {} refused by the kernel",
+                    c.diverted, c.passed, c.no_socket, c.assign_failed
+                );
+            }
+        }
         self.flush_adds();
         for w in &self.workers {
             let _ = w.commands.send(Command::Stop);
@@ -1093,6 +1182,20 @@ fn instance_id(instance: &str) -> u32 {
     instance.hash(&mut h);
     std::time::SystemTime::now().hash(&mut h);
     (h.finish() & 0xFF_FFFF) as u32
+}
+
+/// Interface names for a log line.
+fn interface_names(indexes: &[u32]) -> String {
+    let all = interface_indexes().unwrap_or_default();
+    indexes
+        .iter()
+        .map(|i| {
+            all.iter()
+                .find(|(j, _)| j == i)
+                .map_or_else(|| format!("#{i}"), |(_, n)| n.clone())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// An address as the host of a SIP URI (IPv6 in brackets, RFC 3261 §25.1).

@@ -27,9 +27,10 @@
 //! `kaping-loadgen reach` asks Kamailio to relay one OPTIONS to every AoR
 //! and counts the phones that answered. The two controls hold today:
 //! without kaping, and with kaping pinging from its own port 5070, every
-//! binding expires and nothing is reachable. The kaping-as-the-proxy
-//! scenarios (`--source`, `--replies`) wait for kaping's core support and
-//! are ignored until then.
+//! binding expires and nothing is reachable. With kaping as the proxy
+//! (`--source`, in both reply modes and over IPv6) every phone is Up and
+//! reachable, and Kamailio's own counters show what the replies cost it:
+//! one stateless forward each in `relay` mode, none in `divert` mode.
 //!
 //! Needs root, `ip` (iproute2), `nft` and `kamailio` (with the tm, sl, rr,
 //! pv, maxfwd, textops, siputils, xlog, sanity, usrloc, registrar,
@@ -432,6 +433,11 @@ impl Lab {
     /// a reply FIFO (`reply_name`, no dots or slashes) that Kamailio opens
     /// in `fifo_reply_dir` and writes the whole reply to, then closes.
     fn rpc(&mut self, method: &str) -> Result<Value, String> {
+        self.rpc_with(method, "[]")
+    }
+
+    /// [`Lab::rpc`] with `params` (a JSON array).
+    fn rpc_with(&mut self, method: &str, params: &str) -> Result<Value, String> {
         self.rpc_seq += 1;
         let reply_name = format!("reply{}", self.rpc_seq);
         let reply_path = self.path(&reply_name);
@@ -450,7 +456,7 @@ impl Lab {
         });
         thread::sleep(Duration::from_millis(20));
         let request = format!(
-            "{{\"jsonrpc\":\"2.0\",\"method\":\"{method}\",\"reply_name\":\"{reply_name}\",\"id\":{}}}\n",
+            "{{\"jsonrpc\":\"2.0\",\"method\":\"{method}\",\"params\":{params},\"reply_name\":\"{reply_name}\",\"id\":{}}}\n",
             self.rpc_seq
         );
         let written = OpenOptions::new()
@@ -819,6 +825,7 @@ loadmodule "usrloc.so"
 loadmodule "registrar.so"
 loadmodule "nathelper.so"
 loadmodule "jsonrpcs.so"
+loadmodule "kex.so"
 
 # RPC over a FIFO only (no ctl, no http); replies go to FIFOs in @DIR@/.
 modparam("jsonrpcs", "transport", 2)
@@ -894,15 +901,36 @@ struct Scenario {
     /// Check right after registering that every phone is reachable (the
     /// lab itself works) before waiting for the bindings to expire.
     fresh_check: bool,
+    /// What the replies to kaping's pings cost Kamailio.
+    proxy: ProxyWork,
 }
 
-/// Whether this kaping knows `--source` (the core of DESIGN §10).
-fn kaping_has_source_flag() -> bool {
-    Command::new(kaping_bin())
-        .args(["run", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--source"))
-        .unwrap_or(false)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProxyWork {
+    /// Not checked (no kaping as the proxy).
+    Any,
+    /// replies = relay: Kamailio forwards (statelessly) every reply.
+    RelaysEveryReply,
+    /// replies = divert: the replies never reach Kamailio.
+    SeesNoReply,
+}
+
+impl Lab {
+    /// Kamailio's count of replies it forwarded statelessly
+    /// (`core:fwd_replies`), from `stats.get_statistics`.
+    fn fwd_replies(&mut self) -> Result<u64, String> {
+        let v = self.rpc_with("stats.get_statistics", r#"["core:"]"#)?;
+        let text = v["result"].to_string();
+        let at = text
+            .find("fwd_replies = ")
+            .ok_or_else(|| format!("no fwd_replies in {v}"))?;
+        text[at + "fwd_replies = ".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .map_err(|e| format!("fwd_replies in {v}: {e}"))
+    }
 }
 
 fn run_scenario(s: Scenario) {
@@ -990,6 +1018,33 @@ fn run_scenario(s: Scenario) {
             s.name,
             lab.diagnostics()
         );
+    }
+
+    if s.proxy != ProxyWork::Any {
+        let st = lab.kaping_stat().unwrap_or_else(|e| panic!("{e}"));
+        let matched = st["matched"].as_u64().unwrap_or(0);
+        let forwarded = lab.fwd_replies().unwrap_or_else(|e| panic!("{e}"));
+        lab.log(&format!(
+            "Kamailio forwarded {forwarded} replies statelessly; kaping matched {matched}"
+        ));
+        match s.proxy {
+            ProxyWork::RelaysEveryReply => assert!(
+                forwarded >= matched,
+                "{}: Kamailio relayed {forwarded} of {matched} replies",
+                s.name
+            ),
+            ProxyWork::SeesNoReply => {
+                assert!(matched >= u64::from(n), "{}: matched {matched}", s.name);
+                assert_eq!(
+                    forwarded,
+                    0,
+                    "{}: Kamailio forwarded replies; kaping said: {}",
+                    s.name,
+                    lab.tail("kaping.log")
+                );
+            }
+            ProxyWork::Any => {}
+        }
     }
 
     let r = lab.reach(n, s.v6).unwrap_or_else(|e| panic!("{e}"));
@@ -1092,6 +1147,7 @@ fn control_no_keepalive_bindings_expire() {
         kaping: None,
         expect: Expect::AllDownNoneReachable,
         fresh_check: true,
+        proxy: ProxyWork::Any,
     });
 }
 
@@ -1101,16 +1157,16 @@ fn control_no_keepalive_bindings_expire() {
 #[test]
 fn control_kaping_own_port_cannot_keep_bindings() {
     let bind = format!("{PROXY_V4}:{KAPING_PORT}");
-    let mut flags = vec!["--bind".to_string(), bind];
-    if kaping_has_source_flag() {
-        flags.extend(["--source".to_string(), "bind".to_string()]);
-    }
+    let flags = ["--bind", &bind, "--source", "bind"]
+        .map(str::to_string)
+        .to_vec();
     run_scenario(Scenario {
         name: "control: kaping --source bind",
         v6: false,
         kaping: Some(flags),
         expect: Expect::AllDownNoneReachable,
         fresh_check: true,
+        proxy: ProxyWork::Any,
     });
 }
 
@@ -1124,6 +1180,7 @@ fn control_ipv6_no_keepalive_pinholes_close() {
         kaping: None,
         expect: Expect::AllDownNoneReachable,
         fresh_check: true,
+        proxy: ProxyWork::Any,
     });
 }
 
@@ -1144,6 +1201,7 @@ fn kaping_as_proxy_relay_keeps_bindings() {
         ]),
         expect: Expect::AllUpAllReachable,
         fresh_check: false,
+        proxy: ProxyWork::RelaysEveryReply,
     });
 }
 
@@ -1164,6 +1222,7 @@ fn kaping_as_proxy_socket_from_uldump_keeps_bindings() {
         ]),
         expect: Expect::AllUpAllReachable,
         fresh_check: false,
+        proxy: ProxyWork::RelaysEveryReply,
     });
 }
 
@@ -1171,7 +1230,6 @@ fn kaping_as_proxy_socket_from_uldump_keeps_bindings() {
 /// them (tc-ingress eBPF; falls back to relay where it cannot attach, so
 /// the outcome is the same either way).
 #[test]
-#[ignore = "needs kaping --source (issue 11 core)"]
 fn kaping_as_proxy_divert_keeps_bindings() {
     run_scenario(Scenario {
         name: "kaping --source 203.0.113.10:5060 --replies divert",
@@ -1186,6 +1244,7 @@ fn kaping_as_proxy_divert_keeps_bindings() {
         ]),
         expect: Expect::AllUpAllReachable,
         fresh_check: false,
+        proxy: ProxyWork::SeesNoReply,
     });
 }
 
@@ -1206,5 +1265,6 @@ fn kaping_as_proxy_ipv6_keeps_pinholes() {
         ]),
         expect: Expect::AllUpAllReachable,
         fresh_check: false,
+        proxy: ProxyWork::RelaysEveryReply,
     });
 }

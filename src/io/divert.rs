@@ -1301,6 +1301,9 @@ fn lookup_u64(map: &OwnedFd, key: u32) -> io::Result<u64> {
     Ok(value)
 }
 
+/// Loads attempted before an EAGAIN (an interrupted verifier) is final.
+const LOAD_TRIES: u32 = 5;
+
 /// Loads `insns` as a tcx-ingress classifier, with the verifier log at
 /// `log_level` into `log` (empty: no log).
 fn try_load(insns: &[Insn], log_level: u32, log: &mut [u8]) -> io::Result<OwnedFd> {
@@ -1327,7 +1330,20 @@ fn try_load(insns: &[Insn], log_level: u32, log: &mut [u8]) -> io::Result<OwnedF
 /// on to say why.
 fn load_program(insns: &[Insn]) -> Result<OwnedFd, DivertError> {
     const OP: &str = "bpf(BPF_PROG_LOAD)";
-    match try_load(insns, 0, &mut []) {
+    // The verifier gives up with EAGAIN when a signal is pending on the
+    // loading thread, and TIF_NOTIFY_SIGNAL counts (task work queued to
+    // it, as io_uring does): seen in the daemon, never in a quiet thread.
+    // The return to user space runs that work, so a retry goes through;
+    // libbpf retries the same way.
+    let mut tries = 0;
+    let first = loop {
+        tries += 1;
+        match try_load(insns, 0, &mut []) {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < LOAD_TRIES => continue,
+            other => break other,
+        }
+    };
+    match first {
         Ok(fd) => Ok(fd),
         Err(err) if matches!(err.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
             Err(bpf_error(OP, err))
