@@ -680,3 +680,58 @@ fn contacts_added_at_run_time_keep_their_socket_across_a_restart() {
     stop(daemon);
     let _ = responder_counters(&mut lab);
 }
+
+#[test]
+fn the_proxy_bench_reports_each_mode_against_bind_in_one_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if kamailio_binary().is_none() {
+        eprintln!("SKIP: kamailio is not installed (apt-get install kamailio)");
+        return;
+    }
+    // Small and short: the report's shape and its bookkeeping, not speed
+    // (tuning.md has the figures, from release builds).
+    let out = Command::new(loadgen())
+        .args(["proxy-bench", "--contacts", "2000", "--interval", "1s"])
+        .args([
+            "--seconds",
+            "2",
+            "--warmup",
+            "1",
+            "--modes",
+            "bind,relay",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes = r["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2, "{r}");
+    let (bind, relay) = (&modes[0], &modes[1]);
+    assert_eq!(
+        (bind["mode"].as_str(), relay["mode"].as_str()),
+        (Some("bind"), Some("relay"))
+    );
+    for m in modes {
+        let answered = m["answered_per_s"].as_f64().unwrap();
+        assert!((1500.0..2500.0).contains(&answered), "{m}");
+        assert!(m["kaping_cpu_us_per_ping"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    assert!(bind["kaping_over_bind"].is_null());
+    assert!(relay["kaping_over_bind"].as_f64().unwrap() > 0.0);
+    assert!(
+        relay["replies"].as_str().unwrap().starts_with("relay"),
+        "{relay}"
+    );
+    // Kamailio works only when the replies go through it.
+    assert!(
+        relay["kamailio_cpu_us_per_ping"].as_f64().unwrap() > 0.0,
+        "{relay}"
+    );
+    assert!(
+        bind["kamailio_cpu_ms_per_s"].as_f64().unwrap()
+            < relay["kamailio_cpu_ms_per_s"].as_f64().unwrap(),
+        "{r}"
+    );
+}

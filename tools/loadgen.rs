@@ -37,6 +37,8 @@ mod ceiling;
 mod control_bench;
 #[path = "loadgen/phones.rs"]
 mod phones;
+#[path = "loadgen/proxy_bench.rs"]
+mod proxy_bench;
 #[path = "loadgen/reach.rs"]
 mod reach;
 #[path = "loadgen/sipmsg.rs"]
@@ -90,6 +92,9 @@ enum Cmd {
     /// End-to-end benchmark: a responder and a kaping daemon on loopback,
     /// against the raw UDP ceiling measured in the same run.
     Bench(BenchArgs),
+    /// What pinging as the proxy costs kaping and the proxy: kaping beside
+    /// a Kamailio in bind, relay and divert modes, one after the other.
+    ProxyBench(ProxyBenchArgs),
     /// Control-socket benchmark: adds and deletes through JSON-RPC batches
     /// with durability on, and their effect on the ping rate.
     ControlBench(ControlBenchArgs),
@@ -281,6 +286,46 @@ struct BenchArgs {
 }
 
 #[derive(Args, Debug)]
+struct ProxyBenchArgs {
+    /// Simulated contacts (all answer).
+    #[arg(long, default_value_t = 100_000)]
+    contacts: u64,
+    /// Ping interval per contact.
+    #[arg(long = "interval", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_ns)]
+    interval_ns: u64,
+    /// Measured seconds per mode (and of Kamailio idle, first).
+    #[arg(long, default_value_t = 20)]
+    seconds: u32,
+    /// Seconds between a daemon's load and its measurement.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Modes, in order: bind, relay, divert.
+    #[arg(long, value_delimiter = ',', default_value = "bind,relay,divert")]
+    modes: Vec<String>,
+    /// Times every mode runs, in turn (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Daemon workers.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Daemon backend: auto | uring | mmsg.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// The kaping binary (default: `kaping` next to this program).
+    #[arg(long)]
+    kaping: Option<PathBuf>,
+    /// The kamailio binary (default: /usr/sbin/kamailio).
+    #[arg(long)]
+    kamailio: Option<PathBuf>,
+    /// Kamailio's UDP receiver processes.
+    #[arg(long, default_value_t = 1)]
+    kamailio_children: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct ControlBenchArgs {
     /// Contacts the daemon loads from a file and pings throughout.
     #[arg(long, default_value_t = 200_000)]
@@ -417,6 +462,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => run_serve(a),
         Cmd::Ceiling(a) => run_ceiling(a),
         Cmd::Bench(a) => run_bench(a),
+        Cmd::ProxyBench(a) => run_proxy_bench(a),
         Cmd::ControlBench(a) => run_control_bench(a),
         Cmd::Phones(a) => run_phones(a),
         Cmd::Reach(a) => run_reach(a),
@@ -616,6 +662,32 @@ fn run_bench(a: BenchArgs) -> Result<(), String> {
         writeln!(out, "{text}").map_err(|e| e.to_string())
     } else {
         bench::print_text(&report, &mut out).map_err(|e| e.to_string())
+    }
+}
+
+fn run_proxy_bench(a: ProxyBenchArgs) -> Result<(), String> {
+    if !(a.warmup.is_finite() && a.warmup >= 0.0) || a.interval_ns == 0 {
+        return Err("--warmup must be 0 or more seconds and --interval above zero".to_string());
+    }
+    let report = proxy_bench::run(&proxy_bench::ProxyBenchConfig {
+        contacts: a.contacts,
+        interval: Duration::from_nanos(a.interval_ns),
+        seconds: a.seconds,
+        warmup: Duration::from_secs_f64(a.warmup),
+        modes: a.modes,
+        rounds: a.rounds,
+        workers: a.workers,
+        backend: a.backend,
+        kaping: a.kaping,
+        kamailio: a.kamailio,
+        kamailio_children: a.kamailio_children,
+    })?;
+    let mut out = io::stdout().lock();
+    if a.json {
+        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())
+    } else {
+        proxy_bench::print_text(&report, &mut out).map_err(|e| e.to_string())
     }
 }
 
