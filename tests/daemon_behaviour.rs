@@ -21,12 +21,12 @@
 //! (the machine has two cores); nothing leaves loopback.
 
 mod common;
-use common::free_ports;
+use common::{free_ports, wait_with_deadline};
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -42,21 +42,6 @@ fn kaping() -> &'static str {
 
 fn loadgen() -> &'static str {
     env!("CARGO_BIN_EXE_kaping-loadgen")
-}
-
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("process did not stop within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// One scenario: a temporary directory, a contacts file with its fates, and

@@ -12,11 +12,11 @@
 //! time; nothing leaves loopback.
 
 mod common;
-use common::free_ports_on;
+use common::{free_ports_on, wait_with_deadline};
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -45,20 +45,6 @@ struct Run {
     v6: bool,
     backend: &'static str,
     steering: &'static str,
-}
-
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not stop within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn read_fates(path: &Path) -> HashMap<String, String> {

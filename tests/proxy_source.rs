@@ -18,7 +18,7 @@
 //! process is killed on drop; nothing leaves loopback.
 
 mod common;
-use common::free_ports;
+use common::{free_ports, wait_with_deadline};
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -120,20 +120,6 @@ fn start_kamailio(dir: &Path, port: u16) -> Option<Group> {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("kamailio did not bind {addr}");
-}
-
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not stop within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 struct Lab {
@@ -473,47 +459,33 @@ fn nat_only_keepalives_are_sent_and_never_shown_up() {
 #[test]
 fn a_proxy_socket_that_cannot_be_shared_stops_the_start_with_the_reason() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // What a start with `--source SOURCE` says, failing.
+    let refused = |source: &str| {
+        let out = Command::new(kaping())
+            .arg("run")
+            .arg("--shm")
+            .arg(dir.path().join("shm"))
+            .args(["--bind", &format!("127.0.0.1:{}", free_ports(2))])
+            .args(["--workers", "2", "--source", source, "--run-for", "1s"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{source} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     // Held without SO_REUSEADDR.
     let plain = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let source = plain.local_addr().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(kaping())
-        .arg("run")
-        .arg("--shm")
-        .arg(dir.path().join("shm"))
-        .args([
-            "--bind",
-            &format!("127.0.0.1:{}", free_ports(2)),
-            "--workers",
-            "2",
-        ])
-        .args(["--source", &source, "--run-for", "1s"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused(&plain.local_addr().unwrap().to_string());
     assert!(
         stderr.contains("setting 'source': cannot share") && stderr.contains("SO_REUSEADDR"),
         "{stderr}"
     );
     // Held on the wildcard address.
     let wildcard = UdpSocket::bind("0.0.0.0:0").unwrap();
-    let source = format!("127.0.0.1:{}", wildcard.local_addr().unwrap().port());
-    let out = Command::new(kaping())
-        .arg("run")
-        .arg("--shm")
-        .arg(dir.path().join("shm"))
-        .args([
-            "--bind",
-            &format!("127.0.0.1:{}", free_ports(2)),
-            "--workers",
-            "2",
-        ])
-        .args(["--source", &source, "--run-for", "1s"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused(&format!(
+        "127.0.0.1:{}",
+        wildcard.local_addr().unwrap().port()
+    ));
     assert!(stderr.contains("the wildcard address"), "{stderr}");
     // IPv6 source without an IPv6 socket of kaping's own.
     let out = Command::new(kaping())

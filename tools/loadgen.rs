@@ -638,6 +638,21 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A bench report on stdout: one JSON object, or the readable text.
+fn print_report<R: serde::Serialize>(
+    report: &R,
+    json: bool,
+    text: fn(&R, &mut dyn Write) -> io::Result<()>,
+) -> Result<(), String> {
+    let mut out = io::stdout().lock();
+    if json {
+        let line = serde_json::to_string(report).map_err(|e| e.to_string())?;
+        writeln!(out, "{line}").map_err(|e| e.to_string())
+    } else {
+        text(report, &mut out).map_err(|e| e.to_string())
+    }
+}
+
 fn run_bench(a: BenchArgs) -> Result<(), String> {
     if !(a.warmup.is_finite() && a.warmup >= 0.0) {
         return Err("--warmup must be a number of seconds, 0 or more".to_string());
@@ -656,13 +671,7 @@ fn run_bench(a: BenchArgs) -> Result<(), String> {
         max_contacts: a.max_contacts,
         dir: a.dir,
     })?;
-    let mut out = io::stdout().lock();
-    if a.json {
-        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
-        writeln!(out, "{text}").map_err(|e| e.to_string())
-    } else {
-        bench::print_text(&report, &mut out).map_err(|e| e.to_string())
-    }
+    print_report(&report, a.json, bench::print_text)
 }
 
 fn run_proxy_bench(a: ProxyBenchArgs) -> Result<(), String> {
@@ -682,13 +691,7 @@ fn run_proxy_bench(a: ProxyBenchArgs) -> Result<(), String> {
         kamailio: a.kamailio,
         kamailio_children: a.kamailio_children,
     })?;
-    let mut out = io::stdout().lock();
-    if a.json {
-        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
-        writeln!(out, "{text}").map_err(|e| e.to_string())
-    } else {
-        proxy_bench::print_text(&report, &mut out).map_err(|e| e.to_string())
-    }
+    print_report(&report, a.json, proxy_bench::print_text)
 }
 
 fn run_control_bench(a: ControlBenchArgs) -> Result<(), String> {
@@ -720,13 +723,7 @@ fn run_control_bench(a: ControlBenchArgs) -> Result<(), String> {
         responder_threads: a.responder_threads,
         max_contacts: a.max_contacts,
     })?;
-    let mut out = io::stdout().lock();
-    if a.json {
-        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
-        writeln!(out, "{text}").map_err(|e| e.to_string())
-    } else {
-        control_bench::print_text(&report, &mut out).map_err(|e| e.to_string())
-    }
+    print_report(&report, a.json, control_bench::print_text)
 }
 
 fn run_phones(a: PhonesArgs) -> Result<(), String> {

@@ -822,6 +822,11 @@ mod tests {
         }
     }
 
+    /// A backend over one socket of kaping's own.
+    fn ring_of(socket: socket2::Socket, waker: Waker) -> UringBackend {
+        UringBackend::new(vec![WorkerSocket { socket, src: None }], waker).unwrap()
+    }
+
     fn require_uring() -> bool {
         match probe() {
             Ok(()) => true,
@@ -840,14 +845,7 @@ mod tests {
         let (sock, _) =
             bind_udp("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
         let local = sock.local_addr().unwrap().as_socket().unwrap();
-        let mut b = UringBackend::new(
-            vec![WorkerSocket {
-                socket: sock,
-                src: None,
-            }],
-            Waker::new().unwrap(),
-        )
-        .unwrap();
+        let mut b = ring_of(sock, Waker::new().unwrap());
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         let peer_addr = peer.local_addr().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -917,14 +915,7 @@ mod tests {
         let (sock, _) = bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
         let local = sock.local_addr().unwrap().as_socket().unwrap();
         let waker = Waker::new().unwrap();
-        let mut b = UringBackend::new(
-            vec![WorkerSocket {
-                socket: sock,
-                src: None,
-            }],
-            waker.clone(),
-        )
-        .unwrap();
+        let mut b = ring_of(sock, waker.clone());
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut h = Collect::default();
 
@@ -992,14 +983,7 @@ mod tests {
         };
         let (sock, _) = bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
         let local = sock.local_addr().unwrap().as_socket().unwrap();
-        let mut b = UringBackend::new(
-            vec![WorkerSocket {
-                socket: sock,
-                src: None,
-            }],
-            Waker::new().unwrap(),
-        )
-        .unwrap();
+        let mut b = ring_of(sock, Waker::new().unwrap());
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut h = Collect::default();
         let total = 2 * RX_BUFS + 100;
@@ -1038,14 +1022,7 @@ mod tests {
             .unwrap();
         let (sock, _) =
             bind_udp("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
-        let mut b = UringBackend::new(
-            vec![WorkerSocket {
-                socket: sock,
-                src: None,
-            }],
-            Waker::new().unwrap(),
-        )
-        .unwrap();
+        let mut b = ring_of(sock, Waker::new().unwrap());
         let mut h = Collect::default();
         let out = b.tx_buf(0).unwrap();
         out[..4].copy_from_slice(b"ping");

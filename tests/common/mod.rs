@@ -37,3 +37,23 @@ pub fn free_ports_on(count: u16, v6: bool) -> u16 {
     }
     panic!("no free port range of {count}");
 }
+
+/// Waits for `child` to exit; kills it (and fails the test) past `limit`.
+#[allow(dead_code)] // each test binary uses its share of these helpers
+pub fn wait_with_deadline(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not stop within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
