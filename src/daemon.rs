@@ -36,7 +36,7 @@ use crate::engine::worker::{
 };
 use crate::io::divert::{interface_indexes, Divert, DivertSpec};
 use crate::io::mmsg::MmsgBackend;
-use crate::io::share::{bind_shared, check_shareable};
+use crate::io::share::{bind_shared, check_shareable, socket_inode};
 use crate::io::udp::{bind_udp, SocketOptions};
 use crate::io::uring::{self, UringBackend};
 use crate::io::waker::Waker;
@@ -157,6 +157,9 @@ pub struct Daemon {
     /// million contacts naming one bad socket probe it once).
     sources: std::collections::HashMap<SocketAddr, Result<u8, String>>,
     socket_options: SocketOptions,
+    /// Inodes of kaping's own shared sockets (not foreign holders of a
+    /// proxy's port).
+    own_inodes: Vec<u64>,
     /// `replies = divert`: the program per proxy port, or why it could not
     /// be attached (those replies are relayed by the proxy instead).
     diverts: std::collections::HashMap<u16, Result<Divert, String>>,
@@ -473,6 +476,7 @@ impl Daemon {
             own_addrs,
             sources: std::collections::HashMap::new(),
             socket_options: opts,
+            own_inodes: Vec::new(),
             diverts: std::collections::HashMap::new(),
             divert_marker: divert_marker(key.instance_prefix()),
             template_check,
@@ -607,13 +611,14 @@ impl Daemon {
                 "no {fam} socket of kaping's own to receive the replies on (set {setting})"
             ));
         }
-        if let Some(warning) = check_shareable(addr)? {
+        if let Some(warning) = check_shareable(addr, &self.own_inodes)? {
             eprintln!("kaping: source {addr}: {warning}");
         }
         let mut per_worker = Vec::with_capacity(self.workers.len());
         for own in &self.own_addrs {
             let own = own[family].expect("checked above");
             let (socket, _) = bind_shared(addr, &self.socket_options)?;
+            self.own_inodes.extend(socket_inode(&socket));
             // The relayed reply comes to the worker's own port; on the
             // proxy's host, the proxy's address reaches a wildcard bind.
             let host = if self.settings.advertise_explicit {

@@ -114,7 +114,7 @@ fn start_kamailio(dir: &Path, port: u16) -> Option<Group> {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if kaping::io::share::holders(addr).unwrap().exact {
+        if kaping::io::share::holders(addr, &[]).unwrap().exact {
             return Some(proc);
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -47,8 +47,10 @@ pub struct Holders {
     pub wildcard: bool,
 }
 
-/// Reads who holds `addr`'s port from `/proc/net/udp{,6}`.
-pub fn holders(addr: SocketAddr) -> io::Result<Holders> {
+/// Reads who holds `addr`'s port from `/proc/net/udp{,6}`, leaving out
+/// the sockets whose inodes are in `own` (kaping's own shared sockets: a
+/// proxy listening on two addresses with one port gets one source each).
+pub fn holders(addr: SocketAddr, own: &[u64]) -> io::Result<Holders> {
     let mut h = Holders::default();
     for (path, v6) in [("/proc/net/udp", false), ("/proc/net/udp6", true)] {
         let text = match std::fs::read_to_string(path) {
@@ -57,8 +59,8 @@ pub fn holders(addr: SocketAddr) -> io::Result<Holders> {
             Err(e) if v6 && e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        for (local, remote_zero) in text.lines().skip(1).filter_map(parse_proc_line) {
-            if local.port() != addr.port() || !remote_zero {
+        for (local, remote_zero, inode) in text.lines().skip(1).filter_map(parse_proc_line) {
+            if local.port() != addr.port() || !remote_zero || own.contains(&inode) {
                 continue;
             }
             if local.ip() == addr.ip() {
@@ -73,16 +75,32 @@ pub fn holders(addr: SocketAddr) -> io::Result<Holders> {
     Ok(h)
 }
 
-/// One line of `/proc/net/udp{,6}`: the local address, and whether the
-/// remote address is zero (an unconnected socket). The kernel prints each
-/// 32-bit word of an address with `%08X` as the machine reads the network
-/// order bytes, and the port in host order.
-fn parse_proc_line(line: &str) -> Option<(SocketAddr, bool)> {
-    let mut fields = line.split_whitespace();
-    let _slot = fields.next()?;
-    let local = parse_proc_addr(fields.next()?)?;
-    let remote = parse_proc_addr(fields.next()?)?;
-    Some((local, remote.ip().is_unspecified() && remote.port() == 0))
+/// One line of `/proc/net/udp{,6}`: the local address, whether the remote
+/// address is zero (an unconnected socket), and the socket's inode. The
+/// kernel prints each 32-bit word of an address with `%08X` as the machine
+/// reads the network order bytes, and the port in host order.
+fn parse_proc_line(line: &str) -> Option<(SocketAddr, bool, u64)> {
+    let fields: Vec<&str> = line.split_whitespace().take(10).collect();
+    let local = parse_proc_addr(fields.get(1)?)?;
+    let remote = parse_proc_addr(fields.get(2)?)?;
+    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+    let inode = fields.get(9)?.parse().ok()?;
+    Some((
+        local,
+        remote.ip().is_unspecified() && remote.port() == 0,
+        inode,
+    ))
+}
+
+/// The inode of a socket, as `/proc/net/udp` lists it.
+pub fn socket_inode(s: &Socket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd())).ok()?;
+    let text = link.to_str()?;
+    text.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 fn parse_proc_addr(field: &str) -> Option<SocketAddr> {
@@ -107,11 +125,12 @@ fn parse_proc_addr(field: &str) -> Option<SocketAddr> {
 }
 
 /// Checks that kaping can send as `addr`: the address is this host's and
-/// its port is not held by a wildcard socket. Returns a warning when
-/// nothing holds the port yet (kaping would then receive what is sent
-/// there, and answer none of it, until the proxy starts). Call it once per
-/// source, before opening any of kaping's own sockets on that port.
-pub fn check_shareable(addr: SocketAddr) -> Result<Option<String>, String> {
+/// its port is not held by a wildcard socket (other than kaping's own, the
+/// inodes in `own`). Returns a warning when nothing holds the address yet
+/// (kaping would then receive what is sent there, and answer none of it,
+/// until the proxy starts). Call it once per source, before opening its
+/// sockets.
+pub fn check_shareable(addr: SocketAddr, own: &[u64]) -> Result<Option<String>, String> {
     if addr.ip().is_unspecified() || addr.port() == 0 {
         return Err(format!(
             "{addr}: give the proxy's own address and port to send as"
@@ -127,7 +146,7 @@ pub fn check_shareable(addr: SocketAddr) -> Result<Option<String>, String> {
             format!("cannot use {}: {e}", addr.ip())
         });
     }
-    let h = holders(addr).map_err(|e| format!("cannot read /proc/net/udp: {e}"))?;
+    let h = holders(addr, own).map_err(|e| format!("cannot read /proc/net/udp: {e}"))?;
     if h.wildcard {
         let any = if addr.is_ipv6() { "[::]" } else { "0.0.0.0" };
         return Err(format!(
@@ -186,7 +205,7 @@ mod tests {
         };
         assert_eq!(
             parse_proc_line(v4),
-            Some(("127.0.0.1:5060".parse().unwrap(), true))
+            Some(("127.0.0.1:5060".parse().unwrap(), true, 1))
         );
         let one = if cfg!(target_endian = "little") {
             "01000000"
@@ -194,11 +213,11 @@ mod tests {
             "00000001"
         };
         let v6 = format!(
-            "  3: 000000000000000000000000{one}:13C6 00000000000000000000000000000000:0000 07 0 0 0 0 0 1 2 0 0"
+            "  3: 000000000000000000000000{one}:13C6 00000000000000000000000000000000:0000 07 0 0 0 0 0 77 2 0 0"
         );
         assert_eq!(
             parse_proc_line(&v6),
-            Some(("[::1]:5062".parse().unwrap(), true))
+            Some(("[::1]:5062".parse().unwrap(), true, 77))
         );
         assert_eq!(parse_proc_line("  sl  local_address rem_address"), None);
     }
@@ -217,9 +236,9 @@ mod tests {
     fn a_port_held_exactly_with_reuseaddr_is_shared_and_the_proxy_keeps_its_traffic() {
         let proxy = proxy_socket("127.0.0.61:0".parse().unwrap());
         let addr = proxy.local_addr().unwrap();
-        let h = holders(addr).unwrap();
+        let h = holders(addr, &[]).unwrap();
         assert!(h.exact && !h.wildcard, "{h:?}");
-        assert_eq!(check_shareable(addr), Ok(None));
+        assert_eq!(check_shareable(addr, &[]), Ok(None));
         let (kaping, _) = bind_shared(addr, &SocketOptions::default()).unwrap();
         let kaping: UdpSocket = kaping.into();
         // Inbound to the proxy's address goes to the proxy's exact socket.
@@ -250,11 +269,27 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_on_two_addresses_with_one_port_gives_two_sources() {
+        let a = proxy_socket("127.0.0.81:0".parse().unwrap());
+        let port = a.local_addr().unwrap().port();
+        let b = proxy_socket(format!("127.0.0.82:{port}").parse().unwrap());
+        let (first, second) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        assert_eq!(check_shareable(first, &[]), Ok(None));
+        let (mine, _) = bind_shared(first, &SocketOptions::default()).unwrap();
+        // kaping's own wildcard socket on the port is not a foreign holder.
+        let own = [socket_inode(&mine).expect("an inode")];
+        assert_eq!(check_shareable(second, &own), Ok(None));
+        let e = check_shareable(second, &[]).unwrap_err();
+        assert!(e.contains("wildcard"), "{e}");
+        bind_shared(second, &SocketOptions::default()).unwrap();
+    }
+
+    #[test]
     fn a_wildcard_holder_is_refused_with_what_to_do() {
         let wildcard = proxy_socket("0.0.0.0:0".parse().unwrap());
         let port = wildcard.local_addr().unwrap().port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let e = check_shareable(addr).unwrap_err();
+        let e = check_shareable(addr, &[]).unwrap_err();
         assert!(
             e.contains("wildcard") && e.contains("listen=udp:127.0.0.1"),
             "{e}"
@@ -265,7 +300,7 @@ mod tests {
     fn a_holder_without_reuseaddr_is_refused_by_the_kernel_and_said() {
         let plain = UdpSocket::bind("127.0.0.62:0").unwrap();
         let addr = plain.local_addr().unwrap();
-        assert_eq!(check_shareable(addr), Ok(None));
+        assert_eq!(check_shareable(addr, &[]), Ok(None));
         let e = bind_shared(addr, &SocketOptions::default()).unwrap_err();
         assert!(e.contains("SO_REUSEADDR"), "{e}");
     }
@@ -273,14 +308,14 @@ mod tests {
     #[test]
     fn foreign_and_unheld_addresses() {
         // A documentation address is no address of this host.
-        let e = check_shareable("192.0.2.1:5060".parse().unwrap()).unwrap_err();
+        let e = check_shareable("192.0.2.1:5060".parse().unwrap(), &[]).unwrap_err();
         assert!(e.contains("not an address of this host"), "{e}");
         // A free port: allowed, with a warning.
         let free = UdpSocket::bind("127.0.0.63:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let w = check_shareable(free).unwrap().expect("a warning");
+        let w = check_shareable(free, &[]).unwrap().expect("a warning");
         assert!(w.contains("nothing is bound"), "{w}");
     }
 }

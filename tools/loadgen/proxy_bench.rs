@@ -126,7 +126,7 @@ impl Kamailio {
         let addr = format!("127.0.0.1:{port}").parse().expect("address");
         let ready_by = Instant::now() + Duration::from_secs(10);
         while Instant::now() < ready_by {
-            if kaping::io::share::holders(addr).is_ok_and(|h| h.exact) {
+            if kaping::io::share::holders(addr, &[]).is_ok_and(|h| h.exact) {
                 return Ok(k);
             }
             thread::sleep(Duration::from_millis(20));
