@@ -47,6 +47,7 @@ fn bench_shm(c: &mut Criterion) {
         string_bytes_per_worker: 4096,
         instance: "bench".into(),
         backend: "bench".into(),
+        shard: None,
     };
     let shm = ShmFile::create(&cfg).expect("create shm");
     let w = shm.worker(0);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::contact::{parse_socket, KeepaliveKind, PingSource};
+use crate::contact::{parse_shard, parse_socket, KeepaliveKind, PingSource};
 use crate::duration::parse_duration;
 use crate::engine::liveness::AliveCodes;
 use crate::sources::Format;
@@ -76,6 +76,7 @@ pub struct RawConfig {
     pub replies: Option<String>,
     pub divert_interfaces: Option<Vec<String>>,
     pub keepalive: Option<String>,
+    pub shard: Option<String>,
 
     pub method: Option<String>,
     pub from: Option<String>,
@@ -145,6 +146,7 @@ impl RawConfig {
             replies,
             divert_interfaces,
             keepalive,
+            shard,
             method,
             from,
             domain,
@@ -207,6 +209,7 @@ pub const SETTINGS: &[&str] = &[
     "replies",
     "divert_interfaces",
     "keepalive",
+    "shard",
     "method",
     "from",
     "domain",
@@ -302,6 +305,8 @@ pub struct Settings {
     /// Interfaces the divert program attaches to; empty = every interface.
     pub divert_interfaces: Vec<String>,
     pub keepalive: KeepaliveKind,
+    /// `(K, N)`: keep only the contacts of shard K of N (DESIGN §11).
+    pub shard: Option<(u32, u32)>,
     pub template: TemplateConfig,
     pub domain: Option<String>,
     pub interval: Duration,
@@ -368,6 +373,7 @@ impl Settings {
             replies,
             divert_interfaces,
             keepalive,
+            shard,
             domain,
             control,
             control_max_connections,
@@ -611,6 +617,11 @@ impl Settings {
             .parse()
             .map_err(|e| ConfigError::invalid("keepalive", e))?;
 
+        let shard = match raw.shard.as_deref() {
+            None | Some("") => None,
+            Some(t) => Some(parse_shard(t).map_err(|e| ConfigError::invalid("shard", e))?),
+        };
+
         let method = raw.method.clone().unwrap_or_else(|| "OPTIONS".into());
         let advertise_in_uri = match advertise.parse::<IpAddr>() {
             Ok(IpAddr::V6(_)) => format!("[{advertise}]"),
@@ -766,6 +777,7 @@ impl Settings {
             replies,
             divert_interfaces,
             keepalive,
+            shard,
             template,
             domain,
             interval,

@@ -120,6 +120,52 @@ impl std::str::FromStr for KeepaliveKind {
     }
 }
 
+/// SipHash-1-3 keys of [`shard_of`]: the ASCII of "kaping-s" and
+/// "hard-v01" read as little-endian u64s. Fixed forever: every instance,
+/// of any version, on any host, must put a contact in the same shard.
+const SHARD_K0: u64 = u64::from_le_bytes(*b"kaping-s");
+const SHARD_K1: u64 = u64::from_le_bytes(*b"hard-v01");
+
+/// Which of `count` shards a contact belongs to (`--shard K/N`, DESIGN
+/// §11): SipHash-1-3 with [`SHARD_K0`]/[`SHARD_K1`] over the bytes of its
+/// key as usrloc knows it, the AoR (empty when absent), a newline and the
+/// contact URI, taken modulo `count`. It depends on nothing else (no
+/// order, count or host), so N instances fed the same contacts hold
+/// disjoint sets whose union is every contact.
+pub fn shard_of(aor: Option<&str>, uri: &str, count: u32) -> u32 {
+    use std::hash::Hasher;
+    debug_assert!(count > 0);
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(SHARD_K0, SHARD_K1);
+    h.write(aor.unwrap_or("").as_bytes());
+    h.write(b"\n");
+    h.write(uri.as_bytes());
+    (h.finish() % u64::from(count.max(1))) as u32
+}
+
+/// `K/N` of `--shard`: 1 ≤ N ≤ [`SHARDS_MAX`], K < N.
+pub fn parse_shard(text: &str) -> Result<(u32, u32), String> {
+    let (k, n) = text
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("'{text}' is not K/N (this instance's shard K of N, e.g. 0/2)"))?;
+    let (Ok(k), Ok(n)) = (k.trim().parse::<u32>(), n.trim().parse::<u32>()) else {
+        return Err(format!("'{text}' is not K/N with whole numbers"));
+    };
+    if n == 0 || n > SHARDS_MAX {
+        return Err(format!("{n} shards: give 1 to {SHARDS_MAX}"));
+    }
+    if k >= n {
+        return Err(format!(
+            "shard {k} of {n}: shards are numbered 0 to {}",
+            n - 1
+        ));
+    }
+    Ok((k, n))
+}
+
+/// Most shards one registrar's contacts may be split into.
+pub const SHARDS_MAX: u32 = 1024;
+
 /// A local socket as Kamailio names it (`udp:198.51.100.10:5060`,
 /// `udp:[2001:db8::1]:5060`) or a bare `IP:PORT`. Only UDP sockets can
 /// carry kaping's pings; any other protocol is refused with the reason.
@@ -321,6 +367,39 @@ mod tests {
             Some(&b"\r\n\r\n"[..])
         );
         assert!("ping".parse::<KeepaliveKind>().is_err());
+    }
+
+    #[test]
+    fn shards_are_stable_disjoint_and_cover_every_contact() {
+        // Pinned values: a change here would move contacts between hosts.
+        assert_eq!(shard_of(Some("alice"), "sip:alice@192.0.2.1:5060", 1), 0);
+        let pinned: Vec<u32> = (0..8)
+            .map(|i| shard_of(Some(&format!("u{i}")), &format!("sip:u{i}@192.0.2.{i}"), 4))
+            .collect();
+        assert_eq!(pinned, [1, 3, 3, 3, 2, 2, 1, 0]);
+        // Spread: 10,000 contacts over 4 shards, each within 10 % of 2,500.
+        let mut counts = [0u32; 4];
+        for i in 0..10_000 {
+            counts[shard_of(
+                Some(&format!("p{i}")),
+                &format!("sip:p{i}@203.0.113.2:{}", 1024 + i),
+                4,
+            ) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (2250..2750).contains(&c)),
+            "{counts:?}"
+        );
+        // The AoR is part of the key: absent and empty are the same key.
+        assert_eq!(
+            shard_of(None, "sip:x@h", 7),
+            shard_of(Some(""), "sip:x@h", 7)
+        );
+        assert_eq!(parse_shard("1/2"), Ok((1, 2)));
+        assert_eq!(parse_shard(" 0 / 1 "), Ok((0, 1)));
+        for bad in ["2/2", "0/0", "1", "a/b", "0/5000", "-1/2"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

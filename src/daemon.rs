@@ -226,6 +226,7 @@ impl Daemon {
             string_bytes_per_worker: per_worker.saturating_mul(STRING_BYTES_PER_SLOT),
             instance: settings.instance.clone(),
             backend: "starting".into(),
+            shard: settings.shard,
         })
         .map_err(|e| {
             err(format!(
@@ -524,6 +525,13 @@ impl Daemon {
         opened
     }
 
+    /// Whether a contact is this instance's (always, unless `--shard`).
+    pub(crate) fn in_shard(&self, aor: Option<&str>, uri: &str) -> bool {
+        self.settings
+            .shard
+            .is_none_or(|(k, n)| crate::contact::shard_of(aor, uri, n) == k)
+    }
+
     /// With `replies = divert`, attaches the divert program for replies to
     /// `proxy_port` (once per port) and says how replies come back. Any
     /// failure falls back to relay, which needs nothing: every request
@@ -667,6 +675,9 @@ impl Daemon {
     /// Validates one contact (from the contacts file) and queues it for
     /// its worker.
     pub fn add(&mut self, spec: &ContactSpec) -> Verdict {
+        if !self.in_shard(spec.aor.as_deref(), &spec.uri) {
+            return Verdict::OtherShard;
+        }
         if let Some(reg) = &self.ctl.registry {
             if reg.find(spec.aor.as_deref(), &spec.uri).is_some() {
                 return Verdict::Skip(format!(

@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// What is sent: the SIP request, or a NAT-only keepalive (null, crlf).
     #[arg(long, value_name = "sip|null|crlf")]
     keepalive: Option<String>,
+    /// Keep only the contacts of shard K of N (several hosts split one
+    /// registrar's contacts by a stable hash of each contact's key).
+    #[arg(long, value_name = "K/N")]
+    shard: Option<String>,
     /// UNIX socket path of the JSON-RPC control interface (`kaping ctl`).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -175,6 +179,7 @@ impl RunArgs {
             divert_interfaces: (!self.divert_interfaces.is_empty())
                 .then(|| self.divert_interfaces.clone()),
             keepalive: self.keepalive.clone(),
+            shard: self.shard.clone(),
             method: self.method.clone(),
             from: self.from.clone(),
             domain: self.domain.clone(),

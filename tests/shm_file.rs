@@ -22,6 +22,7 @@ fn cfg(dir: &Path) -> ShmConfig {
         string_bytes_per_worker: 256,
         instance: "edge-1".into(),
         backend: "mmsg".into(),
+        shard: None,
     }
 }
 

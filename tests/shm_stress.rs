@@ -107,6 +107,7 @@ fn readers_never_see_a_torn_record() {
         string_bytes_per_worker: 64 * 1024,
         instance: "stress".into(),
         backend: "test".into(),
+        shard: None,
     };
     let shm = ShmFile::create(&cfg).unwrap();
     let mut w = shm.worker(0);

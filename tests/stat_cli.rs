@@ -183,6 +183,7 @@ fn fixture() -> Fixture {
         string_bytes_per_worker: 4096,
         instance: "edge-1".into(),
         backend: "io_uring".into(),
+        shard: None,
     })
     .unwrap();
     let mut ws = [shm.worker(0), shm.worker(1)];
@@ -688,7 +689,7 @@ fn check_prometheus_page(page: &str, up: f64) {
     );
     assert_eq!(
         m[&format!(
-            "kaping_info{{instance=\"edge-1\",backend=\"io_uring\",pid=\"{}\",layout_version=\"1\"}}",
+            "kaping_info{{instance=\"edge-1\",backend=\"io_uring\",pid=\"{}\",layout_version=\"2\",shard=\"\"}}",
             std::process::id()
         )],
         1.0

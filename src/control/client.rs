@@ -2038,6 +2038,7 @@ daemon    uptime 1 h 02 m  workers 2  backend uring
             format: Some(Format::Lines),
             loaded: 3,
             skipped: 1,
+            other_shards: 0,
             problems: vec![format!("{p}:4: destination 'nonsense' is not ip:port")],
             stopped: None,
         };

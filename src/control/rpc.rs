@@ -36,6 +36,8 @@ pub const SLAB_FULL: i32 = -32003;
 pub const TOO_LARGE: i32 = -32004;
 pub const TOO_MANY_CONNECTIONS: i32 = -32005;
 pub const NOT_DURABLE: i32 = -32006;
+/// The contact belongs to another instance's shard (`--shard K/N`).
+pub const OTHER_SHARD: i32 = -32007;
 
 /// An error answer.
 #[derive(Clone, Debug, PartialEq)]

@@ -80,7 +80,14 @@ impl Daemon {
         }
         let total = restored.contacts.len();
         let mut skipped = 0usize;
+        let mut other_shards = 0usize;
         for (rec, history) in restored.contacts {
+            if !self.in_shard(rec.aor.as_deref(), &rec.uri) {
+                // Another instance's now (the shard setting changed): not
+                // pinged here, and left out of the next snapshot.
+                other_shards += 1;
+                continue;
+            }
             let key_taken = self
                 .ctl
                 .registry
@@ -113,14 +120,15 @@ impl Daemon {
         self.ctl.last_snapshot = Some(Instant::now());
         eprintln!(
             "kaping: restored {} contacts from {} (snapshot {}, journal {} records{}) in {:.2} s",
-            total - skipped,
+            total - skipped - other_shards,
             dir.display(),
             restored.snapshot_contacts,
             restored.journal_records,
-            if skipped > 0 {
-                format!(", {skipped} left out")
-            } else {
-                String::new()
+            match (skipped, other_shards) {
+                (0, 0) => String::new(),
+                (s, 0) => format!(", {s} left out"),
+                (0, o) => format!(", {o} left to other shards"),
+                (s, o) => format!(", {s} left out, {o} left to other shards"),
             },
             started.elapsed().as_secs_f64()
         );
@@ -378,6 +386,17 @@ impl Daemon {
                     "worker": loc.worker, "slot": loc.handle.slot,
                 }));
             }
+        }
+        if !self.in_shard(rec.aor.as_deref(), &rec.uri) {
+            let (k, n) = self.settings.shard.expect("in_shard is true unsharded");
+            let owner = crate::contact::shard_of(rec.aor.as_deref(), &rec.uri, n);
+            return Err(RpcError::new(
+                rpc::OTHER_SHARD,
+                format!(
+                    "keepalive.add {}: the contact belongs to shard {owner}/{n}; this instance keeps shard {k}/{n}",
+                    rec.uri
+                ),
+            ));
         }
         let spec = spec_of(&rec)
             .map_err(|why| RpcError::invalid_params(format!("keepalive.add {}: {why}", rec.uri)))?;

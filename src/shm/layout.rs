@@ -50,7 +50,7 @@ pub const MAGIC: [u8; 8] = *b"KAPINGSH";
 /// [`MAGIC`] as the native-endian word stored in [`Header::magic`].
 pub const MAGIC_WORD: u64 = u64::from_ne_bytes(MAGIC);
 /// Layout version; bumped on any change to this file's types or encodings.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Slot states. The values match `engine::liveness::State` (`Unknown = 1` ..).
 pub const SLOT_FREE: u8 = 0;
@@ -537,6 +537,10 @@ pub struct Header {
     pub instance: [AtomicU8; INSTANCE_NAME_MAX],
     /// UTF-8, NUL-padded; under `names_seq`.
     pub backend: [AtomicU8; BACKEND_NAME_MAX],
+    /// `--shard K/N`: this instance's shard K (version 2).
+    pub shard_index: AtomicU32,
+    /// N; 0 when the instance is not sharded (version 2).
+    pub shard_count: AtomicU32,
 }
 
 const _: () = assert!(offset_of!(Header, magic) == 0);

@@ -96,6 +96,8 @@ pub struct HeaderInfo {
     pub stopped: bool,
     pub instance: String,
     pub backend: String,
+    /// `(K, N)` of the daemon's `--shard K/N`; `None` when not sharded.
+    pub shard: Option<(u32, u32)>,
 }
 
 /// Spin, then yield, then give up.
@@ -349,6 +351,10 @@ impl ShmReader {
             stopped: h.stopped.load(r) != 0,
             instance: name_from_bytes(&instance),
             backend: name_from_bytes(&backend),
+            shard: match h.shard_count.load(r) {
+                0 => None,
+                n => Some((h.shard_index.load(r), n)),
+            },
         }
     }
 

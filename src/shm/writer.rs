@@ -77,6 +77,8 @@ pub struct ShmConfig {
     pub instance: String,
     /// At most [`BACKEND_NAME_MAX`] bytes, no NUL (e.g. "io_uring", "mmsg").
     pub backend: String,
+    /// `(K, N)` of `--shard K/N`; `None` when not sharded.
+    pub shard: Option<(u32, u32)>,
 }
 
 /// The published shm file; owned by the daemon's main thread.
@@ -370,6 +372,9 @@ fn init_header(map: &MmapRaw, g: &Geometry, cfg: &ShmConfig, pid: u32) {
     h.names_seq.store(0, r);
     store_name(&h.instance, &cfg.instance);
     store_name(&h.backend, &cfg.backend);
+    let (index, count) = cfg.shard.unwrap_or((0, 0));
+    h.shard_index.store(index, r);
+    h.shard_count.store(count, r);
     // Magic last: whoever sees it (Acquire) sees every field above.
     h.magic.store(MAGIC_WORD, Ordering::Release);
 }

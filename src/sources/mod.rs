@@ -71,6 +71,8 @@ pub enum Verdict {
     Loaded,
     /// Not loaded, for this reason; loading goes on.
     Skip(String),
+    /// Not loaded: another shard's contact (`--shard K/N`); not a problem.
+    OtherShard,
     /// Loading must stop (e.g. no room left anywhere).
     Stop(String),
 }
@@ -81,6 +83,8 @@ pub struct LoadReport {
     pub format: Option<Format>,
     pub loaded: usize,
     pub skipped: usize,
+    /// Left to the other shards (`--shard K/N`).
+    pub other_shards: usize,
     /// The first [`PROBLEMS_KEPT`] problems, each `place: why`.
     pub problems: Vec<String>,
     /// Set when the sink stopped the load.
@@ -112,6 +116,9 @@ impl fmt::Display for LoadReport {
             self.loaded,
             self.skipped
         )?;
+        if self.other_shards > 0 {
+            write!(f, ", {} left to other shards", self.other_shards)?;
+        }
         if let Some(why) = &self.stopped {
             write!(f, "; stopped: {why}")?;
         }
@@ -152,10 +159,14 @@ pub fn load(
     let mut progress = Progress::new(path);
     let mut on_record =
         |spec: Result<ContactSpec, String>, place: Place, report: &mut LoadReport| {
-            progress.tick(report.loaded + report.skipped);
+            progress.tick(report.loaded + report.skipped + report.other_shards);
             match spec.map(&mut sink) {
                 Ok(Verdict::Loaded) => {
                     report.loaded += 1;
+                    true
+                }
+                Ok(Verdict::OtherShard) => {
+                    report.other_shards += 1;
                     true
                 }
                 Ok(Verdict::Skip(why)) | Err(why) => {

@@ -181,11 +181,12 @@ pub fn render(s: &Snapshot) -> String {
     family(&mut o, "kaping_info", "gauge", "Daemon identity; always 1.");
     let _ = writeln!(
         o,
-        "kaping_info{{instance=\"{}\",backend=\"{}\",pid=\"{}\",layout_version=\"{}\"}} 1",
+        "kaping_info{{instance=\"{}\",backend=\"{}\",pid=\"{}\",layout_version=\"{}\",shard=\"{}\"}} 1",
         escape_label(&h.instance),
         escape_label(&h.backend),
         h.pid,
-        h.version
+        h.version,
+        h.shard.map_or(String::new(), |(k, n)| format!("{k}/{n}"))
     );
     family(
         &mut o,

@@ -83,7 +83,7 @@ pub fn text(path: &Path, s: &Snapshot, before: Option<&Snapshot>) -> String {
     );
     let _ = writeln!(
         o,
-        "  up {} (since {}), backend {}, {} workers, {} slots",
+        "  up {} (since {}), backend {}, {} workers, {} slots{}",
         human_duration_ms(s.uptime_ms()),
         rfc3339_ms(h.start_ms),
         if h.backend.is_empty() {
@@ -92,7 +92,9 @@ pub fn text(path: &Path, s: &Snapshot, before: Option<&Snapshot>) -> String {
             &h.backend
         },
         h.workers,
-        grouped(s.capacity())
+        grouped(s.capacity()),
+        h.shard
+            .map_or(String::new(), |(k, n)| format!(", shard {k} of {n}"))
     );
     let _ = writeln!(
         o,
@@ -221,6 +223,13 @@ pub fn json(path: &Path, s: &Snapshot, before: Option<&Snapshot>) -> Value {
     let mut m = Map::new();
     m.insert("shm_path".into(), path.display().to_string().into());
     m.insert("instance".into(), h.instance.clone().into());
+    m.insert(
+        "shard".into(),
+        h.shard.map_or(
+            serde_json::Value::Null,
+            |(k, n)| serde_json::json!({ "index": k, "count": n }),
+        ),
+    );
     m.insert("layout_version".into(), h.version.into());
     m.insert("pid".into(), h.pid.into());
     m.insert("backend".into(), h.backend.clone().into());
