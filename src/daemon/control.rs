@@ -376,72 +376,99 @@ impl Daemon {
             source,
             keepalive,
         };
-        let existing = self.registry_find(rec.aor.as_deref(), &rec.uri);
-        let mut history = None;
-        if let Some(loc) = existing {
-            let e = self.registry_entry(loc);
-            if e.rec.is(&rec) && e.source == Source::Control {
-                return Ok(json!({
-                    "status": "unchanged", "uri": rec.uri, "aor": rec.aor,
-                    "worker": loc.worker, "slot": loc.handle.slot,
-                }));
-            }
-        }
-        if !self.in_shard(rec.aor.as_deref(), &rec.uri) {
-            let (k, n) = self.settings.shard.expect("in_shard is true unsharded");
-            let owner = crate::contact::shard_of(rec.aor.as_deref(), &rec.uri, n);
-            return Err(RpcError::new(
+        let (uri, aor) = (rec.uri.clone(), rec.aor.clone());
+        let op = Op::Add(rec.clone());
+        let done = self.upsert(rec, Source::Control).map_err(|e| match e {
+            UpsertError::OtherShard { owner, index, count } => RpcError::new(
                 rpc::OTHER_SHARD,
                 format!(
-                    "keepalive.add {}: the contact belongs to shard {owner}/{n}; this instance keeps shard {k}/{n}",
-                    rec.uri
+                    "keepalive.add {uri}: the contact belongs to shard {owner}/{count}; this instance keeps shard {index}/{count}"
                 ),
-            ));
-        }
-        let spec = spec_of(&rec)
-            .map_err(|why| RpcError::invalid_params(format!("keepalive.add {}: {why}", rec.uri)))?;
-        // Check the new form before touching the old one: a bad update
-        // leaves the contact as it was.
-        let prepared = self.prepare(&spec).map_err(|why| {
-            RpcError::new(
-                rpc::BAD_CONTACT,
-                format!("keepalive.add {}: {why}", rec.uri),
-            )
+            ),
+            UpsertError::Params(why) => {
+                RpcError::invalid_params(format!("keepalive.add {uri}: {why}"))
+            }
+            UpsertError::Bad(why) => {
+                RpcError::new(rpc::BAD_CONTACT, format!("keepalive.add {uri}: {why}"))
+            }
+            UpsertError::Full { worker } => self.slab_full(worker, &uri),
         })?;
+        let status = match done.status {
+            Upserted::Unchanged => "unchanged",
+            Upserted::Added => {
+                self.ctl.uncommitted.push(op);
+                self.ctl.stats.adds += 1;
+                "added"
+            }
+            Upserted::Updated => {
+                self.ctl.uncommitted.push(op);
+                self.ctl.stats.updates += 1;
+                "updated"
+            }
+        };
+        Ok(json!({
+            "status": status, "uri": uri, "aor": aor,
+            "worker": done.loc.worker, "slot": done.loc.handle.slot,
+        }))
+    }
+
+    /// Adds a contact, or replaces the parameters of the one with the same
+    /// key (AoR, URI) keeping its liveness history, on behalf of `source`.
+    /// A bad update leaves the contact as it was. The caller journals.
+    pub(super) fn upsert(
+        &mut self,
+        rec: ContactRecord,
+        source: Source,
+    ) -> Result<Placed, UpsertError> {
+        let existing = self.registry_find(rec.aor.as_deref(), &rec.uri);
+        if let Some(loc) = existing {
+            let e = self.registry_entry(loc);
+            if e.rec.is(&rec) && e.source == source {
+                return Ok(Placed {
+                    status: Upserted::Unchanged,
+                    loc,
+                });
+            }
+        }
+        if let Some((index, count)) = self.settings.shard {
+            let owner = crate::contact::shard_of(rec.aor.as_deref(), &rec.uri, count);
+            if owner != index {
+                return Err(UpsertError::OtherShard {
+                    owner,
+                    index,
+                    count,
+                });
+            }
+        }
+        let spec = spec_of(&rec).map_err(UpsertError::Params)?;
+        // Check the new form before touching the old one.
+        let prepared = self.prepare(&spec).map_err(UpsertError::Bad)?;
+        let mut history = None;
         if let Some(old) = existing {
             let reg = self.ctl.registry.as_ref().expect("registry");
             if prepared.worker != old.worker as usize && !reg.has_room(prepared.worker as u8) {
-                return Err(self.slab_full(prepared.worker, &rec.uri));
+                return Err(UpsertError::Full {
+                    worker: prepared.worker,
+                });
             }
             history = self.read_slot(old).map(|s| slot_of(&history_of(&s)));
             self.ctl.registry.as_mut().expect("registry").remove(old);
             self.queue_del(old.worker as usize, old.handle, false);
         }
-        let op = Op::Add(rec.clone());
-        let (uri, aor) = (rec.uri.clone(), rec.aor.clone());
         let worker = prepared.worker;
-        let loc = match self.place_prepared(prepared, rec, Source::Control, history) {
+        let loc = match self.place_prepared(prepared, rec, source, history) {
             Ok(loc) => loc,
-            Err(Refusal::Bad(why)) => {
-                return Err(RpcError::new(
-                    rpc::BAD_CONTACT,
-                    format!("keepalive.add {uri}: {why}"),
-                ))
-            }
-            Err(Refusal::Full(_)) => return Err(self.slab_full(worker, &uri)),
+            Err(Refusal::Bad(why)) => return Err(UpsertError::Bad(why)),
+            Err(Refusal::Full(_)) => return Err(UpsertError::Full { worker }),
         };
-        self.ctl.uncommitted.push(op);
-        let status = if existing.is_some() {
-            self.ctl.stats.updates += 1;
-            "updated"
-        } else {
-            self.ctl.stats.adds += 1;
-            "added"
-        };
-        Ok(json!({
-            "status": status, "uri": uri, "aor": aor,
-            "worker": loc.worker, "slot": loc.handle.slot,
-        }))
+        Ok(Placed {
+            status: if existing.is_some() {
+                Upserted::Updated
+            } else {
+                Upserted::Added
+            },
+            loc,
+        })
     }
 
     fn slab_full(&self, worker: usize, uri: &str) -> RpcError {
@@ -979,4 +1006,32 @@ fn events_name(e: &EventsTo) -> String {
         EventsTo::Stdout => "stdout".into(),
         EventsTo::File(p) => p.display().to_string(),
     }
+}
+
+/// What an upsert did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Upserted {
+    Unchanged,
+    Added,
+    Updated,
+}
+
+/// An upserted contact and where it lives.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Placed {
+    pub status: Upserted,
+    pub loc: Loc,
+}
+
+/// Why an upsert was refused (the contact stays as it was).
+#[derive(Debug)]
+pub(super) enum UpsertError {
+    /// Another instance's contact (`--shard`).
+    OtherShard { owner: u32, index: u32, count: u32 },
+    /// A parameter does not parse (`source`, `keepalive`).
+    Params(String),
+    /// The contact cannot be pinged (URI, destination, source, size).
+    Bad(String),
+    /// Its worker's slab is full.
+    Full { worker: usize },
 }
