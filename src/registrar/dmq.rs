@@ -338,6 +338,9 @@ pub fn parse_message(datagram: &[u8]) -> Result<Message<'_>, DmqReject> {
     let mut pos = 0usize;
     let first = next_line(datagram, &mut pos).ok_or(DmqReject::Truncated)?;
     let first = std::str::from_utf8(first).map_err(|_| DmqReject::NotSip)?;
+    if !header_safe(first) {
+        return Err(DmqReject::BadStartLine);
+    }
     let start = parse_start_line(first)?;
 
     let mut vias: Vec<&str> = Vec::new();
@@ -357,6 +360,10 @@ pub fn parse_message(datagram: &[u8]) -> Result<Message<'_>, DmqReject> {
             return Err(DmqReject::BadHeader);
         }
         let line = std::str::from_utf8(line).map_err(|_| DmqReject::BadHeader)?;
+        // A stray CR (or other control byte) would be copied into responses.
+        if !header_safe(line) {
+            return Err(DmqReject::BadHeader);
+        }
         let (name, value) = line.split_once(':').ok_or(DmqReject::BadHeader)?;
         let name = name.trim_end_matches([' ', '\t']);
         if !uri::is_token(name) {

@@ -344,6 +344,14 @@ fn every_dmq_reject() {
             DmqReject::BadHeader,
         ),
         (
+            edit(
+                s,
+                "From: <sip:usrloc@127.0.0.1:5070>",
+                "From: <sip:usrloc@127.0.0.1:5070>;x=\ry",
+            ),
+            DmqReject::BadHeader,
+        ),
+        (
             edit(s, "CSeq: 10 KDMQ", "CSeq: 10 KDMQ\r\ncseq: 11 KDMQ"),
             DmqReject::DuplicateHeader,
         ),
