@@ -11,6 +11,8 @@
 //!   kaping before the proxy sees them), wake-ups and signals.
 //! * [`shm`]: the shared-memory contract between the daemon and readers.
 //! * [`config`], [`contact`], [`sources`], [`daemon`]: `kaping run`.
+//! * [`registrar`]: the registrar feed: Kamailio's DMQ bus (KDMQ
+//!   messages, node lists, dmq_usrloc change records). No I/O.
 //! * [`sim`]: the simulated SIP platform (responder, contact plans) used by
 //!   the load generator, the demo and the tests.
 //!
@@ -29,6 +31,7 @@ pub mod demo;
 pub mod duration;
 pub mod engine;
 pub mod io;
+pub mod registrar;
 pub mod shm;
 pub mod sim;
 pub mod sources;
