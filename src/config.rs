@@ -77,6 +77,9 @@ pub struct RawConfig {
     pub divert_interfaces: Option<Vec<String>>,
     pub keepalive: Option<String>,
     pub shard: Option<String>,
+    pub dmq: Option<String>,
+    pub dmq_peer: Option<Vec<String>>,
+    pub dmq_grace: Option<DurationValue>,
 
     pub method: Option<String>,
     pub from: Option<String>,
@@ -147,6 +150,9 @@ impl RawConfig {
             divert_interfaces,
             keepalive,
             shard,
+            dmq,
+            dmq_peer,
+            dmq_grace,
             method,
             from,
             domain,
@@ -210,6 +216,9 @@ pub const SETTINGS: &[&str] = &[
     "divert_interfaces",
     "keepalive",
     "shard",
+    "dmq",
+    "dmq_peer",
+    "dmq_grace",
     "method",
     "from",
     "domain",
@@ -307,6 +316,13 @@ pub struct Settings {
     pub keepalive: KeepaliveKind,
     /// `(K, N)`: keep only the contacts of shard K of N (DESIGN §11).
     pub shard: Option<(u32, u32)>,
+    /// kaping's DMQ node address (DESIGN §11); `None`: no registrar feed.
+    pub dmq: Option<SocketAddr>,
+    /// The Kamailio DMQ nodes to join.
+    pub dmq_peers: Vec<SocketAddr>,
+    /// After a full sync, contacts of the feed it did not refresh are
+    /// dropped once this has passed.
+    pub dmq_grace: Duration,
     pub template: TemplateConfig,
     pub domain: Option<String>,
     pub interval: Duration,
@@ -374,6 +390,9 @@ impl Settings {
             divert_interfaces,
             keepalive,
             shard,
+            dmq,
+            dmq_peers,
+            dmq_grace,
             domain,
             control,
             control_max_connections,
@@ -409,6 +428,7 @@ pub mod defaults {
     pub const CONTROL_MAX_CONNECTIONS: u32 = 64;
     pub const CONTROL_MAX_REQUEST: u64 = 16 << 20;
     pub const SNAPSHOT_INTERVAL_S: u64 = 300;
+    pub const DMQ_GRACE_S: u64 = 30;
 }
 
 /// The shared-memory path a given instance uses by default.
@@ -622,6 +642,36 @@ impl Settings {
             Some(t) => Some(parse_shard(t).map_err(|e| ConfigError::invalid("shard", e))?),
         };
 
+        let dmq = match raw.dmq.as_deref() {
+            None | Some("") => None,
+            Some(t) => Some(parse_sip_addr(t).map_err(|e| ConfigError::invalid("dmq", e))?),
+        };
+        let dmq_peers = raw
+            .dmq_peer
+            .iter()
+            .flatten()
+            .filter(|p| !p.is_empty())
+            .map(|p| parse_sip_addr(p).map_err(|e| ConfigError::invalid("dmq_peer", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if dmq.is_some() && dmq_peers.is_empty() {
+            return Err(ConfigError::invalid(
+                "dmq_peer",
+                "dmq is set but no Kamailio node to join: give its dmq server_address (sip:IP:PORT)",
+            ));
+        }
+        if dmq.is_none() && !dmq_peers.is_empty() {
+            return Err(ConfigError::invalid(
+                "dmq",
+                "dmq_peer is set but not kaping's own node address: give dmq = \"sip:IP:PORT\"",
+            ));
+        }
+        let dmq_grace = raw
+            .dmq_grace
+            .as_ref()
+            .map_or(Ok(Duration::from_secs(defaults::DMQ_GRACE_S)), |v| {
+                v.parse("dmq_grace")
+            })?;
+
         let method = raw.method.clone().unwrap_or_else(|| "OPTIONS".into());
         let advertise_in_uri = match advertise.parse::<IpAddr>() {
             Ok(IpAddr::V6(_)) => format!("[{advertise}]"),
@@ -778,6 +828,9 @@ impl Settings {
             divert_interfaces,
             keepalive,
             shard,
+            dmq,
+            dmq_peers,
+            dmq_grace,
             template,
             domain,
             interval,
@@ -808,6 +861,15 @@ fn template_setting(e: &TemplateError) -> &'static str {
         TemplateError::LocalPort => "bind",
         _ => "advertise",
     }
+}
+
+/// A DMQ node address: `sip:IP:PORT` as Kamailio's `server_address`
+/// writes it, or a bare `IP:PORT` (IPv6 in brackets).
+fn parse_sip_addr(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let bare = t.strip_prefix("sip:").unwrap_or(t);
+    bare.parse()
+        .map_err(|_| format!("'{t}' is not sip:IP:PORT (IPv6 as sip:[addr]:port)"))
 }
 
 fn parse_bind(

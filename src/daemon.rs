@@ -11,6 +11,7 @@
 //! unreadable contacts file) come back as one clear line.
 
 mod control;
+mod feed;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -173,6 +174,8 @@ pub struct Daemon {
     ctl: ControlPlane,
     reload: Option<ReloadSource>,
     started: Instant,
+    /// The registrar feed (`dmq`), when on.
+    feed: Option<feed::FeedState>,
 }
 
 fn key_hash(uri: &str, dest: &SocketAddr) -> u64 {
@@ -336,7 +339,8 @@ impl Daemon {
             remove_after: settings.remove_after,
             alive: settings.alive_codes,
         };
-        let with_registry = settings.control.is_some() || settings.state_dir.is_some();
+        let with_registry =
+            settings.control.is_some() || settings.state_dir.is_some() || settings.dmq.is_some();
         let (gone_tx, gone_rx) = if with_registry {
             let (tx, rx) = channel::unbounded();
             (Some(tx), Some(rx))
@@ -487,6 +491,7 @@ impl Daemon {
             ctl,
             reload: None,
             started: Instant::now(),
+            feed: None,
         };
         // A configured source that cannot be used stops the start: one line
         // that says why and what to do.
@@ -761,6 +766,8 @@ impl Daemon {
             rec: crate::control::registry::PackedRecord::new(&rec),
             source,
             dest: p.contact.dest,
+            expires_s: 0,
+            sync_epoch: 0,
         };
         let Ok(loc) = reg.insert(p.worker as u8, entry) else {
             return Err(Refusal::Full(self.full_message(p.worker)));
@@ -1013,6 +1020,7 @@ impl Daemon {
                 break Err(e);
             }
             self.drain_events();
+            self.drain_feed();
             if last_beat.elapsed() >= Duration::from_secs(1) {
                 self.shm.heartbeat();
                 tick();

@@ -138,6 +138,15 @@ pub struct RunArgs {
     /// registrar's contacts by a stable hash of each contact's key).
     #[arg(long, value_name = "K/N")]
     shard: Option<String>,
+    /// kaping's own DMQ node address (sip:IP:PORT): follow Kamailio's
+    /// location table live as a passive DMQ node.
+    #[arg(long, value_name = "sip:IP:PORT")]
+    dmq: Option<String>,
+    /// A Kamailio DMQ node to join (its server_address); repeatable.
+    #[arg(long = "dmq-peer", value_name = "sip:IP:PORT")]
+    dmq_peers: Vec<String>,
+    #[arg(long)]
+    dmq_grace: Option<DurationValue>,
     /// UNIX socket path of the JSON-RPC control interface (`kaping ctl`).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -180,6 +189,9 @@ impl RunArgs {
                 .then(|| self.divert_interfaces.clone()),
             keepalive: self.keepalive.clone(),
             shard: self.shard.clone(),
+            dmq: self.dmq.clone(),
+            dmq_peer: (!self.dmq_peers.is_empty()).then(|| self.dmq_peers.clone()),
+            dmq_grace: self.dmq_grace.clone(),
             method: self.method.clone(),
             from: self.from.clone(),
             domain: self.domain.clone(),
@@ -232,7 +244,8 @@ fn run(args: RunArgs) -> Result<(), String> {
     let ready = daemon
         .restore_state()
         .and_then(|()| daemon.load_contacts().map(drop))
-        .and_then(|()| daemon.start_control());
+        .and_then(|()| daemon.start_control())
+        .and_then(|()| daemon.start_registrar_feed());
     if let Err(e) = ready {
         // Stop the workers and mark the shm file stopped before failing.
         let _ = daemon.stop();

@@ -28,6 +28,8 @@ use crate::state::ContactRecord;
 pub enum Source {
     File,
     Control,
+    /// Kamailio's location table, followed over DMQ (`registrar::node`).
+    Registrar,
 }
 
 impl Source {
@@ -35,6 +37,7 @@ impl Source {
         match self {
             Source::File => "file",
             Source::Control => "control",
+            Source::Registrar => "registrar",
         }
     }
 }
@@ -169,6 +172,12 @@ pub struct Entry {
     /// The resolved destination (for listings and to see whether an
     /// update moves the contact).
     pub dest: SocketAddr,
+    /// Registrar contacts: absolute expiry, unix seconds (0 = never);
+    /// 0 for the others. Sits in the entry's padding.
+    pub expires_s: u32,
+    /// Registrar contacts: the full sync that last refreshed it (see
+    /// `Daemon::apply_feed`).
+    pub sync_epoch: u32,
 }
 
 /// Where a contact lives.
@@ -230,6 +239,11 @@ impl Registry {
 
     pub fn get(&self, loc: Loc) -> Option<&Entry> {
         Self::entry_of(&self.slabs, &loc)
+    }
+
+    /// The entry of `loc`, to refresh its expiry (never its key).
+    pub fn get_mut(&mut self, loc: Loc) -> Option<&mut Entry> {
+        self.slabs[loc.worker as usize].get_mut(loc.handle)
     }
 
     /// Stores a contact whose key is not present, in a slot of `worker`.
@@ -313,6 +327,8 @@ mod tests {
             }),
             source: Source::Control,
             dest: "127.0.0.1:5060".parse().unwrap(),
+            expires_s: 0,
+            sync_epoch: 0,
         }
     }
 

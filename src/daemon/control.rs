@@ -338,7 +338,11 @@ impl Daemon {
         }
     }
 
-    fn registry_find(&self, aor: Option<&str>, uri: &str) -> Option<Loc> {
+    pub(super) fn registry_entry_mut(&mut self, loc: Loc) -> Option<&mut Entry> {
+        self.ctl.registry.as_mut()?.get_mut(loc)
+    }
+
+    pub(super) fn registry_find(&self, aor: Option<&str>, uri: &str) -> Option<Loc> {
         self.ctl.registry.as_ref()?.find(aor, uri)
     }
 
@@ -529,7 +533,7 @@ impl Daemon {
         Ok(json!({ "deleted": 1, "uri": uri, "aor": aor }))
     }
 
-    fn remove_contact(&mut self, loc: Loc) {
+    pub(super) fn remove_contact(&mut self, loc: Loc) {
         let Some(e) = self.ctl.registry.as_mut().and_then(|r| r.remove(loc)) else {
             return;
         };
@@ -693,7 +697,29 @@ impl Daemon {
         let s = &self.ctl.stats;
         let server = self.ctl.server.as_ref().map(|srv| &srv.stats);
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let registrar = self.feed_stats().map(|(f, node)| {
+            let mut m = serde_json::Map::new();
+            for (k, v) in node {
+                m.insert(k.into(), v.into());
+            }
+            for (k, v) in [
+                ("added", f.added),
+                ("updated", f.updated),
+                ("refreshed", f.refreshed),
+                ("deleted", f.deleted),
+                ("delete_unknown", f.delete_unknown),
+                ("expired", f.expired),
+                ("stale_after_sync", f.stale_after_sync),
+                ("other_shard", f.other_shard),
+                ("refused", f.refused),
+                ("syncs_done", f.syncs_done),
+            ] {
+                m.insert(k.into(), v.into());
+            }
+            Value::Object(m)
+        });
         Ok(json!({
+            "registrar": registrar,
             "contacts": {
                 "total": self.ctl.registry.as_ref().map_or(0, |r| r.len()),
                 "unknown": get(Counter::ContactsUnknown),

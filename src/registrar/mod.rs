@@ -93,6 +93,7 @@
 //! `dmq_usrloc/usrloc_sync.c`.
 
 pub mod dmq;
+pub mod node;
 pub mod usrloc;
 
 #[cfg(test)]

@@ -57,3 +57,75 @@ pub fn wait_with_deadline(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// A Debian Kamailio run by a test, in a process group of its own: TERM
+/// then KILL to the whole group on drop (its children outlive the main
+/// process otherwise), whatever the test did.
+#[allow(dead_code)]
+pub struct Kamailio {
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", "--", &group])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Kamailio with `cfg` (its log in `dir/kamailio.log`) and waits
+/// until it holds `listen`; `None` (after saying SKIP) when Kamailio is not
+/// installed.
+#[allow(dead_code)]
+pub fn start_kamailio(cfg: &str, listen: std::net::SocketAddr) -> Option<Kamailio> {
+    use std::os::unix::process::CommandExt;
+    if std::process::Command::new("kamailio")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: kamailio is not installed (apt-get install kamailio)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kamailio.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let log = std::fs::File::create(dir.path().join("kamailio.log")).unwrap();
+    let child = std::process::Command::new("kamailio")
+        .arg("-f")
+        .arg(&path)
+        .args(["-DD", "-E", "-m", "64", "-M", "8", "-Y"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let k = Kamailio { child, dir };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if kaping::io::share::holders(listen, &[]).is_ok_and(|h| h.exact) {
+            return Some(k);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!(
+        "kamailio did not bind {listen}: {}",
+        std::fs::read_to_string(k.dir.path().join("kamailio.log")).unwrap_or_default()
+    );
+}

@@ -1,0 +1,255 @@
+//! The registrar feed applied (DESIGN §11): what the DMQ node
+//! ([`crate::registrar::node`]) learns of Kamailio's location table
+//! becomes kaping's contacts, on the main thread, through the same upsert
+//! and removal as the control socket.
+//!
+//! * An upsert (action 1) adds the contact, or updates it in place keeping
+//!   its liveness, keyed as usrloc keys it: (AoR, contact URI). Its
+//!   absolute `expires` is kept in the registry entry; a refresh that
+//!   changes nothing else only moves that.
+//! * A delete (action 2) removes it (reported `removed`); a delete for a
+//!   contact kaping does not hold changes nothing.
+//! * Expiry is not replicated by Kamailio: every [`EXPIRY_SWEEP`] the
+//!   contacts of the feed past their `expires` are removed.
+//! * A full sync (after joining, or when a registrar restarted) opens a new
+//!   epoch; every record it brings is stamped with it. Once the sync is
+//!   complete and `dmq_grace` has passed, the feed's contacts it did not
+//!   refresh are removed: the registrar no longer has them.
+//! * Contacts of other shards (`--shard`) are left out.
+//!
+//! Never blocks: the feed is drained with `try_recv` in the main loop.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam::channel::{self, Receiver};
+
+use super::control::{UpsertError, Upserted};
+use super::{err, Daemon, DaemonError};
+use crate::control::registry::Source;
+use crate::registrar::node::{Feed, Node};
+use crate::registrar::usrloc::{Action, Change};
+use crate::state::ContactRecord;
+
+/// How often expired contacts of the feed are looked for.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+/// Feed items applied per main-loop round (the control socket is served
+/// between rounds).
+const APPLY_MAX: usize = 10_000;
+
+/// What the feed did, for stats and the log.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct FeedStats {
+    pub added: u64,
+    pub updated: u64,
+    pub refreshed: u64,
+    pub deleted: u64,
+    pub delete_unknown: u64,
+    pub expired: u64,
+    pub stale_after_sync: u64,
+    pub other_shard: u64,
+    pub refused: u64,
+    pub syncs_done: u64,
+}
+
+pub(super) struct FeedState {
+    /// Stopped (its thread joined) when the daemon drops the feed.
+    node: Node,
+    rx: Receiver<Feed>,
+    /// The current full-sync epoch (1 from the first sync on).
+    epoch: u32,
+    /// After a sync completed: when to remove the contacts it did not
+    /// refresh, and the epoch they must have reached.
+    sweep_stale: Option<(Instant, u32)>,
+    last_expiry_sweep: Instant,
+    pub stats: FeedStats,
+    /// The first refusal's reason, logged once a second at most.
+    refused_log: Option<Instant>,
+}
+
+fn unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Daemon {
+    /// Starts the DMQ node when `dmq` is set (after the contacts file and
+    /// the state directory were read: the feed then updates those).
+    pub fn start_registrar_feed(&mut self) -> Result<(), DaemonError> {
+        let Some(local) = self.settings.dmq else {
+            return Ok(());
+        };
+        let (tx, rx) = channel::unbounded();
+        let node = Node::start(local, self.settings.dmq_peers.clone(), tx)
+            .map_err(|e| err(format!("setting 'dmq': cannot bind {local}: {e}")))?;
+        eprintln!(
+            "kaping: DMQ node sip:{} joining {}",
+            node.local,
+            self.settings
+                .dmq_peers
+                .iter()
+                .map(|p| format!("sip:{p}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.feed = Some(FeedState {
+            node,
+            rx,
+            epoch: 0,
+            sweep_stale: None,
+            last_expiry_sweep: Instant::now(),
+            stats: FeedStats::default(),
+            refused_log: None,
+        });
+        Ok(())
+    }
+
+    /// Applies what the node sent since the last round, and the sweeps
+    /// that are due.
+    pub(super) fn drain_feed(&mut self) {
+        let Some(feed) = self.feed.as_mut() else {
+            return;
+        };
+        let mut items = Vec::new();
+        while items.len() < APPLY_MAX {
+            match feed.rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        for item in items {
+            match item {
+                Feed::Changes(changes) => {
+                    for c in changes {
+                        self.apply_change(c);
+                    }
+                }
+                Feed::SyncStarted { peer } => {
+                    let f = self.feed.as_mut().expect("feed");
+                    f.epoch += 1;
+                    eprintln!("kaping: DMQ: full sync from sip:{peer} (epoch {})", f.epoch);
+                }
+                Feed::SyncDone { peer } => {
+                    let grace = self.settings.dmq_grace;
+                    let f = self.feed.as_mut().expect("feed");
+                    f.stats.syncs_done += 1;
+                    f.sweep_stale = Some((Instant::now() + grace, f.epoch));
+                    eprintln!(
+                        "kaping: DMQ: full sync from sip:{peer} complete; contacts it did not refresh go in {grace:?}"
+                    );
+                }
+            }
+        }
+        self.flush_adds();
+        self.feed_sweeps();
+    }
+
+    fn apply_change(&mut self, c: Change) {
+        let aor = (!c.aor.is_empty()).then_some(c.aor);
+        match c.action {
+            Action::Delete => {
+                let found = self.registry_find(aor.as_deref(), &c.contact);
+                let f = self.feed.as_mut().expect("feed");
+                match found {
+                    Some(loc) => {
+                        f.stats.deleted += 1;
+                        self.remove_contact(loc);
+                    }
+                    None => f.stats.delete_unknown += 1,
+                }
+            }
+            Action::Upsert => {
+                let rec = ContactRecord {
+                    uri: c.contact,
+                    aor,
+                    received: c.received,
+                    path: c.path,
+                    socket: c.socket,
+                    ..ContactRecord::default()
+                };
+                let uri = rec.uri.clone();
+                let expires_s = u32::try_from(c.expires).unwrap_or(u32::MAX);
+                let result = self.upsert(rec, Source::Registrar);
+                let f = self.feed.as_mut().expect("feed");
+                let epoch = f.epoch;
+                match result {
+                    Ok(placed) => {
+                        match placed.status {
+                            Upserted::Added => f.stats.added += 1,
+                            Upserted::Updated => f.stats.updated += 1,
+                            Upserted::Unchanged => f.stats.refreshed += 1,
+                        }
+                        if let Some(e) = self.registry_entry_mut(placed.loc) {
+                            e.expires_s = expires_s;
+                            e.sync_epoch = epoch;
+                        }
+                    }
+                    Err(UpsertError::OtherShard { .. }) => f.stats.other_shard += 1,
+                    Err(e) => {
+                        f.stats.refused += 1;
+                        let now = Instant::now();
+                        if f.refused_log.is_none_or(|t| now >= t) {
+                            f.refused_log = Some(now + Duration::from_secs(1));
+                            eprintln!("kaping: DMQ: contact {uri} not pinged: {e:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes expired contacts of the feed, and after a completed sync
+    /// (and its grace) the ones it did not refresh.
+    fn feed_sweeps(&mut self) {
+        let now = Instant::now();
+        let Some(f) = self.feed.as_mut() else {
+            return;
+        };
+        let stale = match f.sweep_stale {
+            Some((at, epoch)) if now >= at => {
+                f.sweep_stale = None;
+                Some(epoch)
+            }
+            _ => None,
+        };
+        if stale.is_none() && now.duration_since(f.last_expiry_sweep) < EXPIRY_SWEEP {
+            return;
+        }
+        f.last_expiry_sweep = now;
+        let now_s = unix_s();
+        let Some(reg) = self.ctl.registry.as_ref() else {
+            return;
+        };
+        let mut expired = Vec::new();
+        let mut unrefreshed = Vec::new();
+        for (loc, e) in reg.iter_from(0) {
+            if e.source != Source::Registrar {
+                continue;
+            }
+            if e.expires_s != 0 && u64::from(e.expires_s) <= now_s {
+                expired.push(loc);
+            } else if stale.is_some_and(|epoch| e.sync_epoch < epoch) {
+                unrefreshed.push(loc);
+            }
+        }
+        let f = self.feed.as_mut().expect("feed");
+        f.stats.expired += expired.len() as u64;
+        f.stats.stale_after_sync += unrefreshed.len() as u64;
+        if !unrefreshed.is_empty() {
+            eprintln!(
+                "kaping: DMQ: {} contacts the registrar no longer has are dropped",
+                unrefreshed.len()
+            );
+        }
+        for loc in expired.into_iter().chain(unrefreshed) {
+            self.remove_contact(loc);
+        }
+        self.flush_adds();
+    }
+
+    /// The feed's figures, for `keepalive.stats` and the stop line.
+    pub(super) fn feed_stats(&self) -> Option<(FeedStats, [(&'static str, u64); 9])> {
+        let f = self.feed.as_ref()?;
+        Some((f.stats, f.node.counters.snapshot()))
+    }
+}

@@ -1,0 +1,235 @@
+//! kaping following Debian's Kamailio over DMQ (DESIGN §11, the registrar
+//! feed): a real Kamailio registrar with `dmq` + `dmq_usrloc` on loopback,
+//! REGISTERs sent to it over UDP, and `kaping run --dmq ... --dmq-peer ...`
+//! as a passive node. The checks read kaping's `keepalive.stats` and
+//! `keepalive.get` over its control socket, as an operator would:
+//!
+//! 1. started after the registrations, kaping holds exactly those contacts;
+//! 2. new registrations and unregistrations show within 2 s;
+//! 3. a contact left to expire leaves kaping (Kamailio never says so);
+//! 4. KDMQ from an address that is not a peer is counted and changes
+//!    nothing.
+//!
+//! Skips with a message where Kamailio is missing. Kamailio's process
+//! group and kaping are stopped on drop; nothing leaves 127.0.0.1.
+
+mod common;
+use common::{free_ports, start_kamailio};
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The kamailio.cfg lines kaping's feed needs (the README quotes them).
+const DMQ_LINES: &str = r#"loadmodule "dmq.so"
+loadmodule "dmq_usrloc.so"
+modparam("dmq", "server_address", "sip:KAM")
+modparam("dmq", "notification_address", "sip:KAM")
+modparam("dmq_usrloc", "enable", 1)
+"#;
+
+fn config(kam: SocketAddr) -> String {
+    format!(
+        "#!KAMAILIO\ndebug=2\nlog_stderror=yes\nchildren=2\nauto_aliases=no\nlisten=udp:{kam}\n\
+         loadmodule \"tm.so\"\nloadmodule \"sl.so\"\nloadmodule \"pv.so\"\n\
+         loadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n\
+         modparam(\"registrar\", \"min_expires\", 1)\n{}\n\
+         request_route {{\n\
+         \tif (method == \"KDMQ\") {{ dmq_handle_message(); exit; }}\n\
+         \tif (method == \"REGISTER\") {{ if (!save(\"location\")) sl_reply_error(); exit; }}\n\
+         \tsl_send_reply(\"404\", \"Not here\");\n}}\n",
+        DMQ_LINES.replace("KAM", &kam.to_string())
+    )
+}
+
+/// One REGISTER of `u<i>` (contact port 40000+i), answered 200.
+fn register(kam: SocketAddr, i: u32, expires: u32, cseq: u32) {
+    let ua = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = ua.local_addr().unwrap().port();
+    let msg = format!(
+        "REGISTER sip:{kam} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKfeed{i}c{cseq}\r\n\
+         From: <sip:u{i}@127.0.0.1>;tag=f{i}\r\n\
+         To: <sip:u{i}@127.0.0.1>\r\n\
+         Call-ID: feed{i}@dmq-feed\r\n\
+         CSeq: {cseq} REGISTER\r\n\
+         Contact: <sip:u{i}@127.0.0.1:{}>\r\n\
+         Expires: {expires}\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Length: 0\r\n\r\n",
+        40_000 + i
+    );
+    ua.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    ua.send_to(msg.as_bytes(), kam).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = ua.recv(&mut buf).expect("no answer to REGISTER");
+    assert!(
+        buf[..n].starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_kaping"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(sock)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kaping ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `keepalive.stats` until `ok` holds; the last stats otherwise.
+fn wait_stats(sock: &Path, within: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value, Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = ctl(sock, &["keepalive.stats"]);
+        if ok(&s) {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn kaping_follows_the_location_table_over_dmq() {
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let Some(kamailio) = start_kamailio(&config(kam), kam) else {
+        return;
+    };
+    for i in 0..100 {
+        register(kam, i, 120, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let log = dir.path().join("kaping.log");
+    let _daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_kaping"))
+            .arg("run")
+            .arg("--control")
+            .arg(&sock)
+            .arg("--shm")
+            .arg(dir.path().join("k.shm"))
+            .args([
+                "--dmq",
+                &format!("sip:{node}"),
+                "--dmq-peer",
+                &format!("sip:{kam}"),
+            ])
+            .args([
+                "--bind",
+                &format!("127.0.0.1:{}", base + 2),
+                "--workers",
+                "1",
+            ])
+            .args([
+                "--interval",
+                "1s",
+                "--reply-timeout",
+                "300ms",
+                "--events",
+                "none",
+            ])
+            .args(["--run-for", "60s"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let why = |s: &Value| {
+        format!(
+            "{s}\nkaping: {}\nkamailio: {}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(kamailio.dir.path().join("kamailio.log")).unwrap_or_default()
+        )
+    };
+    let started = Instant::now();
+    while !sock.exists() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 1. The full sync: exactly the 100 registered contacts.
+    let s = wait_stats(&sock, Duration::from_secs(10), |s| {
+        s["contacts"]["total"] == 100 && s["registrar"]["syncs_done"].as_u64() >= Some(1)
+    })
+    .unwrap_or_else(|s| panic!("no full sync: {}", why(&s)));
+    assert_eq!(s["registrar"]["added"], 100, "{}", why(&s));
+    let c = ctl(
+        &sock,
+        &["keepalive.get", "sip:u7@127.0.0.1:40007", "--aor", "u7"],
+    );
+    assert_eq!(c["source"], "registrar", "{c}");
+    assert_eq!(c["dest"], "127.0.0.1:40007", "{c}");
+
+    // 2. Live changes: 20 new registrations, 10 unregistrations.
+    let t = Instant::now();
+    for i in 100..120 {
+        register(kam, i, 120, 1);
+    }
+    for i in 0..10 {
+        register(kam, i, 0, 2);
+    }
+    let s = wait_stats(&sock, Duration::from_secs(2), |s| {
+        s["contacts"]["total"] == 110 && s["registrar"]["deleted"] == 10
+    })
+    .unwrap_or_else(|s| panic!("live changes not seen within 2 s: {}", why(&s)));
+    eprintln!("30 changes applied within {:?}", t.elapsed());
+    assert_eq!(s["registrar"]["delete_unknown"], 0);
+
+    // 3. A contact left to expire leaves kaping (Kamailio never tells).
+    register(kam, 500, 2, 1);
+    wait_stats(&sock, Duration::from_secs(2), |s| {
+        s["contacts"]["total"] == 111
+    })
+    .unwrap_or_else(|s| panic!("short registration not seen: {}", why(&s)));
+    let s = wait_stats(&sock, Duration::from_secs(6), |s| {
+        s["contacts"]["total"] == 110 && s["registrar"]["expired"] == 1
+    })
+    .unwrap_or_else(|s| panic!("expired contact kept: {}", why(&s)));
+
+    // 4. KDMQ from a stranger: counted, unanswered, nothing applied.
+    let before = s["registrar"]["not_peer"].as_u64().unwrap();
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let forged = format!(
+        "KDMQ sip:usrloc@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {s};branch=z9hG4bKx\r\n\
+         From: <sip:usrloc@{s}>;tag=x\r\nTo: <sip:usrloc@{node}>\r\nCall-ID: forged\r\n\
+         CSeq: 1 KDMQ\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+        s = stranger.local_addr().unwrap()
+    );
+    stranger.send_to(forged.as_bytes(), node).unwrap();
+    stranger
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(stranger.recv(&mut buf).is_err(), "a stranger was answered");
+    let s = wait_stats(&sock, Duration::from_secs(2), |s| {
+        s["registrar"]["not_peer"].as_u64() > Some(before)
+    })
+    .unwrap_or_else(|s| panic!("stranger not counted: {}", why(&s)));
+    assert_eq!(s["contacts"]["total"], 110);
+}
