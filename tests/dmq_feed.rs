@@ -8,7 +8,10 @@
 //! 2. new registrations and unregistrations show within 2 s;
 //! 3. a contact left to expire leaves kaping (Kamailio never says so);
 //! 4. KDMQ from an address that is not a peer is counted and changes
-//!    nothing.
+//!    nothing;
+//! 5. a restarted Kamailio (its table empty again) asks kaping for a sync:
+//!    kaping syncs from it in turn and, after `dmq_grace`, holds exactly
+//!    the contacts registered since.
 //!
 //! Skips with a message where Kamailio is missing. Kamailio's process
 //! group and kaping are stopped on drop; nothing leaves 127.0.0.1.
@@ -27,11 +30,11 @@ use serde_json::Value;
 const DMQ_LINES: &str = r#"loadmodule "dmq.so"
 loadmodule "dmq_usrloc.so"
 modparam("dmq", "server_address", "sip:KAM")
-modparam("dmq", "notification_address", "sip:KAM")
+modparam("dmq", "notification_address", "sip:NODE")
 modparam("dmq_usrloc", "enable", 1)
 "#;
 
-fn config(kam: SocketAddr) -> String {
+fn config(kam: SocketAddr, node: SocketAddr) -> String {
     format!(
         "#!KAMAILIO\ndebug=2\nlog_stderror=yes\nchildren=2\nauto_aliases=no\nlisten=udp:{kam}\n\
          loadmodule \"tm.so\"\nloadmodule \"sl.so\"\nloadmodule \"pv.so\"\n\
@@ -41,7 +44,9 @@ fn config(kam: SocketAddr) -> String {
          \tif (method == \"KDMQ\") {{ dmq_handle_message(); exit; }}\n\
          \tif (method == \"REGISTER\") {{ if (!save(\"location\")) sl_reply_error(); exit; }}\n\
          \tsl_send_reply(\"404\", \"Not here\");\n}}\n",
-        DMQ_LINES.replace("KAM", &kam.to_string())
+        DMQ_LINES
+            .replace("KAM", &kam.to_string())
+            .replace("NODE", &node.to_string())
     )
 }
 
@@ -119,7 +124,7 @@ fn kaping_follows_the_location_table_over_dmq() {
     let base = free_ports(3);
     let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
     let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
-    let Some(kamailio) = start_kamailio(&config(kam), kam) else {
+    let Some(kamailio) = start_kamailio(&config(kam, node), kam) else {
         return;
     };
     for i in 0..100 {
@@ -155,7 +160,7 @@ fn kaping_follows_the_location_table_over_dmq() {
                 "--events",
                 "none",
             ])
-            .args(["--run-for", "60s"])
+            .args(["--run-for", "60s", "--dmq-grace", "1s"])
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
             .spawn()
@@ -232,4 +237,36 @@ fn kaping_follows_the_location_table_over_dmq() {
     })
     .unwrap_or_else(|s| panic!("stranger not counted: {}", why(&s)));
     assert_eq!(s["contacts"]["total"], 110);
+
+    // 5. Kamailio restarts with an empty table: it tells kaping (its
+    // notification_address) and asks for a sync; kaping syncs from it and
+    // drops, after the grace period, every contact it no longer has.
+    drop(kamailio);
+    let Some(kamailio) = start_kamailio(&config(kam, node), kam) else {
+        return;
+    };
+    for i in 1000..1005 {
+        register(kam, i, 120, 1);
+    }
+    let s = wait_stats(&sock, Duration::from_secs(10), |s| {
+        s["contacts"]["total"] == 5 && s["registrar"]["syncs_done"].as_u64() >= Some(2)
+    })
+    .unwrap_or_else(|s| {
+        panic!(
+            "no resync after the restart: {s}\nkaping: {}\nkamailio: {}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(kamailio.dir.path().join("kamailio.log")).unwrap_or_default()
+        )
+    });
+    assert_eq!(s["registrar"]["stale_after_sync"], 110, "{s}");
+    let c = ctl(
+        &sock,
+        &[
+            "keepalive.get",
+            "sip:u1003@127.0.0.1:41003",
+            "--aor",
+            "u1003",
+        ],
+    );
+    assert_eq!(c["source"], "registrar", "{c}");
 }
