@@ -80,6 +80,10 @@ pub struct RawConfig {
     pub dmq: Option<String>,
     pub dmq_peer: Option<Vec<String>>,
     pub dmq_grace: Option<DurationValue>,
+    pub registrar_rpc: Option<String>,
+    pub registrar_table: Option<String>,
+    pub remove_max_fraction: Option<f64>,
+    pub remove_rate: Option<u32>,
 
     pub method: Option<String>,
     pub from: Option<String>,
@@ -153,6 +157,10 @@ impl RawConfig {
             dmq,
             dmq_peer,
             dmq_grace,
+            registrar_rpc,
+            registrar_table,
+            remove_max_fraction,
+            remove_rate,
             method,
             from,
             domain,
@@ -219,6 +227,10 @@ pub const SETTINGS: &[&str] = &[
     "dmq",
     "dmq_peer",
     "dmq_grace",
+    "registrar_rpc",
+    "registrar_table",
+    "remove_max_fraction",
+    "remove_rate",
     "method",
     "from",
     "domain",
@@ -323,6 +335,15 @@ pub struct Settings {
     /// After a full sync, contacts of the feed it did not refresh are
     /// dropped once this has passed.
     pub dmq_grace: Duration,
+    /// Kamailio's jsonrpcs datagram socket: contacts of the feed that
+    /// reach `remove_after` are removed there (`ul.rm_contact`).
+    pub registrar_rpc: Option<PathBuf>,
+    pub registrar_table: String,
+    /// The guard: more removals than this share of the feed's contacts
+    /// within one interval, and none is made.
+    pub remove_max_fraction: f64,
+    /// Removals per second at most.
+    pub remove_rate: u32,
     pub template: TemplateConfig,
     pub domain: Option<String>,
     pub interval: Duration,
@@ -393,6 +414,10 @@ impl Settings {
             dmq,
             dmq_peers,
             dmq_grace,
+            registrar_rpc,
+            registrar_table,
+            remove_max_fraction,
+            remove_rate,
             domain,
             control,
             control_max_connections,
@@ -429,6 +454,8 @@ pub mod defaults {
     pub const CONTROL_MAX_REQUEST: u64 = 16 << 20;
     pub const SNAPSHOT_INTERVAL_S: u64 = 300;
     pub const DMQ_GRACE_S: u64 = 30;
+    pub const REMOVE_MAX_FRACTION: f64 = 0.05;
+    pub const REMOVE_RATE: u32 = 100;
 }
 
 /// The shared-memory path a given instance uses by default.
@@ -672,6 +699,58 @@ impl Settings {
                 v.parse("dmq_grace")
             })?;
 
+        let registrar_rpc = match raw.registrar_rpc.as_deref() {
+            None | Some("") => None,
+            Some(t) => {
+                let path = t.strip_prefix("unix:").unwrap_or(t);
+                if !path.starts_with('/') {
+                    return Err(ConfigError::invalid(
+                        "registrar_rpc",
+                        format!(
+                            "'{t}' is not unix:/absolute/path (Kamailio's jsonrpcs dgram_socket)"
+                        ),
+                    ));
+                }
+                Some(PathBuf::from(path))
+            }
+        };
+        if registrar_rpc.is_some() && dmq.is_none() {
+            return Err(ConfigError::invalid(
+                "registrar_rpc",
+                "removes contacts of the registrar feed: set dmq and dmq_peer too",
+            ));
+        }
+        let registrar_table = raw
+            .registrar_table
+            .clone()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "location".into());
+        if !registrar_table
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(ConfigError::invalid(
+                "registrar_table",
+                format!("'{registrar_table}' is not a usrloc table name"),
+            ));
+        }
+        let remove_max_fraction = raw
+            .remove_max_fraction
+            .unwrap_or(defaults::REMOVE_MAX_FRACTION);
+        if !(remove_max_fraction > 0.0 && remove_max_fraction <= 1.0) {
+            return Err(ConfigError::invalid(
+                "remove_max_fraction",
+                format!("{remove_max_fraction} is not within (0, 1]"),
+            ));
+        }
+        let remove_rate = raw.remove_rate.unwrap_or(defaults::REMOVE_RATE);
+        if remove_rate == 0 {
+            return Err(ConfigError::invalid(
+                "remove_rate",
+                "must be at least 1 per second",
+            ));
+        }
+
         let method = raw.method.clone().unwrap_or_else(|| "OPTIONS".into());
         let advertise_in_uri = match advertise.parse::<IpAddr>() {
             Ok(IpAddr::V6(_)) => format!("[{advertise}]"),
@@ -831,6 +910,10 @@ impl Settings {
             dmq,
             dmq_peers,
             dmq_grace,
+            registrar_rpc,
+            registrar_table,
+            remove_max_fraction,
+            remove_rate,
             template,
             domain,
             interval,

@@ -147,6 +147,16 @@ pub struct RunArgs {
     dmq_peers: Vec<String>,
     #[arg(long)]
     dmq_grace: Option<DurationValue>,
+    /// Kamailio's jsonrpcs datagram socket (unix:PATH): feed contacts that
+    /// reach remove_after are removed from the registrar there.
+    #[arg(long, value_name = "unix:PATH")]
+    registrar_rpc: Option<String>,
+    #[arg(long)]
+    registrar_table: Option<String>,
+    #[arg(long)]
+    remove_max_fraction: Option<f64>,
+    #[arg(long)]
+    remove_rate: Option<u32>,
     /// UNIX socket path of the JSON-RPC control interface (`kaping ctl`).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -192,6 +202,10 @@ impl RunArgs {
             dmq: self.dmq.clone(),
             dmq_peer: (!self.dmq_peers.is_empty()).then(|| self.dmq_peers.clone()),
             dmq_grace: self.dmq_grace.clone(),
+            registrar_rpc: self.registrar_rpc.clone(),
+            registrar_table: self.registrar_table.clone(),
+            remove_max_fraction: self.remove_max_fraction,
+            remove_rate: self.remove_rate,
             method: self.method.clone(),
             from: self.from.clone(),
             domain: self.domain.clone(),

@@ -270,3 +270,157 @@ fn kaping_follows_the_location_table_over_dmq() {
     );
     assert_eq!(c["source"], "registrar", "{c}");
 }
+
+/// One JSON-RPC call over Kamailio's jsonrpcs datagram socket.
+fn kamailio_rpc(sock: &Path, method: &str, params: Value) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::os::unix::net::UnixDatagram::bind(dir.path().join("c.sock")).unwrap();
+    me.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let req = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1});
+    me.send_to(req.to_string().as_bytes(), sock).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let n = me.recv(&mut buf).expect("kamailio answered");
+    serde_json::from_slice(&buf[..n]).unwrap()
+}
+
+/// Kamailio with the feed's lines and a jsonrpcs datagram socket.
+fn config_with_rpc(kam: SocketAddr, node: SocketAddr, rpc: &Path) -> String {
+    config(kam, node).replace(
+        "request_route",
+        &format!(
+            "loadmodule \"jsonrpcs.so\"\nmodparam(\"jsonrpcs\", \"transport\", 4)\n\
+             modparam(\"jsonrpcs\", \"dgram_socket\", \"{}\")\nrequest_route",
+            rpc.display()
+        ),
+    )
+}
+
+/// Registers `count` contacts from `first` on whose ports nobody listens,
+/// starts kaping with removal on, and returns what Kamailio still holds of
+/// them once kaping has dropped them all, with kaping's stats.
+fn silent_contacts_removed(live: u32, dead: u32) -> Option<(u32, Value)> {
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rpc = dir.path().join("kamailio_rpc.sock");
+    let _kamailio = start_kamailio(&config_with_rpc(kam, node, &rpc), kam)?;
+    // Live contacts: phones that answer every request.
+    let mut phones = Command::new(env!("CARGO_BIN_EXE_kaping-loadgen"))
+        .args([
+            "phones",
+            "--count",
+            &live.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--port", &free_ports(live as u16).to_string()])
+        .args(["--register", &format!("sip:{kam}"), "--expires", "120"])
+        .args(["--seconds", "40", "--stop-on-stdin-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for i in 0..dead {
+        register(kam, 2000 + i, 120, 1);
+    }
+    let sock = dir.path().join("ctl.sock");
+    let log = dir.path().join("kaping.log");
+    let _daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_kaping"))
+            .arg("run")
+            .arg("--control")
+            .arg(&sock)
+            .arg("--shm")
+            .arg(dir.path().join("k.shm"))
+            .args([
+                "--dmq",
+                &format!("sip:{node}"),
+                "--dmq-peer",
+                &format!("sip:{kam}"),
+            ])
+            .args(["--registrar-rpc", &format!("unix:{}", rpc.display())])
+            .args([
+                "--bind",
+                &format!("127.0.0.1:{}", base + 2),
+                "--workers",
+                "1",
+            ])
+            .args([
+                "--interval",
+                "1s",
+                "--reply-timeout",
+                "300ms",
+                "--events",
+                "none",
+            ])
+            .args([
+                "--down-after",
+                "1",
+                "--remove-after",
+                "2",
+                "--run-for",
+                "60s",
+            ])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !sock.exists() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kaping_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Every dead contact is dropped by kaping (after 2 misses) and the
+    // guard's window has closed on them.
+    let s = wait_stats(&sock, Duration::from_secs(20), |s| {
+        s["contacts"]["total"].as_u64() == Some(u64::from(live))
+            && s["registrar"]["added"].as_u64() == Some(u64::from(live + dead))
+            && s["registrar"]["removals_sent"].as_u64().unwrap_or(0)
+                + s["registrar"]["removals_withheld"].as_u64().unwrap_or(0)
+                == u64::from(dead)
+            && s["registrar"]["removed"].as_u64().unwrap_or(0)
+                + s["registrar"]["removals_withheld"].as_u64().unwrap_or(0)
+                == u64::from(dead)
+    })
+    .unwrap_or_else(|s| panic!("{s}\n{}", kaping_log()));
+    let left = (0..dead)
+        .filter(|i| {
+            let v = kamailio_rpc(
+                &rpc,
+                "ul.lookup",
+                serde_json::json!(["location", format!("u{}", 2000 + i)]),
+            );
+            v.get("error").is_none()
+        })
+        .count() as u32;
+    let _ = phones.kill();
+    let _ = phones.wait();
+    Some((left, s))
+}
+
+#[test]
+fn contacts_that_stop_answering_leave_the_registrar() {
+    // 3 of 63 stop answering: under the 5 % guard, removed from Kamailio.
+    let Some((left, s)) = silent_contacts_removed(60, 3) else {
+        return;
+    };
+    assert_eq!(left, 0, "Kamailio still holds dead contacts: {s}");
+    assert_eq!(s["registrar"]["removed"], 3, "{s}");
+    assert_eq!(s["registrar"]["removal_guard"], "ok", "{s}");
+}
+
+#[test]
+fn all_contacts_silent_at_once_removes_none_of_them() {
+    // Every contact silent at once (as kaping's own network outage would
+    // look): the guard withholds every removal; Kamailio keeps them all.
+    let Some((left, s)) = silent_contacts_removed(0, 40) else {
+        return;
+    };
+    assert_eq!(left, 40, "{s}");
+    assert_eq!(s["registrar"]["removed"], 0, "{s}");
+    assert_eq!(s["registrar"]["removals_withheld"], 40, "{s}");
+    assert_eq!(s["registrar"]["removal_guard"], "tripped", "{s}");
+}

@@ -279,16 +279,27 @@ impl Daemon {
         let (Some(gone), Some(reg)) = (&self.ctl.gone, &mut self.ctl.registry) else {
             return;
         };
+        let mut registered = Vec::new();
         while let Ok(g) = gone.try_recv() {
             let loc = Loc {
                 worker: g.worker,
                 handle: g.handle,
             };
             if let Some(e) = reg.remove(loc) {
-                if e.source == Source::Control {
-                    self.ctl.uncommitted.push(Op::Del { key: e.rec.key() });
+                match e.source {
+                    Source::Control => self.ctl.uncommitted.push(Op::Del { key: e.rec.key() }),
+                    // Dropped after remove_after misses: the registrar
+                    // should forget it too (under the removal guard).
+                    Source::Registrar => registered.push(crate::registrar::rpc::Removal {
+                        aor: e.rec.aor().unwrap_or_default().to_string(),
+                        contact: e.rec.uri().to_string(),
+                    }),
+                    Source::File => {}
                 }
             }
+        }
+        if !registered.is_empty() {
+            self.feed_removals(registered);
         }
     }
 
@@ -715,6 +726,15 @@ impl Daemon {
                 ("syncs_done", f.syncs_done),
             ] {
                 m.insert(k.into(), v.into());
+            }
+            if let Some((tripped, removals)) = self.removal_stats() {
+                m.insert(
+                    "removal_guard".into(),
+                    if tripped { "tripped" } else { "ok" }.into(),
+                );
+                for (k, v) in removals {
+                    m.insert(k.into(), v.into());
+                }
             }
             Value::Object(m)
         });

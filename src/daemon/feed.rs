@@ -19,6 +19,7 @@
 //!
 //! Never blocks: the feed is drained with `try_recv` in the main loop.
 
+use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{self, Receiver};
@@ -27,6 +28,7 @@ use super::control::{UpsertError, Upserted};
 use super::{err, Daemon, DaemonError};
 use crate::control::registry::Source;
 use crate::registrar::node::{Feed, Node};
+use crate::registrar::rpc::{Removal, Remover};
 use crate::registrar::usrloc::{Action, Change};
 use crate::state::ContactRecord;
 
@@ -64,6 +66,25 @@ pub(super) struct FeedState {
     pub stats: FeedStats,
     /// The first refusal's reason, logged once a second at most.
     refused_log: Option<Instant>,
+    /// `registrar_rpc`: removes dead contacts from the registrar.
+    remover: Option<Remover>,
+    pub guard: Guard,
+    /// Contacts of the feed at the last sweep.
+    registered: u64,
+}
+
+/// The removal guard (DESIGN §11): removals wait until the end of their
+/// window (one `interval`); then all of them are made, or, when they are
+/// more than `remove_max_fraction` of the feed's contacts, none (an outage
+/// on kaping's side looks exactly like that).
+#[derive(Debug)]
+pub(super) struct Guard {
+    window_start: Instant,
+    held: Vec<Removal>,
+    pub tripped: bool,
+    pub trips: u64,
+    pub withheld: u64,
+    pub sent: u64,
 }
 
 fn unix_s() -> u64 {
@@ -100,8 +121,106 @@ impl Daemon {
             last_expiry_sweep: Instant::now(),
             stats: FeedStats::default(),
             refused_log: None,
+            remover: None,
+            guard: Guard {
+                window_start: Instant::now(),
+                held: Vec::new(),
+                tripped: false,
+                trips: 0,
+                withheld: 0,
+                sent: 0,
+            },
+            registered: 0,
         });
+        if let Some(rpc) = self.settings.registrar_rpc.clone() {
+            let remover = Remover::start(
+                rpc.clone(),
+                self.settings.registrar_table.clone(),
+                self.settings.remove_rate,
+            )
+            .map_err(|e| err(format!("setting 'registrar_rpc': {e}")))?;
+            eprintln!(
+                "kaping: dead contacts of the feed are removed from table '{}' through {} (at most {:.1} % of them per interval)",
+                self.settings.registrar_table,
+                rpc.display(),
+                self.settings.remove_max_fraction * 100.0
+            );
+            self.feed.as_mut().expect("feed").remover = Some(remover);
+        }
         Ok(())
+    }
+
+    /// Contacts of the feed the workers dropped after `remove_after`
+    /// misses: held for the guard's window.
+    pub(super) fn feed_removals(&mut self, gone: Vec<Removal>) {
+        if let Some(f) = self.feed.as_mut() {
+            if f.remover.is_some() {
+                f.guard.held.extend(gone);
+            }
+        }
+    }
+
+    /// Ends the guard's window when it is due: makes the held removals, or
+    /// none of them.
+    fn guard_window(&mut self) {
+        let interval = self.settings.interval;
+        let fraction = self.settings.remove_max_fraction;
+        let Some(f) = self.feed.as_mut() else {
+            return;
+        };
+        if f.remover.is_none() || f.guard.window_start.elapsed() < interval {
+            return;
+        }
+        f.guard.window_start = Instant::now();
+        let held = std::mem::take(&mut f.guard.held);
+        let n = held.len() as u64;
+        // Of the contacts there were: those still held and those dropped.
+        let limit = ((f.registered + n) as f64 * fraction).floor().max(1.0) as u64;
+        let line = if n > limit {
+            f.guard.withheld += n;
+            let first = !f.guard.tripped;
+            f.guard.tripped = true;
+            if first {
+                f.guard.trips += 1;
+            }
+            eprintln!(
+                "kaping: removal guard: {n} contacts stopped answering within {interval:?}, more than                  {limit} ({:.1} % of {}): none is removed from the registrar (an outage on this side                  would look the same); they expire there by themselves",
+                fraction * 100.0,
+                f.registered + n
+            );
+            first.then_some(("tripped", n, limit))
+        } else {
+            let resumed = f.guard.tripped && n <= limit;
+            f.guard.tripped = false;
+            f.guard.sent += n;
+            if let Some(r) = &f.remover {
+                for removal in held {
+                    r.remove(removal);
+                }
+            }
+            if resumed {
+                eprintln!("kaping: removal guard: the rate fell back ({n} in {interval:?}); removals resume");
+            }
+            resumed.then_some(("resumed", n, limit))
+        };
+        if let (Some((state, n, limit)), Some(out)) = (line, self.events_out.as_mut()) {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "time": crate::timefmt::rfc3339_ms(now_ms),
+                    "time_ms": now_ms,
+                    "event": "removal_guard",
+                    "state": state,
+                    "removals": n,
+                    "limit": limit,
+                })
+            );
+            let _ = out.flush();
+        }
     }
 
     /// Applies what the node sent since the last round, and the sweeps
@@ -142,6 +261,7 @@ impl Daemon {
         }
         self.flush_adds();
         self.feed_sweeps();
+        self.guard_window();
     }
 
     fn apply_change(&mut self, c: Change) {
@@ -222,10 +342,12 @@ impl Daemon {
         };
         let mut expired = Vec::new();
         let mut unrefreshed = Vec::new();
+        let mut registered = 0u64;
         for (loc, e) in reg.iter_from(0) {
             if e.source != Source::Registrar {
                 continue;
             }
+            registered += 1;
             if e.expires_s != 0 && u64::from(e.expires_s) <= now_s {
                 expired.push(loc);
             } else if stale.is_some_and(|epoch| e.sync_epoch < epoch) {
@@ -233,6 +355,7 @@ impl Daemon {
             }
         }
         let f = self.feed.as_mut().expect("feed");
+        f.registered = registered;
         f.stats.expired += expired.len() as u64;
         f.stats.stale_after_sync += unrefreshed.len() as u64;
         if !unrefreshed.is_empty() {
@@ -245,6 +368,26 @@ impl Daemon {
             self.remove_contact(loc);
         }
         self.flush_adds();
+    }
+
+    /// The removal figures (`registrar_rpc`): `(name, value)` pairs, and
+    /// whether the guard holds removals back now.
+    pub(super) fn removal_stats(&self) -> Option<(bool, [(&'static str, u64); 7])> {
+        let f = self.feed.as_ref()?;
+        let r = f.remover.as_ref()?;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        Some((
+            f.guard.tripped,
+            [
+                ("removals_sent", f.guard.sent),
+                ("removals_withheld", f.guard.withheld),
+                ("guard_trips", f.guard.trips),
+                ("removed", g(&r.counters.removed)),
+                ("remove_not_found", g(&r.counters.not_found)),
+                ("remove_failed", g(&r.counters.failed)),
+                ("remove_unanswered", g(&r.counters.unanswered)),
+            ],
+        ))
     }
 
     /// The feed's figures, for `keepalive.stats` and the stop line.

@@ -94,6 +94,7 @@
 
 pub mod dmq;
 pub mod node;
+pub mod rpc;
 pub mod usrloc;
 
 #[cfg(test)]
