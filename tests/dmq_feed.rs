@@ -424,3 +424,179 @@ fn all_contacts_silent_at_once_removes_none_of_them() {
     assert_eq!(s["registrar"]["removals_withheld"], 40, "{s}");
     assert_eq!(s["registrar"]["removal_guard"], "tripped", "{s}");
 }
+
+/// Starts a kaping node on `node` fed by the peers given; returns it and
+/// its control socket.
+fn start_node(
+    dir: &Path,
+    name: &str,
+    node: SocketAddr,
+    bind_port: u16,
+    peers: &[SocketAddr],
+    extra: &[&str],
+) -> (Daemon, std::path::PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaping"));
+    cmd.arg("run")
+        .arg("--control")
+        .arg(&sock)
+        .arg("--shm")
+        .arg(dir.join(format!("{name}.shm")))
+        .args(["--instance", name, "--dmq", &format!("sip:{node}")])
+        .args([
+            "--bind",
+            &format!("127.0.0.1:{bind_port}"),
+            "--workers",
+            "1",
+        ])
+        .args([
+            "--interval",
+            "1s",
+            "--reply-timeout",
+            "300ms",
+            "--events",
+            "none",
+        ])
+        .args(["--run-for", "60s"])
+        .args(extra)
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+        .stdout(Stdio::null());
+    for p in peers {
+        cmd.args(["--dmq-peer", &format!("sip:{p}")]);
+    }
+    let d = Daemon(cmd.spawn().unwrap());
+    let started = Instant::now();
+    while !sock.exists() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (d, sock)
+}
+
+/// Every contact kaping holds, by listing.
+fn held_uris(sock: &Path) -> std::collections::HashSet<String> {
+    let v = ctl(sock, &["keepalive.list"]);
+    let list = v["contacts"]
+        .as_array()
+        .or_else(|| v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    list.iter()
+        .filter_map(|c| c["uri"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn two_shards_fed_by_one_registrar_split_its_contacts() {
+    let base = free_ports(6);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let (n0, n1): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", base + 1).parse().unwrap(),
+        format!("127.0.0.1:{}", base + 2).parse().unwrap(),
+    );
+    let Some(_kamailio) = start_kamailio(&config(kam, n0), kam) else {
+        return;
+    };
+    for i in 0..200 {
+        register(kam, 3000 + i, 120, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, s0) = start_node(dir.path(), "s0", n0, base + 3, &[kam], &["--shard", "0/2"]);
+    let (_b, s1) = start_node(dir.path(), "s1", n1, base + 4, &[kam], &["--shard", "1/2"]);
+    for s in [&s0, &s1] {
+        wait_stats(s, Duration::from_secs(10), |v| {
+            v["registrar"]["syncs_done"].as_u64() >= Some(1)
+                && v["registrar"]["added"].as_u64().unwrap_or(0)
+                    + v["registrar"]["other_shard"].as_u64().unwrap_or(0)
+                    >= 200
+        })
+        .unwrap_or_else(|v| panic!("{v}"));
+    }
+    // Live changes reach both, each keeps its own.
+    for i in 200..240 {
+        register(kam, 3000 + i, 120, 1);
+    }
+    for s in [&s0, &s1] {
+        wait_stats(s, Duration::from_secs(3), |v| {
+            v["registrar"]["added"].as_u64().unwrap_or(0)
+                + v["registrar"]["other_shard"].as_u64().unwrap_or(0)
+                == 240
+        })
+        .unwrap_or_else(|v| panic!("{v}"));
+    }
+    let (a, b) = (held_uris(&s0), held_uris(&s1));
+    assert!(a.is_disjoint(&b));
+    let all: std::collections::HashSet<String> = (0..240)
+        .map(|i| format!("sip:u{}@127.0.0.1:{}", 3000 + i, 40_000 + 3000 + i))
+        .collect();
+    assert_eq!(
+        a.union(&b)
+            .cloned()
+            .collect::<std::collections::HashSet<_>>(),
+        all
+    );
+    assert!(a.len() > 80 && b.len() > 80, "{} / {}", a.len(), b.len());
+}
+
+#[test]
+fn malformed_kdmq_from_a_peer_is_counted_and_never_applied() {
+    // A second configured peer that is this test: it sends what a broken
+    // or hostile node could.
+    let base = free_ports(4);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let fake = UdpSocket::bind(("127.0.0.1", base + 3)).unwrap();
+    let Some(_kamailio) = start_kamailio(&config(kam, node), kam) else {
+        return;
+    };
+    for i in 0..10 {
+        register(kam, 4000 + i, 120, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, sock) = start_node(
+        dir.path(),
+        "m",
+        node,
+        base + 2,
+        &[kam, fake.local_addr().unwrap()],
+        &[],
+    );
+    wait_stats(&sock, Duration::from_secs(10), |v| {
+        v["contacts"]["total"] == 10
+    })
+    .unwrap_or_else(|v| panic!("{v}"));
+    let before = ctl(&sock, &["keepalive.stats"]);
+    let me = fake.local_addr().unwrap();
+    let kdmq = |n: u32, body: &[u8]| {
+        let mut m = format!(
+            "KDMQ sip:usrloc@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKbad{n}\r\n\
+             From: <sip:usrloc@{me}>;tag=t\r\nTo: <sip:usrloc@{node}>\r\nCall-ID: bad{n}\r\n\
+             CSeq: {n} KDMQ\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        m.extend_from_slice(body);
+        m
+    };
+    let contact = r#""aor":"x","ruid":"r","c":"sip:x@127.0.0.1:9","expires":0"#;
+    let bad: Vec<Vec<u8>> = vec![
+        kdmq(1, b"{not json"),
+        kdmq(2, format!("{{\"action\":9,{contact}}}").as_bytes()),
+        kdmq(3, b"{\"action\":1,\"aor\":\"x\"}"),
+        kdmq(4, &[b'{'; 70_000]),
+        b"KDMQ sip:usrloc@x SIP/2.0\r\nVia: broken\r\n\r\n".to_vec(),
+    ];
+    for m in &bad {
+        let _ = fake.send_to(m, node);
+    }
+    let after = wait_stats(&sock, Duration::from_secs(3), |v| {
+        v["registrar"]["rejected"].as_u64().unwrap_or(0)
+            >= before["registrar"]["rejected"].as_u64().unwrap_or(0) + 4
+    })
+    .unwrap_or_else(|v| panic!("not counted: {v}"));
+    assert_eq!(after["contacts"]["total"], 10, "{after}");
+    assert_eq!(
+        after["registrar"]["changes"],
+        before["registrar"]["changes"]
+    );
+    assert_eq!(after["registrar"]["added"], before["registrar"]["added"]);
+}
