@@ -1180,6 +1180,47 @@ mod tests {
     }
 
     #[test]
+    fn registrar_feed_settings() {
+        let s = settings(
+            "dmq = \"sip:127.0.0.1:5071\"\ndmq_peer = [\"sip:127.0.0.1:5070\", \"[::1]:5070\"]\n\
+             registrar_rpc = \"unix:/run/kamailio/kamailio_rpc.sock\"\nshard = \"1/4\"",
+        )
+        .unwrap();
+        assert_eq!(s.dmq, Some("127.0.0.1:5071".parse().unwrap()));
+        assert_eq!(s.dmq_peers.len(), 2);
+        assert_eq!(s.dmq_grace, Duration::from_secs(30));
+        assert_eq!(
+            s.registrar_rpc,
+            Some(PathBuf::from("/run/kamailio/kamailio_rpc.sock"))
+        );
+        assert_eq!(s.registrar_table, "location");
+        assert_eq!((s.remove_max_fraction, s.remove_rate), (0.05, 100));
+        assert_eq!(s.shard, Some((1, 4)));
+        for (toml, says) in [
+            ("dmq = \"sip:127.0.0.1:5071\"", "setting 'dmq_peer': dmq is set but no Kamailio node"),
+            ("dmq_peer = [\"sip:127.0.0.1:5070\"]", "setting 'dmq': dmq_peer is set"),
+            ("dmq = \"sip:kamailio.local\"", "setting 'dmq': 'sip:kamailio.local' is not sip:IP:PORT"),
+            (
+                "dmq = \"sip:127.0.0.1:5071\"\ndmq_peer = [\"sip:x\"]",
+                "setting 'dmq_peer':",
+            ),
+            ("registrar_rpc = \"unix:/r.sock\"", "setting 'registrar_rpc': removes contacts of the registrar feed"),
+            (
+                "dmq = \"sip:127.0.0.1:5071\"\ndmq_peer = [\"sip:127.0.0.1:5070\"]\nregistrar_rpc = \"r.sock\"",
+                "setting 'registrar_rpc': 'r.sock' is not unix:/absolute/path",
+            ),
+            ("remove_max_fraction = 0", "setting 'remove_max_fraction':"),
+            ("remove_max_fraction = 1.5", "setting 'remove_max_fraction':"),
+            ("remove_rate = 0", "setting 'remove_rate':"),
+            ("registrar_table = \"loc;drop\"", "setting 'registrar_table':"),
+            ("shard = \"3/3\"", "setting 'shard': shard 3 of 3"),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(says), "{toml:?} gave {e:?}");
+        }
+    }
+
+    #[test]
     fn ipv6_only_bind() {
         let s = settings("bind = \"[::1]:5090\"").unwrap();
         assert_eq!(
