@@ -35,6 +35,8 @@ mod bench;
 mod ceiling;
 #[path = "loadgen/control_bench.rs"]
 mod control_bench;
+#[path = "loadgen/dmq_bench.rs"]
+mod dmq_bench;
 #[path = "loadgen/phones.rs"]
 mod phones;
 #[path = "loadgen/proxy_bench.rs"]
@@ -95,6 +97,9 @@ enum Cmd {
     /// What pinging as the proxy costs kaping and the proxy: kaping beside
     /// a Kamailio in bind, relay and divert modes, one after the other.
     ProxyBench(ProxyBenchArgs),
+    /// What following a registrar over DMQ costs kaping: a full sync and
+    /// live changes, with this program as the Kamailio node.
+    DmqBench(DmqBenchArgs),
     /// Control-socket benchmark: adds and deletes through JSON-RPC batches
     /// with durability on, and their effect on the ping rate.
     ControlBench(ControlBenchArgs),
@@ -286,6 +291,33 @@ struct BenchArgs {
 }
 
 #[derive(Args, Debug)]
+struct DmqBenchArgs {
+    /// Contacts of the full sync.
+    #[arg(long, default_value_t = 100_000)]
+    contacts: u64,
+    /// Records per sync message (dmq_usrloc's batch_msg_contacts).
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Sync messages sent before their 200s.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Live changes per second after the sync.
+    #[arg(long, default_value_t = 3000)]
+    rate: u64,
+    /// Seconds of live changes.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Daemon workers.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// The kaping binary (default: `kaping` next to this program).
+    #[arg(long)]
+    kaping: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct ProxyBenchArgs {
     /// Simulated contacts (all answer).
     #[arg(long, default_value_t = 100_000)]
@@ -463,6 +495,16 @@ fn main() -> ExitCode {
         Cmd::Ceiling(a) => run_ceiling(a),
         Cmd::Bench(a) => run_bench(a),
         Cmd::ProxyBench(a) => run_proxy_bench(a),
+        Cmd::DmqBench(a) => dmq_bench::run(&dmq_bench::DmqBenchConfig {
+            contacts: a.contacts,
+            batch: a.batch,
+            window: a.window,
+            rate: a.rate,
+            seconds: a.seconds,
+            workers: a.workers,
+            kaping: a.kaping,
+        })
+        .and_then(|report| print_report(&report, a.json, dmq_bench::print_text)),
         Cmd::ControlBench(a) => run_control_bench(a),
         Cmd::Phones(a) => run_phones(a),
         Cmd::Reach(a) => run_reach(a),

@@ -165,12 +165,32 @@ impl Daemon {
     /// takes the workers' `Gone` notices and commits what they changed.
     pub(super) fn serve_control(&mut self, timeout: Duration) {
         self.take_gone();
+        // The registrar feed wakes the loop too: its changes are applied
+        // as they come, not at the next timeout.
+        let feed = self.feed_receiver();
         let Some(rx) = self.ctl.requests.clone() else {
             self.commit_pending();
-            std::thread::sleep(timeout);
+            match feed {
+                Some(f) => self.wait_feed(&f, timeout),
+                None => std::thread::sleep(timeout),
+            }
             return;
         };
-        let first = match rx.recv_timeout(timeout) {
+        let first = match feed {
+            None => rx.recv_timeout(timeout),
+            Some(f) => crossbeam::select! {
+                recv(rx) -> r => r.map_err(|_| RecvTimeoutError::Disconnected),
+                recv(f) -> item => {
+                    if let Ok(item) = item {
+                        self.stash_feed(item);
+                    }
+                    self.commit_pending();
+                    return;
+                }
+                default(timeout) => Err(RecvTimeoutError::Timeout),
+            },
+        };
+        let first = match first {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                 self.commit_pending();

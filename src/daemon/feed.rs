@@ -71,6 +71,8 @@ pub(super) struct FeedState {
     pub guard: Guard,
     /// Contacts of the feed at the last sweep.
     registered: u64,
+    /// Items taken off the channel while the main loop waited on it.
+    stashed: Vec<Feed>,
 }
 
 /// The removal guard (DESIGN §11): removals wait until the end of their
@@ -131,6 +133,7 @@ impl Daemon {
                 sent: 0,
             },
             registered: 0,
+            stashed: Vec::new(),
         });
         if let Some(rpc) = self.settings.registrar_rpc.clone() {
             let remover = Remover::start(
@@ -223,13 +226,33 @@ impl Daemon {
         }
     }
 
+    /// The feed's channel, to wait on (a clone: the receiver stays here).
+    pub(super) fn feed_receiver(&self) -> Option<Receiver<Feed>> {
+        self.feed.as_ref().map(|f| f.rx.clone())
+    }
+
+    /// Sleeps until a feed item arrives (kept for `drain_feed`) or
+    /// `timeout` passes.
+    pub(super) fn wait_feed(&mut self, rx: &Receiver<Feed>, timeout: Duration) {
+        if let Ok(item) = rx.recv_timeout(timeout) {
+            self.stash_feed(item);
+        }
+    }
+
+    /// An item taken off the channel while waiting, applied first.
+    pub(super) fn stash_feed(&mut self, item: Feed) {
+        if let Some(f) = self.feed.as_mut() {
+            f.stashed.push(item);
+        }
+    }
+
     /// Applies what the node sent since the last round, and the sweeps
     /// that are due.
     pub(super) fn drain_feed(&mut self) {
         let Some(feed) = self.feed.as_mut() else {
             return;
         };
-        let mut items = Vec::new();
+        let mut items = std::mem::take(&mut feed.stashed);
         while items.len() < APPLY_MAX {
             match feed.rx.try_recv() {
                 Ok(item) => items.push(item),
