@@ -18,7 +18,7 @@
 //! process is killed on drop; nothing leaves loopback.
 
 mod common;
-use common::{free_ports, wait_with_deadline};
+use common::{ctl, free_ports, wait_with_deadline};
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -497,25 +497,6 @@ fn a_proxy_socket_that_cannot_be_shared_stops_the_start_with_the_reason() {
         stderr.contains("setting 'source': [::1]:5060 is IPv6 but kaping has no IPv6 socket"),
         "{stderr}"
     );
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(kaping())
-        .arg("ctl")
-        .arg("--control")
-        .arg(sock)
-        .arg("--json")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kaping ctl {args:?}: {}\ndaemon: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(sock.with_file_name("daemon.err")).unwrap_or_default(),
-        String::from_utf8_lossy(&Command::new("ss").args(["-uapn"]).output().unwrap().stdout)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Starts a daemon with a control socket and state directory; waits for

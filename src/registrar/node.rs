@@ -54,6 +54,12 @@ const JOIN_RETRY_MAX: Duration = Duration::from_secs(8);
 pub const REJOIN_EVERY: Duration = Duration::from_secs(30);
 /// A sync request unanswered this long is sent again.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// A sync request left unanswered this long after the peer's last record
+/// is taken as complete (seen: with two nodes syncing at once, Kamailio
+/// 5.6.3 sends one of them every record but never its 200).
+pub const SYNC_QUIET: Duration = Duration::from_secs(2);
+/// A refused sync request is asked again after this.
+pub const SYNC_RETRY: Duration = Duration::from_secs(2);
 /// How long the thread sleeps in `recv` at most (bounds how late a stop
 /// or a timer is seen).
 const POLL: Duration = Duration::from_millis(50);
@@ -82,11 +88,16 @@ pub struct NodeCounters {
     pub joins: AtomicU64,
     pub syncs: AtomicU64,
     pub other_channels: AtomicU64,
+    /// Sync requests answered with an error (asked again).
+    pub sync_refused: AtomicU64,
+    /// Sync requests never answered, taken as complete once the peer's
+    /// records stopped for `SYNC_QUIET`.
+    pub sync_unanswered: AtomicU64,
 }
 
 impl NodeCounters {
     /// `(name, value)` of every counter.
-    pub fn snapshot(&self) -> [(&'static str, u64); 9] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("received", g(&self.received)),
@@ -98,6 +109,8 @@ impl NodeCounters {
             ("joins", g(&self.joins)),
             ("syncs", g(&self.syncs)),
             ("other_channels", g(&self.other_channels)),
+            ("sync_refused", g(&self.sync_refused)),
+            ("sync_unanswered", g(&self.sync_unanswered)),
         ]
     }
 }
@@ -156,6 +169,11 @@ struct Peer {
     sync: Option<(String, Instant)>,
     /// Whether kaping has had a full sync from this peer since it joined.
     synced: bool,
+    /// A sync request refused (a non-2xx final answer, e.g. the peer busy
+    /// with another node's sync) is asked again then.
+    sync_retry: Option<Instant>,
+    /// When this peer last sent kaping location records.
+    last_record: Option<Instant>,
 }
 
 struct State {
@@ -196,6 +214,8 @@ impl State {
                     join_call_id: String::new(),
                     sync: None,
                     synced: false,
+                    sync_retry: None,
+                    last_record: None,
                 })
                 .collect(),
             known: HashSet::new(),
@@ -300,9 +320,25 @@ impl State {
                 }
             }
             if let Some((_, sent)) = &self.peers[i].sync {
-                if now.duration_since(*sent) >= SYNC_TIMEOUT {
+                let sent = *sent;
+                let quiet = self.peers[i]
+                    .last_record
+                    .is_some_and(|t| t > sent && now.duration_since(t) >= SYNC_QUIET);
+                if quiet {
+                    self.counters
+                        .sync_unanswered
+                        .fetch_add(1, Ordering::Relaxed);
+                    let p = &mut self.peers[i];
+                    p.sync = None;
+                    p.synced = true;
+                    let _ = self.feed.send(Feed::SyncDone { peer: p.addr });
+                } else if now.duration_since(sent) >= SYNC_TIMEOUT {
                     self.ask_sync(i);
                 }
+            }
+            if self.peers[i].sync_retry.is_some_and(|at| now >= at) {
+                self.peers[i].sync_retry = None;
+                self.ask_sync(i);
             }
         }
     }
@@ -381,6 +417,10 @@ impl State {
             if (200..300).contains(&status) {
                 self.peers[i].synced = true;
                 let _ = self.feed.send(Feed::SyncDone { peer: from });
+            } else {
+                self.counters.sync_refused.fetch_add(1, Ordering::Relaxed);
+                // Records are idempotent: asking again costs a resend.
+                self.peers[i].sync_retry = Some(Instant::now() + SYNC_RETRY);
             }
         }
     }
@@ -431,6 +471,9 @@ impl State {
                 }
                 Ok(UsrlocMsg::Changes(changes)) => {
                     self.answer(msg, 200, "OK", from);
+                    if let Some(i) = self.peer_index(from) {
+                        self.peers[i].last_record = Some(Instant::now());
+                    }
                     self.counters
                         .changes
                         .fetch_add(changes.len() as u64, Ordering::Relaxed);

@@ -129,3 +129,55 @@ pub fn start_kamailio(cfg: &str, listen: std::net::SocketAddr) -> Option<Kamaili
         std::fs::read_to_string(k.dir.path().join("kamailio.log")).unwrap_or_default()
     );
 }
+
+/// One REGISTER of user `u<i>` (contact `sip:u<i>@127.0.0.1:<40000+i>`,
+/// Call-ID `reg<i>@kaping-test`) to a registrar on loopback, answered 200.
+#[allow(dead_code)]
+pub fn register(kam: std::net::SocketAddr, i: u32, expires: u32, cseq: u32) {
+    let ua = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = ua.local_addr().unwrap().port();
+    let msg = format!(
+        "REGISTER sip:{kam} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKreg{i}c{cseq}\r\n\
+         From: <sip:u{i}@127.0.0.1>;tag=f{i}\r\n\
+         To: <sip:u{i}@127.0.0.1>\r\n\
+         Call-ID: reg{i}@kaping-test\r\n\
+         CSeq: {cseq} REGISTER\r\n\
+         Contact: <sip:u{i}@127.0.0.1:{}>\r\n\
+         Expires: {expires}\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Length: 0\r\n\r\n",
+        40_000 + i
+    );
+    ua.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    ua.send_to(msg.as_bytes(), kam).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = ua.recv(&mut buf).expect("no answer to REGISTER");
+    assert!(
+        buf[..n].starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+/// `kaping ctl --json ARGS` against `sock`; fails the test with kaping's
+/// words (and `daemon.err` beside the socket, if any) when it fails.
+#[allow(dead_code)]
+pub fn ctl(sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kaping"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(sock)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kaping ctl {args:?}: {}\ndaemon: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(sock.with_file_name("daemon.err")).unwrap_or_default(),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
