@@ -9,7 +9,7 @@
 //! equal to its next timer deadline.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
@@ -30,8 +30,6 @@ const ERRORS_PER_POLL: usize = 64;
 
 pub struct MmsgBackend {
     sockets: Vec<Socket>,
-    /// The source address of each socket's datagrams (`WorkerSocket::src`).
-    srcs: Vec<Option<IpAddr>>,
     tx: Vec<SendBatch>,
     /// `tx_tags[sock][i]`: the tag of datagram `i` of `tx[sock]`.
     tx_tags: Vec<Vec<u32>>,
@@ -47,7 +45,6 @@ impl MmsgBackend {
             tx_tags: Vec::with_capacity(MAX_SOCKETS),
             rx: RecvBatch::new(BATCH, RX_DATAGRAM_MAX),
             sockets: Vec::with_capacity(MAX_SOCKETS),
-            srcs: Vec::with_capacity(MAX_SOCKETS),
             waker,
         };
         for s in sockets {
@@ -125,7 +122,8 @@ impl Backend for MmsgBackend {
     }
 
     fn tx_commit(&mut self, sock: usize, len: usize, dest: &SocketAddr, tag: u32) {
-        self.tx[sock].commit(len, dest, self.srcs[sock]);
+        // A source shared with a proxy is written into the batch once.
+        self.tx[sock].commit(len, dest, None);
         self.tx_tags[sock].push(tag);
     }
 
@@ -168,10 +166,12 @@ impl Backend for MmsgBackend {
                 "a worker has at most {MAX_SOCKETS} sockets"
             )));
         }
-        self.tx.push(SendBatch::new(TX_QUEUE, TX_DATAGRAM_MAX));
+        self.tx.push(match s.src {
+            Some(ip) => SendBatch::with_source(TX_QUEUE, TX_DATAGRAM_MAX, ip),
+            None => SendBatch::new(TX_QUEUE, TX_DATAGRAM_MAX),
+        });
         self.tx_tags.push(Vec::with_capacity(TX_QUEUE));
         self.sockets.push(s.socket);
-        self.srcs.push(s.src);
         Ok(self.sockets.len() - 1)
     }
 }

@@ -520,6 +520,9 @@ pub struct SendBatch {
     /// Committed datagrams; `[head, len)` are still to be sent.
     len: usize,
     head: usize,
+    /// [`SendBatch::with_source`]: every control buffer already names the
+    /// source, and this is its length (0: none).
+    source_len: usize,
 }
 
 // SAFETY: as for RecvBatch: the pointers in `iovs`/`hdrs` point only into
@@ -549,7 +552,19 @@ impl SendBatch {
             hdrs,
             len: 0,
             head: 0,
+            source_len: 0,
         }
+    }
+
+    /// A batch whose every datagram leaves from `src` (a socket sharing a
+    /// proxy's port): the control messages are written once, here, not
+    /// per datagram. Commit with `src = None`.
+    pub fn with_source(capacity: usize, buf_len: usize, src: IpAddr) -> SendBatch {
+        let mut b = SendBatch::new(capacity, buf_len);
+        for c in b.cmsgs.iter_mut() {
+            b.source_len = write_src_cmsg(c, src);
+        }
+        b
     }
 
     pub fn capacity(&self) -> usize {
@@ -587,8 +602,12 @@ impl SendBatch {
         let i = self.len;
         self.lens[i] = len;
         self.dest_lens[i] = sockaddr_from_std(dest, &mut self.dests[i]);
+        debug_assert!(
+            src.is_none() || self.source_len == 0,
+            "a per-datagram source on a batch with a fixed one"
+        );
         self.cmsg_lens[i] = match src {
-            None => 0,
+            None => self.source_len,
             Some(ip) => write_src_cmsg(&mut self.cmsgs[i], ip),
         };
         self.len += 1;
