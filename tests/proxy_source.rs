@@ -18,12 +18,11 @@
 //! process is killed on drop; nothing leaves loopback.
 
 mod common;
-use common::{ctl, free_ports, wait_with_deadline};
+use common::{ctl, free_ports, start_kamailio, wait_with_deadline, Kamailio};
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::UdpSocket;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -55,27 +54,6 @@ impl Drop for Proc {
     }
 }
 
-/// Kamailio and the processes it forks, in a process group of their own:
-/// stopped with SIGTERM (Kamailio's main process then stops its children),
-/// and the whole group killed on drop whatever happened.
-struct Group(Child);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.0.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && self.0.try_wait().ok().flatten().is_none() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 fn kamailio_binary() -> Option<PathBuf> {
     ["/usr/sbin/kamailio", "/usr/local/sbin/kamailio"]
         .iter()
@@ -86,47 +64,21 @@ fn kamailio_binary() -> Option<PathBuf> {
 /// Kamailio as a stateless reply forwarder on `127.0.0.1:port`: it drops
 /// every request and forwards every reply it has no transaction for to
 /// the next Via, its core's default (`forward_reply`).
-fn start_kamailio(dir: &Path, port: u16) -> Option<Group> {
-    let bin = kamailio_binary()?;
-    let cfg = dir.join("kamailio.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "#!KAMAILIO\n\
-             debug=1\nlog_stderror=yes\nchildren=1\nauto_aliases=no\n\
-             listen=udp:127.0.0.1:{port}\n\
-             request_route {{\n    drop;\n}}\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("-f")
-        .arg(&cfg)
-        .args(["-DD", "-E", "-m", "32", "-M", "4", "-Y"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .ok()?;
-    let proc = Group(child);
-    // Ready once its socket shows in /proc/net/udp.
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if kaping::io::share::holders(addr, &[]).unwrap().exact {
-            return Some(proc);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("kamailio did not bind {addr}");
+fn start_forwarder(port: u16) -> Option<Kamailio> {
+    let cfg = format!(
+        "#!KAMAILIO\n\
+         debug=1\nlog_stderror=yes\nchildren=1\nauto_aliases=no\n\
+         listen=udp:127.0.0.1:{port}\n\
+         request_route {{\n    drop;\n}}\n"
+    );
+    start_kamailio(&cfg, format!("127.0.0.1:{port}").parse().unwrap())
 }
 
 struct Lab {
     dir: tempfile::TempDir,
     proxy_port: u16,
     fates: HashMap<String, String>,
-    _kamailio: Option<Group>,
+    _kamailio: Option<Kamailio>,
     serve: Option<Proc>,
 }
 
@@ -175,7 +127,7 @@ fn lab(no_proxy: bool) -> Option<Lab> {
     let kamailio = if no_proxy {
         None
     } else {
-        Some(start_kamailio(dir.path(), proxy_port)?)
+        Some(start_forwarder(proxy_port)?)
     };
     let serve = Command::new(loadgen())
         .args(["serve", "--listen", &format!("0.0.0.0:{serve_port}")])
