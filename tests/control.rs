@@ -640,11 +640,15 @@ fn kill_9_never_loses_an_acknowledged_contact() {
     // holds their liveness (snapshot_interval 1 s).
     let first: Vec<String> = (0..10_000).map(|i| lab.uri(i)).collect();
     let first_set: HashSet<&str> = first.iter().map(String::as_str).collect();
+    // Interval 5 s: up to 50,000 contacts by the last run stay a light
+    // load for a debug build on a busy 2-core machine, so a contact turns
+    // Down only if the daemon really lost its history, not because replies
+    // queued past the timeout (seen once at interval 1 s: 9,793 Up).
     let args = [
         "--interval",
-        "1",
+        "5",
         "--reply-timeout",
-        "0.5",
+        "2",
         "--snapshot-interval",
         "1",
     ];
