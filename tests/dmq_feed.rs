@@ -11,7 +11,9 @@
 //!    nothing;
 //! 5. a restarted Kamailio (its table empty again) asks kaping for a sync:
 //!    kaping syncs from it in turn and, after `dmq_grace`, holds exactly
-//!    the contacts registered since.
+//!    the contacts registered since; so does one that forgot kaping
+//!    (its notification_address names only itself), found out when kaping
+//!    joins it again.
 //!
 //! Skips with a message where Kamailio is missing. Kamailio's process
 //! group and kaping are stopped on drop; nothing leaves 127.0.0.1.
@@ -193,6 +195,61 @@ fn kaping_follows_the_location_table_over_dmq() {
         ],
     );
     assert_eq!(c["source"], "registrar", "{c}");
+}
+
+#[test]
+fn a_kamailio_that_forgot_kaping_is_synced_from_again() {
+    // A single registrar whose notification_address names itself: once
+    // restarted it knows no node, and nothing tells kaping. kaping joins
+    // it again (every 30 s), learns that it was new to it, and syncs.
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let Some(kamailio) = start_kamailio(&config(kam, kam), kam) else {
+        return;
+    };
+    for i in 0..20 {
+        register(kam, 5000 + i, 120, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("k.log");
+    let (_daemon, sock) = start_node(
+        dir.path(),
+        "k",
+        node,
+        base + 2,
+        &[kam],
+        &["--dmq-grace", "1s"],
+    );
+    wait_stats(&sock, Duration::from_secs(10), |s| {
+        s["contacts"]["total"] == 20 && s["registrar"]["syncs_done"].as_u64() >= Some(1)
+    })
+    .unwrap_or_else(|s| panic!("no first sync: {s}"));
+    drop(kamailio);
+    let Some(kamailio) = start_kamailio(&config(kam, kam), kam) else {
+        return;
+    };
+    for i in 100..105 {
+        register(kam, 5000 + i, 120, 1);
+    }
+    let t = Instant::now();
+    let s = wait_stats(&sock, Duration::from_secs(40), |s| {
+        s["contacts"]["total"] == 5 && s["registrar"]["syncs_done"].as_u64() >= Some(2)
+    })
+    .unwrap_or_else(|s| {
+        panic!(
+            "the restart was never noticed: {s}\nkaping: {}\nkamailio: {}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(kamailio.dir.path().join("kamailio.log")).unwrap_or_default()
+        )
+    });
+    eprintln!(
+        "resynced {:?} after the restart: {}",
+        t.elapsed(),
+        s["registrar"]
+    );
+    assert_eq!(s["registrar"]["stale_after_sync"], 20, "{s}");
+    assert_eq!(s["registrar"]["added"], 25, "{s}");
 }
 
 /// One JSON-RPC call over Kamailio's jsonrpcs datagram socket.

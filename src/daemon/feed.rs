@@ -414,7 +414,12 @@ impl Daemon {
     }
 
     /// The feed's figures, for `keepalive.stats` and the stop line.
-    pub(super) fn feed_stats(&self) -> Option<(FeedStats, [(&'static str, u64); 11])> {
+    pub(super) fn feed_stats(
+        &self,
+    ) -> Option<(
+        FeedStats,
+        [(&'static str, u64); crate::registrar::node::NodeCounters::COUNT],
+    )> {
         let f = self.feed.as_ref()?;
         Some((f.stats, f.node.counters.snapshot()))
     }

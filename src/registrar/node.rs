@@ -25,8 +25,15 @@
 //! * **Restarts**: a joined peer is joined again every [`REJOIN_EVERY`] (a
 //!   restarted Kamailio forgets kaping unless its `notification_address`
 //!   names it). A peer that asks kaping for a sync has just started: kaping
-//!   asks it for one in turn ([`Feed::SyncAsked`]), and the daemon drops
+//!   asks it for one in turn ([`Feed::SyncStarted`]), and the daemon drops
 //!   the contacts the new sync did not refresh once its grace period ends.
+//!   A peer that had forgotten kaping (restarted with nobody to tell it of
+//!   kaping, or having taken kaping for inactive, so its changes since
+//!   never came) says so when kaping joins it again: Kamailio broadcasts a
+//!   node list to every node when a join brings it a new node, and it does
+//!   so before answering the join. A node list from a peer while kaping's
+//!   join to it is in flight ([`JOIN_ECHO`]) therefore means the peer did
+//!   not know kaping, and kaping syncs from it (counted: `peer_restarts`).
 //!
 //! Never blocks the main thread; bounded memory (the duplicate window, the
 //! node set of at most [`super::dmq::NODES_MAX`] per list).
@@ -52,6 +59,9 @@ const JOIN_RETRY_MAX: Duration = Duration::from_secs(8);
 /// A joined peer is joined again this often (Kamailio's default
 /// `ping_interval` is 60 s).
 pub const REJOIN_EVERY: Duration = Duration::from_secs(30);
+/// A node list from a peer within this long after kaping's (re)join left,
+/// before its answer, is the peer telling every node of kaping as new.
+pub const JOIN_ECHO: Duration = Duration::from_secs(2);
 /// A sync request unanswered this long is sent again.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// A sync request left unanswered this long after the peer's last record
@@ -93,11 +103,16 @@ pub struct NodeCounters {
     /// Sync requests never answered, taken as complete once the peer's
     /// records stopped for `SYNC_QUIET`.
     pub sync_unanswered: AtomicU64,
+    /// Peers found to have forgotten kaping (restarted): synced again.
+    pub peer_restarts: AtomicU64,
 }
 
 impl NodeCounters {
+    /// How many counters [`NodeCounters::snapshot`] gives.
+    pub const COUNT: usize = 12;
+
     /// `(name, value)` of every counter.
-    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, u64); Self::COUNT] {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("received", g(&self.received)),
@@ -111,6 +126,7 @@ impl NodeCounters {
             ("other_channels", g(&self.other_channels)),
             ("sync_refused", g(&self.sync_refused)),
             ("sync_unanswered", g(&self.sync_unanswered)),
+            ("peer_restarts", g(&self.peer_restarts)),
         ]
     }
 }
@@ -165,6 +181,8 @@ struct Peer {
     next_join: Instant,
     join_wait: Duration,
     join_call_id: String,
+    /// When the join in flight (sent, not answered yet) left.
+    join_sent: Option<Instant>,
     /// A sync request in flight: its Call-ID and when it left.
     sync: Option<(String, Instant)>,
     /// Whether kaping has had a full sync from this peer since it joined.
@@ -212,6 +230,7 @@ impl State {
                     next_join: now,
                     join_wait: JOIN_RETRY_FIRST,
                     join_call_id: String::new(),
+                    join_sent: None,
                     sync: None,
                     synced: false,
                     sync_retry: None,
@@ -312,6 +331,7 @@ impl State {
                 );
                 let p = &mut self.peers[i];
                 p.join_call_id = call_id;
+                p.join_sent = Some(now);
                 if p.joined {
                     p.next_join = now + REJOIN_EVERY;
                 } else {
@@ -395,6 +415,7 @@ impl State {
             let p = &mut self.peers[i];
             let first = !p.joined;
             p.joined = true;
+            p.join_sent = None;
             p.join_wait = JOIN_RETRY_FIRST;
             p.next_join = Instant::now() + REJOIN_EVERY;
             if first {
@@ -505,6 +526,19 @@ impl State {
                     if !listed {
                         self.peers[i].next_join = Instant::now();
                     }
+                    // Kaping's join to it in flight: the peer is telling
+                    // every node that kaping is new to it. It forgot kaping
+                    // and may hold changes kaping never got: sync from it.
+                    let p = &self.peers[i];
+                    let echo =
+                        p.joined && listed && p.join_sent.is_some_and(|t| t.elapsed() < JOIN_ECHO);
+                    if echo {
+                        self.peers[i].join_sent = None;
+                        self.counters.peer_restarts.fetch_add(1, Ordering::Relaxed);
+                        if self.peers[i].sync.is_none() {
+                            self.ask_sync(i);
+                        }
+                    }
                 }
             }
             _ => {
@@ -513,5 +547,137 @@ impl State {
                 self.answer(msg, 200, "OK", from);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam::channel;
+
+    /// A fake peer driving the node's state machine directly.
+    struct Bench {
+        st: State,
+        peer: UdpSocket,
+        rx: channel::Receiver<Feed>,
+        buf: Vec<u8>,
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let local = socket.local_addr().unwrap();
+            let (tx, rx) = channel::unbounded();
+            let st = State::new(
+                socket,
+                local,
+                vec![peer.local_addr().unwrap()],
+                tx,
+                Arc::new(NodeCounters::default()),
+            );
+            Bench {
+                st,
+                peer,
+                rx,
+                buf: vec![0; 65536],
+            }
+        }
+
+        /// The next request the node sent the peer: (channel, datagram).
+        fn next_request(&mut self) -> (String, Vec<u8>) {
+            let n = self.peer.recv(&mut self.buf).expect("the node sent");
+            let m = dmq::parse_message(&self.buf[..n]).unwrap();
+            assert!(m.status().is_none(), "a request");
+            (m.channel().unwrap().to_string(), self.buf[..n].to_vec())
+        }
+
+        /// The peer answers `req` with `code`.
+        fn answer(&mut self, req: &[u8], code: u16) {
+            let m = dmq::parse_message(req).unwrap();
+            let mut out = Vec::new();
+            dmq::write_response(&m, code, "OK", "peer", &mut out);
+            let from = self.peer.local_addr().unwrap();
+            self.st.datagram(&out, from);
+        }
+
+        /// The peer sends the node a node list naming it (as Kamailio
+        /// broadcasts one when a join brought it a new node); the node's
+        /// 200 is read off.
+        fn node_list(&mut self, cseq: u32) {
+            let from = self.peer.local_addr().unwrap();
+            let body = dmq::join_body(self.st.local);
+            let mut out = Vec::new();
+            dmq::write_request(
+                &RequestSpec {
+                    channel: CHANNEL_NOTIFICATION,
+                    target: self.st.local,
+                    local: from,
+                    branch: &format!("z9hG4bKnl{cseq}"),
+                    call_id: &format!("nl{cseq}"),
+                    from_tag: "peer",
+                    cseq,
+                    body: body.as_bytes(),
+                    content_type: dmq::CONTENT_TYPE_NODES,
+                    max_forwards: 1,
+                },
+                &mut out,
+            );
+            self.st.datagram(&out, from);
+            let n = self.peer.recv(&mut self.buf).unwrap();
+            let m = dmq::parse_message(&self.buf[..n]).unwrap();
+            assert_eq!(m.status(), Some(200));
+        }
+
+        fn rejoin(&mut self) -> Vec<u8> {
+            self.st.peers[0].next_join = Instant::now();
+            self.st.timers();
+            let (channel, join) = self.next_request();
+            assert_eq!(channel, CHANNEL_NOTIFICATION);
+            join
+        }
+
+        fn syncs(&self) -> u64 {
+            self.st.counters.syncs.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn a_peer_that_learns_kaping_anew_on_a_rejoin_is_synced_from_again() {
+        let mut b = Bench::new();
+        // Join, then the one full sync.
+        b.st.timers();
+        let (channel, join) = b.next_request();
+        assert_eq!(channel, CHANNEL_NOTIFICATION);
+        b.node_list(1); // Kamailio's broadcast on a first join: expected
+        b.answer(&join, 200);
+        let (channel, sync) = b.next_request();
+        assert_eq!(channel, CHANNEL_USRLOC);
+        b.answer(&sync, 200);
+        assert_eq!(b.syncs(), 1);
+        assert!(matches!(b.rx.try_recv(), Ok(Feed::SyncStarted { .. })));
+        assert!(matches!(b.rx.try_recv(), Ok(Feed::SyncDone { .. })));
+
+        // A rejoin the peer knew of already: no broadcast, no sync.
+        let join = b.rejoin();
+        b.answer(&join, 200);
+        // Its periodic node list (a ping) outside a join: no sync either.
+        b.node_list(2);
+        assert_eq!(b.syncs(), 1);
+        assert_eq!(b.st.counters.peer_restarts.load(Ordering::Relaxed), 0);
+
+        // A rejoin that was news to the peer: its broadcast arrives before
+        // its answer, and kaping syncs from it again.
+        let join = b.rejoin();
+        b.node_list(3);
+        assert_eq!(b.st.counters.peer_restarts.load(Ordering::Relaxed), 1);
+        assert_eq!(b.syncs(), 2);
+        let (channel, _) = b.next_request();
+        assert_eq!(channel, CHANNEL_USRLOC);
+        b.answer(&join, 200);
+        // A second copy of the broadcast (retransmitted) changes nothing.
+        b.node_list(4);
+        assert_eq!(b.syncs(), 2);
     }
 }
