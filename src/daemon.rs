@@ -768,6 +768,7 @@ impl Daemon {
             dest: p.contact.dest,
             expires_s: 0,
             sync_epoch: 0,
+            ruid: 0,
         };
         let Ok(loc) = reg.insert(p.worker as u8, entry) else {
             return Err(Refusal::Full(self.full_message(p.worker)));

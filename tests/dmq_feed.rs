@@ -252,6 +252,70 @@ fn a_kamailio_that_forgot_kaping_is_synced_from_again() {
     assert_eq!(s["registrar"]["added"], 25, "{s}");
 }
 
+/// REGISTERs user `u{i}` with `contact` (an outbound client, RFC 5626:
+/// `+sip.instance` and `reg-id`, so usrloc keeps one record per instance
+/// and updates it in place when the address changes).
+fn register_instance(kam: SocketAddr, i: u32, port: u16, cseq: u32) {
+    let ua = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let me = ua.local_addr().unwrap().port();
+    let msg = format!(
+        "REGISTER sip:{kam} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKri{i}c{cseq}\r\n\
+         From: <sip:u{i}@127.0.0.1>;tag=f{i}\r\n\
+         To: <sip:u{i}@127.0.0.1>\r\n\
+         Call-ID: regi{i}@kaping-test\r\n\
+         CSeq: {cseq} REGISTER\r\n\
+         Contact: <sip:u{i}@127.0.0.1:{port}>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-{i:012}>\";reg-id=1\r\n\
+         Supported: outbound, path\r\n\
+         Expires: 120\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    ua.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    ua.send_to(msg.as_bytes(), kam).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = ua.recv(&mut buf).expect("no answer to REGISTER");
+    assert!(
+        buf[..n].starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+#[test]
+fn a_phone_registering_from_a_new_address_replaces_its_old_contact() {
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let Some(_kamailio) = start_kamailio(&config(kam, node), kam) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, sock) = start_node(dir.path(), "k", node, base + 2, &[kam], &[]);
+    wait_stats(&sock, Duration::from_secs(10), |s| {
+        s["registrar"]["syncs_done"].as_u64() >= Some(1)
+    })
+    .unwrap_or_else(|s| panic!("no sync: {s}"));
+    for i in 0..5 {
+        register_instance(kam, 6000 + i, 46_000 + i as u16, 1);
+    }
+    wait_stats(&sock, Duration::from_secs(2), |s| {
+        s["contacts"]["total"] == 5
+    })
+    .unwrap_or_else(|s| panic!("{s}"));
+    // Phone 6002's NAT binding moved: same instance, same usrloc record
+    // (ruid), a new contact address. Kamailio replaces it; so does kaping.
+    register_instance(kam, 6002, 47_002, 2);
+    let s = wait_stats(&sock, Duration::from_secs(2), |s| {
+        s["registrar"]["moved"] == 1
+    })
+    .unwrap_or_else(|s| panic!("the new address was not taken as a move: {s}"));
+    assert_eq!(s["contacts"]["total"], 5, "{s}");
+    let held = held_uris(&sock);
+    assert!(held.contains("sip:u6002@127.0.0.1:47002"), "{held:?}");
+    assert!(!held.contains("sip:u6002@127.0.0.1:46002"), "{held:?}");
+}
+
 /// One JSON-RPC call over Kamailio's jsonrpcs datagram socket.
 fn kamailio_rpc(sock: &Path, method: &str, params: Value) -> Value {
     let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,14 @@
 //! The hash index stores locations with their key's hash (16 bytes), not
 //! keys: the key is compared in the slab entry it points to, so each key's
 //! text is held once, in the entry's [`PackedRecord`].
+//!
+//! Contacts of the registrar feed are also found by their usrloc record id
+//! (`ruid`), as usrloc finds them: a contact whose URI changed under the
+//! same ruid (a phone re-registering from a new address) is then replaced,
+//! not kept beside the new one. The second index holds the ruid's keyed
+//! hash with the location (16 bytes a contact, no text); the entry keeps
+//! the hash, and a hit must also have the same AoR, so a false match needs
+//! two different ruids of one AoR to collide in 64 random-keyed bits.
 
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::SocketAddr;
@@ -178,6 +186,9 @@ pub struct Entry {
     /// Registrar contacts: the full sync that last refreshed it (see
     /// `Daemon::apply_feed`).
     pub sync_epoch: u32,
+    /// Registrar contacts: the keyed hash of their usrloc `ruid` (0: none),
+    /// set by [`Registry::set_ruid`].
+    pub ruid: u64,
 }
 
 /// Where a contact lives.
@@ -200,6 +211,8 @@ pub struct Registry {
     /// the stored hash, without reading a million entries' strings (that
     /// took ~100 ms at a million, stalling the control socket).
     index: HashTable<(u64, Loc)>,
+    /// Registrar contacts by ruid: (ruid hash, location).
+    ruids: HashTable<(u64, Loc)>,
     hasher: RandomState,
 }
 
@@ -210,6 +223,7 @@ impl Registry {
                 .map(|_| Slab::with_capacity(slots_per_worker))
                 .collect(),
             index: HashTable::new(),
+            ruids: HashTable::new(),
             hasher: RandomState::new(),
         }
     }
@@ -267,7 +281,69 @@ impl Registry {
         if let Ok(found) = self.index.find_entry(hash, |&(_, l)| l == loc) {
             found.remove();
         }
+        if e.ruid != 0 {
+            if let Ok(found) = self.ruids.find_entry(e.ruid, |&(_, l)| l == loc) {
+                found.remove();
+            }
+        }
         self.slabs[loc.worker as usize].remove(loc.handle)
+    }
+
+    fn ruid_hash(&self, ruid: &str) -> u64 {
+        // 0 means "none" in an entry.
+        self.hasher.hash_one(ruid).max(1)
+    }
+
+    /// The registrar contact of AoR `aor` with usrloc record id `ruid`.
+    pub fn find_ruid(&self, aor: Option<&str>, ruid: &str) -> Option<Loc> {
+        if ruid.is_empty() {
+            return None;
+        }
+        let hash = self.ruid_hash(ruid);
+        self.ruids
+            .find(hash, |(h, loc)| {
+                *h == hash && Self::entry_of(&self.slabs, loc).is_some_and(|e| e.rec.aor() == aor)
+            })
+            .map(|&(_, loc)| loc)
+    }
+
+    /// Files the contact at `loc` under usrloc record id `ruid` (empty:
+    /// under none), in place of the one it had. Another contact filed
+    /// under the same ruid and AoR loses it (the caller replaces that one).
+    pub fn set_ruid(&mut self, loc: Loc, ruid: &str) {
+        let hash = if ruid.is_empty() {
+            0
+        } else {
+            self.ruid_hash(ruid)
+        };
+        let Some(e) = Self::entry_of(&self.slabs, &loc) else {
+            return;
+        };
+        let old = e.ruid;
+        if old == hash {
+            return;
+        }
+        if old != 0 {
+            if let Ok(found) = self.ruids.find_entry(old, |&(_, l)| l == loc) {
+                found.remove();
+            }
+        }
+        if hash != 0 {
+            let aor = e.rec.aor();
+            let slabs = &self.slabs;
+            if let Ok(found) = self.ruids.find_entry(hash, |(h, l)| {
+                *h == hash && Self::entry_of(slabs, l).is_some_and(|o| o.rec.aor() == aor)
+            }) {
+                let ((_, other), _) = found.remove();
+                if let Some(o) = self.slabs[other.worker as usize].get_mut(other.handle) {
+                    o.ruid = 0;
+                }
+            }
+            self.ruids.insert_unique(hash, (hash, loc), |&(h, _)| h);
+        }
+        if let Some(e) = self.slabs[loc.worker as usize].get_mut(loc.handle) {
+            e.ruid = hash;
+        }
     }
 
     /// Contacts held, over all workers.
@@ -329,7 +405,45 @@ mod tests {
             dest: "127.0.0.1:5060".parse().unwrap(),
             expires_s: 0,
             sync_epoch: 0,
+            ruid: 0,
         }
+    }
+
+    #[test]
+    fn registrar_contacts_are_found_by_ruid_within_their_aor() {
+        let mut r = Registry::new(1, 8);
+        let a = r
+            .insert(0, entry(Some("u1"), "sip:u1@10.0.0.1:5060"))
+            .unwrap();
+        let b = r
+            .insert(0, entry(Some("u2"), "sip:u2@10.0.0.2:5060"))
+            .unwrap();
+        r.set_ruid(a, "uloc-1");
+        r.set_ruid(b, "uloc-2");
+        assert_eq!(r.find_ruid(Some("u1"), "uloc-1"), Some(a));
+        assert_eq!(r.find_ruid(Some("u2"), "uloc-1"), None, "another AoR");
+        assert_eq!(r.find_ruid(Some("u1"), ""), None);
+        // A new record id for the same contact replaces the old one.
+        r.set_ruid(a, "uloc-3");
+        assert_eq!(r.find_ruid(Some("u1"), "uloc-1"), None);
+        assert_eq!(r.find_ruid(Some("u1"), "uloc-3"), Some(a));
+        // The contact's URI changed under its ruid: the new one takes it.
+        let a2 = r
+            .insert(0, entry(Some("u1"), "sip:u1@10.0.0.9:5060"))
+            .unwrap();
+        r.set_ruid(a2, "uloc-3");
+        assert_eq!(r.find_ruid(Some("u1"), "uloc-3"), Some(a2));
+        assert_eq!(r.get(a).unwrap().ruid, 0);
+        // Removal forgets the ruid; a reused slot does not inherit it.
+        assert!(r.remove(a2).is_some());
+        assert_eq!(r.find_ruid(Some("u1"), "uloc-3"), None);
+        let c = r
+            .insert(0, entry(Some("u1"), "sip:u1@10.0.0.7:5060"))
+            .unwrap();
+        assert_eq!(r.find_ruid(Some("u1"), "uloc-3"), None);
+        r.set_ruid(c, "");
+        assert!(r.remove(b).is_some());
+        assert_eq!(r.find_ruid(Some("u2"), "uloc-2"), None);
     }
 
     #[test]

@@ -377,6 +377,11 @@ impl Daemon {
         self.ctl.registry.as_ref()?.find(aor, uri)
     }
 
+    /// The registrar contact of `aor` with usrloc record id `ruid`.
+    pub(super) fn registry_find_ruid(&self, aor: Option<&str>, ruid: &str) -> Option<Loc> {
+        self.ctl.registry.as_ref()?.find_ruid(aor, ruid)
+    }
+
     fn rpc_add(&mut self, args: rpc::Args) -> Result<Value, RpcError> {
         let rpc::Args::Add(rpc::AddArgs {
             uri,
@@ -739,6 +744,7 @@ impl Daemon {
                 ("refreshed", f.refreshed),
                 ("deleted", f.deleted),
                 ("delete_unknown", f.delete_unknown),
+                ("moved", f.moved),
                 ("expired", f.expired),
                 ("stale_after_sync", f.stale_after_sync),
                 ("other_shard", f.other_shard),

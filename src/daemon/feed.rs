@@ -4,11 +4,15 @@
 //! and removal as the control socket.
 //!
 //! * An upsert (action 1) adds the contact, or updates it in place keeping
-//!   its liveness, keyed as usrloc keys it: (AoR, contact URI). Its
-//!   absolute `expires` is kept in the registry entry; a refresh that
-//!   changes nothing else only moves that.
-//! * A delete (action 2) removes it (reported `removed`); a delete for a
-//!   contact kaping does not hold changes nothing.
+//!   its liveness, keyed as usrloc keys it: (AoR, contact URI), and its
+//!   record id (`ruid`). Its absolute `expires` is kept in the registry
+//!   entry; a refresh that changes nothing else only moves that. A record
+//!   whose contact URI changed (same ruid, a phone registering again from
+//!   a new address) replaces the contact kaping had under that ruid: the
+//!   old address is no longer registered (counted `moved`).
+//! * A delete (action 2) removes it, found by (AoR, contact URI) or else by
+//!   ruid (reported `removed`); a delete for a contact kaping does not
+//!   hold changes nothing.
 //! * Expiry is not replicated by Kamailio: every [`EXPIRY_SWEEP`] the
 //!   contacts of the feed past their `expires` are removed.
 //! * A full sync (after joining, or when a registrar restarted) opens a new
@@ -46,6 +50,8 @@ pub(super) struct FeedStats {
     pub refreshed: u64,
     pub deleted: u64,
     pub delete_unknown: u64,
+    /// Contacts replaced by a record of the same ruid with another URI.
+    pub moved: u64,
     pub expired: u64,
     pub stale_after_sync: u64,
     pub other_shard: u64,
@@ -291,7 +297,9 @@ impl Daemon {
         let aor = (!c.aor.is_empty()).then_some(c.aor);
         match c.action {
             Action::Delete => {
-                let found = self.registry_find(aor.as_deref(), &c.contact);
+                let found = self
+                    .registry_find(aor.as_deref(), &c.contact)
+                    .or_else(|| self.registry_find_ruid(aor.as_deref(), &c.ruid));
                 let f = self.feed.as_mut().expect("feed");
                 match found {
                     Some(loc) => {
@@ -312,6 +320,14 @@ impl Daemon {
                 };
                 let uri = rec.uri.clone();
                 let expires_s = u32::try_from(c.expires).unwrap_or(u32::MAX);
+                // The same record under another URI: that address is gone.
+                let moved = self
+                    .registry_find_ruid(rec.aor.as_deref(), &c.ruid)
+                    .filter(|&loc| self.registry_find(rec.aor.as_deref(), &rec.uri) != Some(loc));
+                if let Some(loc) = moved {
+                    self.remove_contact(loc);
+                    self.feed.as_mut().expect("feed").stats.moved += 1;
+                }
                 let result = self.upsert(rec, Source::Registrar);
                 let f = self.feed.as_mut().expect("feed");
                 let epoch = f.epoch;
@@ -325,6 +341,9 @@ impl Daemon {
                         if let Some(e) = self.registry_entry_mut(placed.loc) {
                             e.expires_s = expires_s;
                             e.sync_epoch = epoch;
+                        }
+                        if let Some(reg) = self.ctl.registry.as_mut() {
+                            reg.set_ruid(placed.loc, &c.ruid);
                         }
                     }
                     Err(UpsertError::OtherShard { .. }) => f.stats.other_shard += 1,
