@@ -1122,6 +1122,7 @@ fn record_of(spec: &ContactSpec) -> ContactRecord {
         socket: spec.socket.clone(),
         source: spec.source.map(|s| s.to_string()),
         keepalive: spec.keepalive.map(|k| k.name().to_string()),
+        registrar_expires: None,
     }
 }
 

@@ -316,6 +316,97 @@ fn a_phone_registering_from_a_new_address_replaces_its_old_contact() {
     assert!(!held.contains("sip:u6002@127.0.0.1:46002"), "{held:?}");
 }
 
+/// Every contact kaping holds, by URI.
+fn held(sock: &Path) -> std::collections::HashMap<String, Value> {
+    let v = ctl(sock, &["keepalive.list"]);
+    v["contacts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| Some((c["uri"].as_str()?.to_owned(), c)))
+        .collect()
+}
+
+#[test]
+fn liveness_of_registrar_contacts_survives_a_kaping_restart() {
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let Some(_kamailio) = start_kamailio(&config(kam, node), kam) else {
+        return;
+    };
+    // 20 phones that answer, and 2 registered contacts that never do.
+    let phones_port = free_ports(20);
+    let mut phones = Command::new(env!("CARGO_BIN_EXE_kaping-loadgen"))
+        .args(["phones", "--count", "20", "--bind", "127.0.0.1"])
+        .args(["--port", &phones_port.to_string()])
+        .args(["--register", &format!("sip:{kam}"), "--expires", "120"])
+        .args(["--seconds", "50", "--stop-on-stdin-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    register(kam, 7000, 120, 1);
+    register(kam, 7001, 120, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state_flag = state.to_str().unwrap();
+    let args = [
+        "--state-dir",
+        state_flag,
+        "--snapshot-interval",
+        "1s",
+        "--dmq-grace",
+        "1s",
+    ];
+    let (daemon, sock) = start_node(dir.path(), "k", node, base + 2, &[kam], &args);
+    let s = wait_stats(&sock, Duration::from_secs(15), |s| {
+        s["contacts"]["total"] == 22 && s["contacts"]["up"] == 20 && s["contacts"]["down"] == 2
+    })
+    .unwrap_or_else(|s| panic!("never 20 up, 2 down: {s}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let before = held(&sock);
+    // A clean stop writes the final snapshot.
+    let pid = daemon.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let mut daemon = daemon;
+    let _ = daemon.0.wait();
+    // While kaping is down, one silent contact unregisters.
+    register(kam, 7001, 0, 2);
+
+    let (_daemon, sock) = start_node(dir.path(), "k2", node, base + 2, &[kam], &args);
+    let now = held(&sock);
+    // Restored at once, before any sync: every contact, as it was.
+    assert_eq!(now.len(), 22, "{s}");
+    for (uri, c) in &now {
+        let was = &before[uri];
+        assert_eq!(c["source"], "registrar", "{c}");
+        assert_eq!(c["state"], was["state"], "{uri}: {c} was {was}");
+        assert!(
+            c["sent"].as_u64() >= was["sent"].as_u64() && was["sent"].as_u64() > Some(0),
+            "{uri}: history restored: {c} was {was}"
+        );
+    }
+    // The feed stays the source of truth: after its sync, the contact the
+    // registrar dropped meanwhile is gone (Kamailio's retransmitted delete
+    // reaches the restarted node, or the sync leaves it out), the rest
+    // kept their history.
+    let s = wait_stats(&sock, Duration::from_secs(10), |s| {
+        let r = &s["registrar"];
+        s["contacts"]["total"] == 21
+            && r["syncs_done"].as_u64() >= Some(1)
+            && r["deleted"].as_u64().unwrap_or(0) + r["stale_after_sync"].as_u64().unwrap_or(0) == 1
+    })
+    .unwrap_or_else(|s| panic!("the feed did not settle: {s}"));
+    assert_eq!(s["contacts"]["up"], 20, "{s}");
+    assert_eq!(s["registrar"]["added"], 0, "all known already: {s}");
+    assert!(!held(&sock).contains_key("sip:u7001@127.0.0.1:47001"));
+    let _ = phones.kill();
+    let _ = phones.wait();
+}
+
 /// One JSON-RPC call over Kamailio's jsonrpcs datagram socket.
 fn kamailio_rpc(sock: &Path, method: &str, params: Value) -> Value {
     let dir = tempfile::tempdir().unwrap();

@@ -155,6 +155,7 @@ impl PackedRecord {
             socket: owned(self.socket()),
             source: owned(self.ping_source()),
             keepalive: owned(self.keepalive()),
+            registrar_expires: None,
         }
     }
 
@@ -458,6 +459,7 @@ mod tests {
             socket: Some("udp:203.0.113.10:5060".into()),
             source: Some("socket".into()),
             keepalive: Some("crlf".into()),
+            registrar_expires: None,
         };
         // Absent and empty differ; neighbours never bleed into each other.
         let sparse = ContactRecord {

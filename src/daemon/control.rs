@@ -81,7 +81,22 @@ impl Daemon {
         let total = restored.contacts.len();
         let mut skipped = 0usize;
         let mut other_shards = 0usize;
+        // Contacts of the registrar feed: pinged again with their history
+        // until the feed's first full sync refreshes them or, once it is
+        // complete, drops them (they are of sync epoch 0). Expired ones
+        // and, without `dmq`, all of them are left out.
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (mut fed, mut fed_dropped) = (0usize, 0usize);
         for (rec, history) in restored.contacts {
+            let registered = rec.registrar_expires;
+            if let Some(expires) = registered {
+                if self.settings.dmq.is_none() || (expires != 0 && u64::from(expires) <= now_s) {
+                    fed_dropped += 1;
+                    continue;
+                }
+            }
             if !self.in_shard(rec.aor.as_deref(), &rec.uri) {
                 // Another instance's now (the shard setting changed): not
                 // pinged here, and left out of the next snapshot.
@@ -97,11 +112,22 @@ impl Daemon {
                 continue;
             }
             let history = history.as_ref().map(slot_of);
+            let source = if registered.is_some() {
+                Source::Registrar
+            } else {
+                Source::Control
+            };
             let placed = spec_of(&rec)
                 .map_err(Refusal::Bad)
-                .and_then(|spec| self.place(&spec, rec.clone(), Source::Control, history));
+                .and_then(|spec| self.place(&spec, rec.clone(), source, history));
             match placed {
-                Ok(_) => {}
+                Ok(loc) => {
+                    if let (Some(expires), Some(e)) = (registered, self.registry_entry_mut(loc)) {
+                        e.expires_s = expires;
+                        e.sync_epoch = 0;
+                        fed += 1;
+                    }
+                }
                 Err(Refusal::Bad(why)) => {
                     skipped += 1;
                     eprintln!(
@@ -118,9 +144,22 @@ impl Daemon {
         self.flush_adds();
         self.ctl.store = Some(store);
         self.ctl.last_snapshot = Some(Instant::now());
+        if fed + fed_dropped > 0 {
+            eprintln!(
+                "kaping: state: {fed} contacts of the registrar feed restored with their liveness \
+                 until its first sync confirms them{}",
+                if fed_dropped == 0 {
+                    String::new()
+                } else if self.settings.dmq.is_none() {
+                    format!("; {fed_dropped} left out: no 'dmq' feed is configured")
+                } else {
+                    format!("; {fed_dropped} expired ones left out")
+                }
+            );
+        }
         eprintln!(
             "kaping: restored {} contacts from {} (snapshot {}, journal {} records{}) in {:.2} s",
-            total - skipped - other_shards,
+            total - skipped - other_shards - fed_dropped,
             dir.display(),
             restored.snapshot_contacts,
             restored.journal_records,
@@ -415,6 +454,7 @@ impl Daemon {
             socket,
             source,
             keepalive,
+            registrar_expires: None,
         };
         let (uri, aor) = (rec.uri.clone(), rec.aor.clone());
         let op = Op::Add(rec.clone());
@@ -540,6 +580,13 @@ impl Daemon {
         (rec.generation == loc.handle.generation).then_some(rec)
     }
 
+    /// What a listing says of a contact's liveness: its slot, or, until its
+    /// worker publishes it, the history it was restored or updated with.
+    fn liveness_of(&self, loc: Loc) -> Option<SlotRecord> {
+        self.read_slot(loc)
+            .or_else(|| self.ctl.pending_history.get(&loc).map(slot_of))
+    }
+
     fn key_of(args: rpc::Args, method: &str) -> Result<(String, Option<String>), RpcError> {
         match args {
             rpc::Args::Key { uri, aor } => Ok((uri, aor)),
@@ -629,7 +676,7 @@ impl Daemon {
         let loc = self
             .registry_find(aor.as_deref(), &uri)
             .ok_or_else(|| Self::not_found("keepalive.get", &uri, aor.as_deref()))?;
-        let slot = self.read_slot(loc);
+        let slot = self.liveness_of(loc);
         Ok(self.contact_json(loc, self.registry_entry(loc), slot.as_ref()))
     }
 
@@ -664,7 +711,7 @@ impl Daemon {
             if owner.is_some() && e.rec.owner() != owner.as_deref() {
                 continue;
             }
-            let slot = self.read_slot(loc);
+            let slot = self.liveness_of(loc);
             if let Some(want) = &state {
                 if slot.as_ref().map_or("unknown", state_of) != want {
                     continue;
@@ -916,22 +963,27 @@ impl Daemon {
         self.ctl.pending_history = pending;
     }
 
-    /// Every contact added through the control socket, with its liveness.
-    /// A contact whose worker has not published it yet (just restored, or
-    /// updated) gets the history it was handed with.
+    /// Every contact added through the control socket, and every contact of
+    /// the registrar feed (with its expiry), with its liveness. A contact
+    /// whose worker has not published it yet (just restored, or updated)
+    /// gets the history it was handed with.
     fn durable_contacts(&mut self) -> Vec<(ContactRecord, Option<crate::state::History>)> {
         self.settle_pending_history();
         let Some(reg) = &self.ctl.registry else {
             return Vec::new();
         };
         reg.iter_from(0)
-            .filter(|(_, e)| e.source == Source::Control)
+            .filter(|(_, e)| e.source != Source::File)
             .map(|(loc, e)| {
                 let history = self
                     .read_slot(loc)
                     .map(|s| history_of(&s))
                     .or_else(|| self.ctl.pending_history.get(&loc).copied());
-                (e.rec.record(), history)
+                let mut rec = e.rec.record();
+                if e.source == Source::Registrar {
+                    rec.registrar_expires = Some(e.expires_s);
+                }
+                (rec, history)
             })
             .collect()
     }

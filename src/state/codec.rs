@@ -127,6 +127,18 @@ pub(super) fn put_history(buf: &mut Vec<u8>, h: Option<&History>) {
     buf.extend_from_slice(&h.last_reply_ms.to_le_bytes());
 }
 
+/// Appends a snapshot entry's registrar part (version 3): 0, or 1 and the
+/// absolute expiry of a contact of the registrar feed.
+pub(super) fn put_registrar(buf: &mut Vec<u8>, c: &ContactRecord) {
+    match c.registrar_expires {
+        Some(e) => {
+            buf.push(1);
+            buf.extend_from_slice(&e.to_le_bytes());
+        }
+        None => buf.push(0),
+    }
+}
+
 /// The kind byte and encoded payload size of an op.
 pub(super) fn op_kind_len(op: &Op) -> (u8, usize) {
     match op {
@@ -141,6 +153,10 @@ pub(super) fn op_kind_len(op: &Op) -> (u8, usize) {
 pub(super) fn put_op(buf: &mut Vec<u8>, op: &Op) {
     match op {
         Op::Add(c) => {
+            debug_assert!(
+                c.registrar_expires.is_none(),
+                "contacts of the registrar feed are never journalled"
+            );
             put_contact(buf, c);
             if c.has_ext() {
                 put_contact_ext(buf, c);
@@ -263,6 +279,16 @@ impl<'a> Cursor<'a> {
             })),
             _ => Err("the history presence byte is neither 0 nor 1"),
         }
+    }
+
+    /// A snapshot entry's registrar part ([`put_registrar`]).
+    pub(super) fn registrar(&mut self, c: &mut ContactRecord) -> Result<(), &'static str> {
+        c.registrar_expires = match self.u8()? {
+            0 => None,
+            1 => Some(self.u32()?),
+            _ => return Err("the registrar presence byte is neither 0 nor 1"),
+        };
+        Ok(())
     }
 
     pub(super) fn op(&mut self, kind: u8) -> Result<Op, &'static str> {

@@ -101,6 +101,10 @@
 //!   `misses` u16, `sent` u32, `answered` u32, `rtt_last_us` u32,
 //!   `rtt_min_us` u32, `rtt_max_us` u32, `srtt_us` u32, `rttvar_us` u32,
 //!   `last_code` u16, `last_ping_ms` u64, `last_reply_ms` u64.
+//! * `registrar`: u8 presence (0 or 1); when 1, `expires` u32 follows: the
+//!   contact came from the registrar feed (DMQ), and its registration ends
+//!   then (unix seconds, 0 = permanent). Snapshot version 3 only; never in
+//!   the journal.
 //!
 //! ## Journal segment `journal-F.log`
 //!
@@ -137,7 +141,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KAPSNAP\0` |
-//! | 8 | 4 | version = 2 (version 1 is read too: its entries have no `contact ext`) |
+//! | 8 | 4 | version = 3 (versions 1 and 2 are read too: their entries have no `registrar`, and version 1's no `contact ext`) |
 //! | 12 | 4 | zero |
 //! | 16 | 8 | S, the last journal sequence number it covers |
 //! | 24 | 8 | N, the number of entries |
@@ -150,7 +154,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | body length E |
-//! | 4 | E | `contact`, `contact ext` (version 2 only), then `history` |
+//! | 4 | E | `contact`, `contact ext` (version 2 on), `history`, then `registrar` (version 3 on) |
 //! | 4+E | 8 | checksum of bytes 0..4+E |
 //!
 //! Then the trailer, 24 bytes, ending the file:
@@ -212,11 +216,17 @@ pub struct ContactRecord {
     pub source: Option<String>,
     /// What is sent, as given (`sip`, `null`, `crlf`).
     pub keepalive: Option<String>,
+    /// Contacts of the registrar feed only, in snapshots only (never in
+    /// the journal: the feed, not the journal, is their source of truth):
+    /// their absolute expiry, unix seconds, 0 = permanent. Restored, they
+    /// are pinged with their history until the feed's first sync confirms
+    /// or drops them.
+    pub registrar_expires: Option<u32>,
 }
 
 impl ContactRecord {
     /// Whether any field of the extended encoding is present (kind 4 in
-    /// the journal; snapshots of version 2 always carry them).
+    /// the journal; snapshots of version 2 on always carry them).
     pub fn has_ext(&self) -> bool {
         self.socket.is_some() || self.source.is_some() || self.keepalive.is_some()
     }

@@ -19,12 +19,14 @@ use std::path::{Path, PathBuf};
 
 pub(super) const SNAPSHOT_MAGIC: [u8; 8] = *b"KAPSNAP\0";
 pub(super) const TRAILER_MAGIC: [u8; 8] = *b"KAPSEND\0";
-pub(super) const SNAPSHOT_VERSION: u32 = 2;
+/// 1: contacts and histories; 2: + socket, source, keepalive; 3: + the
+/// registrar part (contacts of the registrar feed and their expiry).
+pub(super) const SNAPSHOT_VERSION: u32 = 3;
 pub(super) const HEADER_LEN: usize = 64;
 pub(super) const TRAILER_LEN: usize = 24;
 /// Largest entry body accepted when reading: a contact is bounded by the
 /// journal's record limit plus its history.
-const ENTRY_MAX: usize = super::journal::RECORD_PAYLOAD_MAX + 1 + codec::HISTORY_LEN;
+const ENTRY_MAX: usize = super::journal::RECORD_PAYLOAD_MAX + 1 + codec::HISTORY_LEN + 5;
 const IO_BUFFER: usize = 1 << 20;
 
 /// Where [`write`] stops early: test-only crash simulation. `Never` in
@@ -116,6 +118,7 @@ fn write_temp_and_rename(
         codec::put_contact(&mut entry, contact);
         codec::put_contact_ext(&mut entry, contact);
         codec::put_history(&mut entry, history.as_ref());
+        codec::put_registrar(&mut entry, contact);
         let body_len = entry.len() - 4;
         if body_len > ENTRY_MAX {
             // Cannot come from a contact that went through the journal.
@@ -188,17 +191,16 @@ pub(super) fn read(
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
     // Version 1 entries have no `contact ext`; both are read.
-    if version != SNAPSHOT_VERSION && version != 1 {
+    if !(1..=SNAPSHOT_VERSION).contains(&version) {
         return Err(bad(
             path,
             8,
             0,
-            format!(
-                "format version {version}, this kaping reads versions 1 and {SNAPSHOT_VERSION}"
-            ),
+            format!("format version {version}, this kaping reads versions 1 to {SNAPSHOT_VERSION}"),
         ));
     }
     let with_ext = version >= 2;
+    let with_registrar = version >= 3;
     let covered_seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if covered_seq != name_seq {
         return Err(bad(
@@ -256,6 +258,12 @@ pub(super) fn read(
                 Ok(c)
             })
             .and_then(|c| Ok((c, cur.history()?)))
+            .and_then(|(mut c, h)| {
+                if with_registrar {
+                    cur.registrar(&mut c)?;
+                }
+                Ok((c, h))
+            })
             .and_then(|ch| cur.finish().map(|()| ch))
             .map_err(|what| bad(path, offset, n, what))?;
         push(contact, history);

@@ -32,6 +32,7 @@ fn full_contact(i: u32, owner: &str) -> ContactRecord {
         socket: Some("udp:203.0.113.10:5060".into()),
         source: i.is_multiple_of(2).then(|| "socket".into()),
         keepalive: i.is_multiple_of(3).then(|| "crlf".into()),
+        registrar_expires: None,
     }
 }
 
@@ -485,6 +486,42 @@ fn add_of_an_existing_key_keeps_the_snapshot_history() {
 }
 
 #[test]
+fn registrar_contacts_come_back_from_a_snapshot_with_their_expiry() {
+    let tmp = TempDir::new().unwrap();
+    let (mut store, _) = open(tmp.path());
+    let control = full_contact(1, "r");
+    store.commit(&[Op::Add(control.clone())]).unwrap();
+    let fed = |i: u32, expires: u32| ContactRecord {
+        registrar_expires: Some(expires),
+        ..contact(i)
+    };
+    let (a, b) = (fed(10, 1_900_000_000), fed(11, 0));
+    let job = store.begin_snapshot().unwrap();
+    job.write(&[
+        (control.clone(), Some(history(1))),
+        (a.clone(), Some(history(2))),
+        (b.clone(), None),
+    ])
+    .unwrap();
+    // The operator adds b through the control socket: it is theirs now.
+    let b_control = ContactRecord {
+        registrar_expires: None,
+        ..b.clone()
+    };
+    store.commit(&[Op::Add(b_control.clone())]).unwrap();
+    drop(store);
+    let restored = reopen(tmp.path());
+    assert_eq!(
+        restored.contacts,
+        vec![
+            (control, Some(history(1))),
+            (a, Some(history(2))),
+            (b_control, None)
+        ]
+    );
+}
+
+#[test]
 fn snapshot_replaces_journal_and_removes_what_it_covers() {
     let tmp = TempDir::new().unwrap();
     let (mut store, _) = open(tmp.path());
@@ -772,6 +809,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             socket: ext.map(|e| format!("udp:203.0.113.{e}:5060")),
             source: ext.filter(|&e| e == 1).map(|_| "socket".into()),
             keepalive: ext.filter(|&e| e == 2).map(|_| "null".into()),
+            registrar_expires: None,
         });
     prop_oneof![
         6 => contact.clone().prop_map(Op::Add),
