@@ -407,6 +407,56 @@ fn liveness_of_registrar_contacts_survives_a_kaping_restart() {
     let _ = phones.wait();
 }
 
+#[test]
+fn expiry_follows_every_refresh() {
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let Some(_kamailio) = start_kamailio(&config(kam, node), kam) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, sock) = start_node(dir.path(), "k", node, base + 2, &[kam], &[]);
+    wait_stats(&sock, Duration::from_secs(10), |s| {
+        s["registrar"]["syncs_done"].as_u64() >= Some(1)
+    })
+    .unwrap_or_else(|s| panic!("no sync: {s}"));
+    // 8000: 2 s, then refreshed to 5 s (later). 8001: 120 s, then 2 s
+    // (sooner). 8002: 2 s, unregistered, then back for 120 s. 8003:
+    // 120 s and left alone.
+    let t = Instant::now();
+    register(kam, 8000, 2, 1);
+    register(kam, 8001, 120, 1);
+    register(kam, 8002, 2, 1);
+    register(kam, 8003, 120, 1);
+    register(kam, 8000, 5, 2);
+    register(kam, 8001, 2, 2);
+    register(kam, 8002, 0, 2);
+    register(kam, 8002, 120, 3);
+    let uri = |i: u32| format!("sip:u{i}@127.0.0.1:{}", 40_000 + i);
+    let s = wait_stats(&sock, Duration::from_secs(5), |s| {
+        s["registrar"]["expired"] == 1
+    })
+    .unwrap_or_else(|s| panic!("8001 never expired: {s}"));
+    let left = held_uris(&sock);
+    assert!(!left.contains(&uri(8001)), "{left:?}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(left.contains(&uri(8000)), "expired at its first time: {s}");
+    wait_stats(&sock, Duration::from_secs(6), |s| {
+        s["registrar"]["expired"] == 2
+    })
+    .unwrap_or_else(|s| panic!("8000 never expired: {s}"));
+    assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(1500));
+    let left = held_uris(&sock);
+    assert_eq!(
+        left,
+        [uri(8002), uri(8003)].into_iter().collect(),
+        "{}",
+        ctl(&sock, &["keepalive.stats"])
+    );
+}
+
 /// One JSON-RPC call over Kamailio's jsonrpcs datagram socket.
 fn kamailio_rpc(sock: &Path, method: &str, params: Value) -> Value {
     let dir = tempfile::tempdir().unwrap();

@@ -215,6 +215,8 @@ pub struct Registry {
     /// Registrar contacts by ruid: (ruid hash, location).
     ruids: HashTable<(u64, Loc)>,
     hasher: RandomState,
+    /// Contacts held, by [`Source`] (file, control, registrar).
+    by_source: [usize; 3],
 }
 
 impl Registry {
@@ -226,6 +228,7 @@ impl Registry {
             index: HashTable::new(),
             ruids: HashTable::new(),
             hasher: RandomState::new(),
+            by_source: [0; 3],
         }
     }
 
@@ -268,7 +271,9 @@ impl Registry {
             "key already present"
         );
         let hash = Self::hash(&self.hasher, entry.rec.aor(), entry.rec.uri());
+        let source = entry.source as usize;
         let handle = self.slabs[worker as usize].insert(entry)?;
+        self.by_source[source] += 1;
         let loc = Loc { worker, handle };
         self.index.insert_unique(hash, (hash, loc), |&(h, _)| h);
         Ok(loc)
@@ -287,6 +292,7 @@ impl Registry {
                 found.remove();
             }
         }
+        self.by_source[e.source as usize] -= 1;
         self.slabs[loc.worker as usize].remove(loc.handle)
     }
 
@@ -345,6 +351,11 @@ impl Registry {
         if let Some(e) = self.slabs[loc.worker as usize].get_mut(loc.handle) {
             e.ruid = hash;
         }
+    }
+
+    /// Contacts held that came from `source`.
+    pub fn count(&self, source: Source) -> usize {
+        self.by_source[source as usize]
     }
 
     /// Contacts held, over all workers.

@@ -14,7 +14,13 @@
 //!   ruid (reported `removed`); a delete for a contact kaping does not
 //!   hold changes nothing.
 //! * Expiry is not replicated by Kamailio: every [`EXPIRY_SWEEP`] the
-//!   contacts of the feed past their `expires` are removed.
+//!   contacts of the feed past their `expires` are removed. They are found
+//!   in a min-heap of (expiry, location), one item per contact, rescheduled
+//!   lazily: a refresh that moves the expiry later changes only the entry,
+//!   and the item, once due, is pushed again with the entry's new expiry;
+//!   only an expiry moved earlier (or a new location) pushes an item. So a
+//!   sweep costs the contacts due, not a scan of a million (12 bytes a
+//!   contact).
 //! * A full sync (after joining, or when a registrar restarted) opens a new
 //!   epoch; every record it brings is stamped with it. Once the sync is
 //!   complete and `dmq_grace` has passed, the feed's contacts it did not
@@ -23,6 +29,8 @@
 //!
 //! Never blocks: the feed is drained with `try_recv` in the main loop.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +38,8 @@ use crossbeam::channel::{self, Receiver};
 
 use super::control::{UpsertError, Upserted};
 use super::{err, Daemon, DaemonError};
-use crate::control::registry::Source;
+use crate::control::registry::{Loc, Source};
+use crate::engine::slab::Handle;
 use crate::registrar::node::{Feed, Node};
 use crate::registrar::rpc::{Removal, Remover};
 use crate::registrar::usrloc::{Action, Change};
@@ -77,6 +86,9 @@ pub(super) struct FeedState {
     pub guard: Guard,
     /// Contacts of the feed at the last sweep.
     registered: u64,
+    /// When contacts of the feed expire: (unix s, worker, slot,
+    /// generation), earliest first; see the module documentation.
+    expiry: BinaryHeap<Reverse<(u32, u8, u32, u16)>>,
     /// Items taken off the channel while the main loop waited on it.
     stashed: Vec<Feed>,
 }
@@ -140,7 +152,20 @@ impl Daemon {
             },
             registered: 0,
             stashed: Vec::new(),
+            expiry: BinaryHeap::new(),
         });
+        // Contacts restored from the state directory expire too.
+        let restored: Vec<(Loc, u32)> = self
+            .ctl
+            .registry
+            .iter()
+            .flat_map(|r| r.iter_from(0))
+            .filter(|(_, e)| e.source == Source::Registrar)
+            .map(|(loc, e)| (loc, e.expires_s))
+            .collect();
+        for (loc, expires_s) in restored {
+            self.schedule_expiry(loc, expires_s);
+        }
         if let Some(rpc) = self.settings.registrar_rpc.clone() {
             let remover = Remover::start(
                 rpc.clone(),
@@ -338,9 +363,19 @@ impl Daemon {
                             Upserted::Updated => f.stats.updated += 1,
                             Upserted::Unchanged => f.stats.refreshed += 1,
                         }
+                        let mut earlier = false;
                         if let Some(e) = self.registry_entry_mut(placed.loc) {
+                            // A new location (added, updated) has no item
+                            // yet; a refresh needs one only when it expires
+                            // sooner than before (see the module docs).
+                            earlier = placed.status != Upserted::Unchanged
+                                || e.expires_s == 0
+                                || expires_s < e.expires_s;
                             e.expires_s = expires_s;
                             e.sync_epoch = epoch;
+                        }
+                        if earlier {
+                            self.schedule_expiry(placed.loc, expires_s);
                         }
                         if let Some(reg) = self.ctl.registry.as_mut() {
                             reg.set_ruid(placed.loc, &c.ruid);
@@ -358,6 +393,56 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Files a contact of the feed under its expiry (0: never expires).
+    fn schedule_expiry(&mut self, loc: Loc, expires_s: u32) {
+        if expires_s == 0 {
+            return;
+        }
+        if let Some(f) = self.feed.as_mut() {
+            let h = loc.handle;
+            f.expiry
+                .push(Reverse((expires_s, loc.worker, h.slot, h.generation)));
+        }
+    }
+
+    /// The contacts of the feed whose expiry has come, from the heap.
+    fn take_expired(&mut self, now_s: u64) -> Vec<Loc> {
+        let mut expired = Vec::new();
+        let Some(f) = self.feed.as_mut() else {
+            return expired;
+        };
+        let Some(reg) = self.ctl.registry.as_ref() else {
+            return expired;
+        };
+        while let Some(&Reverse((at, worker, slot, generation))) = f.expiry.peek() {
+            if u64::from(at) > now_s {
+                break;
+            }
+            f.expiry.pop();
+            let loc = Loc {
+                worker,
+                handle: Handle { slot, generation },
+            };
+            // Gone (or its slot reused: another generation), or no longer
+            // the feed's: nothing to do.
+            let Some(e) = reg.get(loc).filter(|e| e.source == Source::Registrar) else {
+                continue;
+            };
+            if e.expires_s == 0 || e.expires_s < at {
+                // Never expires now, or filed again under its earlier time.
+                continue;
+            }
+            if u64::from(e.expires_s) <= now_s {
+                expired.push(loc);
+            } else {
+                // Refreshed since it was filed: file it under its new time.
+                f.expiry
+                    .push(Reverse((e.expires_s, worker, slot, generation)));
+            }
+        }
+        expired
     }
 
     /// Removes expired contacts of the feed, and after a completed sync
@@ -379,23 +464,24 @@ impl Daemon {
         }
         f.last_expiry_sweep = now;
         let now_s = unix_s();
+        let expired = self.take_expired(now_s);
         let Some(reg) = self.ctl.registry.as_ref() else {
             return;
         };
-        let mut expired = Vec::new();
-        let mut unrefreshed = Vec::new();
-        let mut registered = 0u64;
-        for (loc, e) in reg.iter_from(0) {
-            if e.source != Source::Registrar {
-                continue;
-            }
-            registered += 1;
-            if e.expires_s != 0 && u64::from(e.expires_s) <= now_s {
-                expired.push(loc);
-            } else if stale.is_some_and(|epoch| e.sync_epoch < epoch) {
-                unrefreshed.push(loc);
-            }
-        }
+        // The only full scan: once per completed sync.
+        let unrefreshed: Vec<Loc> = match stale {
+            Some(epoch) => reg
+                .iter_from(0)
+                .filter(|(_, e)| {
+                    // The expired ones are in `expired` already.
+                    let due = e.expires_s != 0 && u64::from(e.expires_s) <= now_s;
+                    e.source == Source::Registrar && e.sync_epoch < epoch && !due
+                })
+                .map(|(loc, _)| loc)
+                .collect(),
+            None => Vec::new(),
+        };
+        let registered = reg.count(Source::Registrar) as u64;
         let f = self.feed.as_mut().expect("feed");
         f.registered = registered;
         f.stats.expired += expired.len() as u64;
