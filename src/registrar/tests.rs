@@ -573,3 +573,134 @@ proptest::proptest! {
         }
     }
 }
+
+/// A JSON value of any type a hostile or broken peer could put where a
+/// record field goes.
+fn any_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        (0u64..5).prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<i64>().prop_map(|n| json!(n)),
+        Just(json!(-1)),
+        Just(json!(1.5)),
+        Just(json!("")),
+        "[a-z:@.0-9]{1,12}".prop_map(Value::String),
+        Just(Value::String("x".repeat(FIELD_LEN_MAX + 1))),
+        Just(Value::String("esc\"aped\\\n\u{e9}".into())),
+    ];
+    leaf.prop_recursive(2, 8, 3, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z]{1,3}", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A record: some of the fields Kamailio sends, with values of any type,
+/// mostly of the right one.
+fn any_record() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+    const NAMES: [&str; 20] = [
+        "action",
+        "aor",
+        "ruid",
+        "c",
+        "received",
+        "path",
+        "sockname",
+        "expires",
+        "callid",
+        "cseq",
+        "flags",
+        "cflags",
+        "q",
+        "last_modified",
+        "server_id",
+        "user_agent",
+        "instance",
+        "reg_id",
+        "methods",
+        "other",
+    ];
+    let field = (0usize..NAMES.len(), any_value(), 0u8..4).prop_map(|(i, v, good)| {
+        let v = match (good, NAMES[i]) {
+            (0, _) => v,
+            (_, "action") => json!(good % 4),
+            (_, "aor" | "ruid" | "c" | "callid") => json!(format!("{}-{good}", NAMES[i])),
+            (_, "expires" | "cseq" | "flags" | "q") => json!(good),
+            _ => v,
+        };
+        (NAMES[i].to_string(), v)
+    });
+    proptest::collection::vec(field, 0..12)
+        .prop_map(|fields| Value::Object(fields.into_iter().collect::<Map<_, _>>()))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
+    /// The one-pass reader says exactly what the `Value` tree reader says,
+    /// for single records, batches and what is neither.
+    #[test]
+    fn the_fast_usrloc_reader_agrees_with_the_value_reader(
+        record in any_record(),
+        batch in proptest::collection::vec(("[0-9]{1,2}|x", any_record()), 0..5),
+        shape in 0u8..4,
+        junk in any_value(),
+    ) {
+        let body = match shape {
+            0 => record,
+            1 => serde_json::json!({ "multi": batch.into_iter().collect::<serde_json::Map<_, _>>(), "action": 1 }),
+            2 => serde_json::json!({ "multi": junk }),
+            _ => junk,
+        };
+        let text = serde_json::to_vec(&body).unwrap();
+        proptest::prop_assert_eq!(parse_body(&text), parse_body_values(&text), "{}", body);
+    }
+}
+
+#[test]
+fn the_fast_usrloc_reader_agrees_on_every_fixture_and_edge() {
+    let mut bodies: Vec<Vec<u8>> = FIXTURES
+        .iter()
+        .filter_map(|(_, f)| parse_message(f).ok().map(|m| m.body.to_vec()))
+        .collect();
+    for b in [
+        &br#"{"action":1,"aor":"a","ruid":"r","c":"sip:a@h","expires":5,"aor":"b"}"#[..],
+        br#"{"\u0061ction":3}"#,
+        br#"{"multi":{"2":{"action":1,"aor":"a","ruid":"r2","c":"sip:b@h","expires":1},"1":{"action":2,"aor":"a","ruid":"r1"},"1":{"action":1,"aor":"a","ruid":"r1","c":"sip:a@h","expires":1}}}"#,
+        br#"{"multi":null}"#,
+        br#"{"multi":[]}"#,
+        br#"{"multi":{"1":3}}"#,
+        br#"[{"action":3}]"#,
+        br#""action""#,
+        br#"{"action":3} x"#,
+        br#"{"action":1,"aor":"a","ruid":"r","c":"sip:a@h","expires":18446744073709551616}"#,
+        br#"{"action":1,"aor":"a","ruid":"r","c":"sip:a@h","expires":1,"q":-1000}"#,
+        br#"{"action":1,"aor":"a","ruid":"r","c":"sip:a@h","expires":1,"q":9223372036854775808}"#,
+    ] {
+        bodies.push(b.to_vec());
+    }
+    let mut deep = Vec::new();
+    deep.extend_from_slice(br#"{"action":1,"x":"#);
+    deep.extend(std::iter::repeat_n(b'[', 200));
+    bodies.push(deep);
+    let big: serde_json::Map<String, serde_json::Value> = (0..CHANGES_MAX + 1)
+        .map(|i| (i.to_string(), serde_json::json!({"action": 0})))
+        .collect();
+    bodies.push(serde_json::to_vec(&serde_json::json!({ "multi": big })).unwrap());
+    for b in &bodies {
+        assert_eq!(
+            parse_body(b),
+            parse_body_values(b),
+            "{}",
+            String::from_utf8_lossy(b)
+        );
+    }
+}
