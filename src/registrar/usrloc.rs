@@ -345,6 +345,8 @@ fn read_record<'de, A: MapAccess<'de>>(
 }
 
 /// The body: a record (or a sync request), maybe a `multi` batch.
+// Made once a body, on the stack: a box would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Root<'a> {
     Object {
         record: Record<'a>,
@@ -404,6 +406,8 @@ enum Multi<'a> {
     NotObject,
 }
 
+// One per batch entry in one vector: a box each would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum RecordOrNot<'a> {
     Record(Record<'a>),
     NotObject,
