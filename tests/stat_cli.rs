@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use kaping::shm::layout::{
     bucket_index, percentile, Counter, Header, SlotRecord, HIST_BUCKETS, SLOT_DOWN, SLOT_REMOVED,
-    SLOT_UNKNOWN, SLOT_UP,
+    SLOT_UNKNOWN, SLOT_UP, VERSION,
 };
 use kaping::shm::writer::{unix_now_ms, ShmConfig, ShmFile, WorkerShm};
 use kaping::timefmt::rfc3339_ms;
@@ -689,7 +689,7 @@ fn check_prometheus_page(page: &str, up: f64) {
     );
     assert_eq!(
         m[&format!(
-            "kaping_info{{instance=\"edge-1\",backend=\"io_uring\",pid=\"{}\",layout_version=\"2\",shard=\"\"}}",
+            "kaping_info{{instance=\"edge-1\",backend=\"io_uring\",pid=\"{}\",layout_version=\"{VERSION}\",shard=\"\"}}",
             std::process::id()
         )],
         1.0
