@@ -1023,6 +1023,7 @@ impl Daemon {
             self.drain_events();
             self.drain_feed();
             if last_beat.elapsed() >= Duration::from_secs(1) {
+                self.publish_registrar();
                 self.shm.heartbeat();
                 tick();
                 last_beat = Instant::now();
@@ -1066,6 +1067,7 @@ impl Daemon {
         }
         self.drain_events();
         self.final_snapshot();
+        self.publish_registrar();
         self.shm.heartbeat();
         self.shm.mark_stopped();
         failure.map_or(Ok(()), Err)

@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kaping::shm::layout::{
-    bucket_index, percentile, Counter, Header, SlotRecord, HIST_BUCKETS, SLOT_DOWN, SLOT_REMOVED,
-    SLOT_UNKNOWN, SLOT_UP,
+    bucket_index, percentile, Counter, Header, RegistrarFigures, RegistrarStat, SlotRecord,
+    HEADER_SIZE, HIST_BUCKETS, SLOT_DOWN, SLOT_REMOVED, SLOT_UNKNOWN, SLOT_UP, VERSION,
 };
+use kaping::shm::reader::ShmReader;
 use kaping::shm::writer::{unix_now_ms, ShmConfig, ShmFile, WorkerShm};
 use kaping::timefmt::rfc3339_ms;
 use kaping::wire::reply::Reject;
@@ -235,6 +236,43 @@ fn fixture() -> Fixture {
     }
 }
 
+/// The registrar figures the fixture publishes when the feed is on: every
+/// figure a different number (11, 22, 33, ... by index), 1,234 contacts, and
+/// the guard tripped when `removal` is on.
+fn registrar_figures(removal: bool) -> RegistrarFigures {
+    let mut r = RegistrarFigures::default();
+    for s in RegistrarStat::ALL {
+        if !s.is_gauge() && (removal || s.index() < RegistrarStat::RemovalsSent.index()) {
+            r.set(s, 11 * (s.index() as u64 + 1));
+        }
+    }
+    r.set(RegistrarStat::Contacts, 1_234);
+    r.set(RegistrarStat::FeedConfigured, 1);
+    r.set(RegistrarStat::RemovalConfigured, u64::from(removal));
+    r.set(RegistrarStat::GuardTripped, u64::from(removal));
+    r
+}
+
+/// Rewrites `path` as the version 2 file the same daemon wrote before the
+/// registrar block existed: version 2, the header's tail zero, no block.
+fn make_version_2(path: &Path) {
+    let g = *ShmReader::open(path).unwrap().geometry();
+    patch(path, offset_of!(Header, version), &2u32.to_ne_bytes());
+    let tail = offset_of!(Header, registrar_offset);
+    patch(path, tail, &vec![0u8; HEADER_SIZE - tail]);
+    patch(
+        path,
+        offset_of!(Header, file_size),
+        &g.registrar_offset.to_ne_bytes(),
+    );
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(g.registrar_offset)
+        .unwrap();
+}
+
 fn expected_hist() -> Vec<u64> {
     let mut h = vec![0u64; HIST_BUCKETS];
     for samples in RTTS {
@@ -373,6 +411,8 @@ fn summary_text_shows_every_figure() {
         out.contains("rejects: not_sip 3, bad_tag 1, forged 1"),
         "{out}"
     );
+    // No feed, no registrar section.
+    assert!(!out.contains("registrar"), "{out}");
 }
 
 #[test]
@@ -452,6 +492,152 @@ fn summary_json_has_every_field_with_its_value() {
     }
     assert_eq!(pw[0]["contacts"], 5);
     assert_eq!(pw[1]["contacts"], 2);
+    assert_eq!(v["layout_version"], VERSION);
+    assert_eq!(v["registrar"], Value::Null, "no feed: {v}");
+}
+
+#[test]
+fn the_registrar_feed_shows_in_every_view() {
+    let mut f = fixture();
+    f.shm.write_registrar(&registrar_figures(true));
+    let out = ok_stdout(&f.path, &["--interval", "0"]);
+    println!("{out}");
+    let lines: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("registrar feed:"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "registrar feed: 1,234 contacts; added 11, updated 22, refreshed 33, deleted 44 \
+             (55 unknown), expired 66, dropped after a sync 77, other shards 88, refused 99",
+            "  dmq: syncs 110 done of 198 asked (220 refused, 231 unanswered), joins 187, \
+             requests 132, records 176, duplicates 143, not from a peer 154, rejected 165, \
+             other channels 209",
+            "  removal: guard TRIPPED, removals withheld (264 trips); sent 242, removed 275, \
+             not found 286, failed 297, withheld 253 (308 attempts unanswered)",
+        ],
+        "{out}"
+    );
+
+    let v = json_of(&f.path, &["--json", "--interval", "0"]);
+    let r = v["registrar"].as_object().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(r.len(), RegistrarStat::COUNT);
+    let want = registrar_figures(true);
+    for s in RegistrarStat::ALL {
+        if s.is_flag() {
+            assert_eq!(r[s.name()], Value::Bool(want.flag(s)), "{}", s.name());
+        } else {
+            assert_eq!(r[s.name()], want.get(s), "{}", s.name());
+        }
+    }
+    assert_eq!(r["removed"], 275);
+    assert_eq!(r["guard_tripped"], true);
+    assert_eq!(r["contacts"], 1_234);
+
+    let m = parse_metrics(&ok_stdout(&f.path, &["prometheus", "--once"]));
+    for (series, value) in [
+        ("kaping_registrar_contacts", 1_234.0),
+        ("kaping_registrar_changes_total{kind=\"added\"}", 11.0),
+        (
+            "kaping_registrar_changes_total{kind=\"delete_unknown\"}",
+            55.0,
+        ),
+        ("kaping_registrar_changes_total{kind=\"refused\"}", 99.0),
+        ("kaping_registrar_syncs_completed_total", 110.0),
+        ("kaping_registrar_sync_requests_total", 198.0),
+        ("kaping_registrar_sync_requests_refused_total", 220.0),
+        ("kaping_registrar_sync_requests_unanswered_total", 231.0),
+        ("kaping_registrar_dmq_datagrams_received_total", 121.0),
+        ("kaping_registrar_dmq_requests_total", 132.0),
+        ("kaping_registrar_dmq_records_received_total", 176.0),
+        ("kaping_registrar_dmq_joins_total", 187.0),
+        (
+            "kaping_registrar_dmq_discarded_total{cause=\"duplicate\"}",
+            143.0,
+        ),
+        (
+            "kaping_registrar_dmq_discarded_total{cause=\"not_peer\"}",
+            154.0,
+        ),
+        (
+            "kaping_registrar_dmq_discarded_total{cause=\"rejected\"}",
+            165.0,
+        ),
+        (
+            "kaping_registrar_dmq_discarded_total{cause=\"other_channel\"}",
+            209.0,
+        ),
+        ("kaping_registrar_removals_sent_total", 242.0),
+        (
+            "kaping_registrar_removals_total{outcome=\"withheld\"}",
+            253.0,
+        ),
+        (
+            "kaping_registrar_removals_total{outcome=\"removed\"}",
+            275.0,
+        ),
+        (
+            "kaping_registrar_removals_total{outcome=\"not_found\"}",
+            286.0,
+        ),
+        ("kaping_registrar_removals_total{outcome=\"failed\"}", 297.0),
+        ("kaping_registrar_removal_attempts_unanswered_total", 308.0),
+        ("kaping_registrar_removal_guard_trips_total", 264.0),
+        ("kaping_registrar_removal_guard_tripped", 1.0),
+    ] {
+        assert_eq!(m.get(series), Some(&value), "{series}");
+    }
+    assert_eq!(
+        m.keys()
+            .filter(|k| k.starts_with("kaping_registrar_"))
+            .count(),
+        9 + 4 + 8 + 4 + 3 + 2,
+        "one series per figure"
+    );
+}
+
+#[test]
+fn a_feed_without_removal_shows_no_removal_figures() {
+    let mut f = fixture();
+    f.shm.write_registrar(&registrar_figures(false));
+    let out = ok_stdout(&f.path, &["--interval", "0"]);
+    assert!(
+        out.contains("registrar feed: 1,234 contacts; added 11,"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\n  removal: off (no registrar_rpc)\n"),
+        "{out}"
+    );
+    let v = json_of(&f.path, &["--json", "--interval", "0"]);
+    assert_eq!(v["registrar"]["removal_configured"], false, "{v}");
+    assert_eq!(v["registrar"]["removed"], 0, "{v}");
+    let page = ok_stdout(&f.path, &["prometheus", "--once"]);
+    let m = parse_metrics(&page);
+    assert_eq!(m["kaping_registrar_changes_total{kind=\"added\"}"], 11.0);
+    assert!(!page.contains("removal"), "{page}");
+}
+
+#[test]
+fn a_version_2_file_is_read_without_registrar_figures() {
+    let mut f = fixture();
+    // Whatever the block held goes with it.
+    f.shm.write_registrar(&registrar_figures(true));
+    make_version_2(&f.path);
+    let v = json_of(&f.path, &["--json", "--interval", "0"]);
+    assert_eq!(v["layout_version"], 2);
+    assert_eq!(v["registrar"], Value::Null, "{v}");
+    assert_eq!(v["sent"], 1_500);
+    assert_eq!(v["contacts"], 7);
+    let out = ok_stdout(&f.path, &["--interval", "0"]);
+    assert!(out.contains("contacts 7: up 5"), "{out}");
+    assert!(!out.contains("registrar"), "{out}");
+    let page = ok_stdout(&f.path, &["prometheus", "--once"]);
+    assert!(page.contains("layout_version=\"2\""), "{page}");
+    assert!(!page.contains("kaping_registrar_"), "{page}");
+    let dump = ok_stdout(&f.path, &["dump"]);
+    assert_eq!(dump.lines().count(), CONTACTS.len(), "{dump}");
 }
 
 #[test]
@@ -689,7 +875,7 @@ fn check_prometheus_page(page: &str, up: f64) {
     );
     assert_eq!(
         m[&format!(
-            "kaping_info{{instance=\"edge-1\",backend=\"io_uring\",pid=\"{}\",layout_version=\"2\",shard=\"\"}}",
+            "kaping_info{{instance=\"edge-1\",backend=\"io_uring\",pid=\"{}\",layout_version=\"{VERSION}\",shard=\"\"}}",
             std::process::id()
         )],
         1.0
@@ -758,9 +944,24 @@ fn check_prometheus_page(page: &str, up: f64) {
 
 #[test]
 fn prometheus_once_is_well_formed_and_exact() {
-    let f = fixture();
+    let mut f = fixture();
     let page = ok_stdout(&f.path, &["prometheus", "--once"]);
     check_prometheus_page(&page, 1.0);
+    assert!(!page.contains("kaping_registrar_"), "no feed: {page}");
+    promtool_check(&page);
+    // With the feed and removal on, every registrar family is linted too.
+    f.shm.write_registrar(&registrar_figures(true));
+    let page = ok_stdout(&f.path, &["prometheus", "--once"]);
+    check_prometheus_page(&page, 1.0);
+    assert!(
+        page.contains("kaping_registrar_removals_total{outcome=\"removed\"} 275"),
+        "{page}"
+    );
+    promtool_check(&page);
+}
+
+/// `promtool check metrics` accepts `page` (SKIP when promtool is missing).
+fn promtool_check(page: &str) {
     let promtool = Command::new("promtool").arg("--version").output();
     if promtool.is_err() {
         println!("SKIP promtool not installed");

@@ -27,9 +27,14 @@
 //! says why (`stopped` cleanly, `stale` heartbeat: crashed or hung, or
 //! `no_heartbeat`) and still shows the last figures.
 //!
+//! A daemon that runs the registrar feed (`--dmq`) adds a `registrar feed`
+//! section to the summary: what the feed did to the contacts, the DMQ node's
+//! health, and removal from the registrar with its guard.
+//!
 //! Exit status: 0 on success (whatever the daemon's state); 1 with one line on
-//! stderr when the file is missing, not a kaping file, of another layout
-//! version or corrupt, or when `get` finds nothing; 2 for usage errors.
+//! stderr when the file is missing, not a kaping file, of a layout version
+//! this build does not read (it reads 2 and 3) or corrupt, or when `get` finds
+//! nothing; 2 for usage errors.
 //!
 //! # Summary JSON (`kaping-stat --json`)
 //!
@@ -69,6 +74,7 @@
 //! | `rates` | object: per-second rate of every event counter above (`sent`, `matched`, `timeouts`, ...); null if sampled once |
 //! | `rejects` | object: datagrams rejected by cause (`not_sip`, `bad_tag`, `forged`, ...) |
 //! | `per_worker` | array, one object per worker: `worker`, the contact and event fields above, the `rtt_*` fields, `string_bytes_used`, and `rates` when sampled twice |
+//! | `registrar` | the registrar feed (`--dmq`), null when the daemon does not run it (or the file is of layout version 2): one key per figure of the shm registrar block (`kaping::shm::layout::RegistrarStat` names: `added`, `updated`, `refreshed`, `deleted`, `delete_unknown`, `expired`, `stale_after_sync`, `other_shard`, `refused`, `syncs_done`; the DMQ node's `received`, `requests`, `duplicates`, `not_peer`, `rejected`, `changes`, `joins`, `syncs`, `other_channels`, `sync_refused`, `sync_unanswered`; removal's `removals_sent`, `removals_withheld`, `guard_trips`, `removed`, `remove_not_found`, `remove_failed`, `remove_unanswered`; the gauge `contacts`), and the booleans `guard_tripped`, `feed_configured`, `removal_configured` |
 //!
 //! # Contact JSON (`get --json`, `dump --json`: one object per line)
 //!
@@ -99,6 +105,25 @@
 //! `kaping_rejects_total{worker,reason}`, `kaping_string_bytes_used{worker}`,
 //! and the histogram `kaping_rtt_seconds` (all workers, 21 bounds from 250 µs
 //! to 5 s). While the file cannot be opened the page is `kaping_up 0`.
+//!
+//! A daemon that runs the registrar feed adds `kaping_registrar_contacts`,
+//! `kaping_registrar_changes_total{kind}` (`added`, `updated`, `refreshed`,
+//! `deleted`, `delete_unknown`, `expired`, `stale_after_sync`, `other_shard`,
+//! `refused`), `kaping_registrar_syncs_completed_total`,
+//! `kaping_registrar_sync_requests_total`,
+//! `kaping_registrar_sync_requests_refused_total`,
+//! `kaping_registrar_sync_requests_unanswered_total`,
+//! `kaping_registrar_dmq_datagrams_received_total`,
+//! `kaping_registrar_dmq_requests_total`,
+//! `kaping_registrar_dmq_records_received_total`,
+//! `kaping_registrar_dmq_joins_total` and
+//! `kaping_registrar_dmq_discarded_total{cause}` (`duplicate`, `not_peer`,
+//! `rejected`, `other_channel`); with removal on (`registrar_rpc`) also
+//! `kaping_registrar_removals_total{outcome}` (`removed`, `not_found`,
+//! `failed`, `withheld`), `kaping_registrar_removals_sent_total`,
+//! `kaping_registrar_removal_attempts_unanswered_total`,
+//! `kaping_registrar_removal_guard_trips_total` and the gauge
+//! `kaping_registrar_removal_guard_tripped`.
 #![forbid(unsafe_code)]
 
 #[path = "stat/contacts.rs"]

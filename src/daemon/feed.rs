@@ -43,6 +43,7 @@ use crate::engine::slab::Handle;
 use crate::registrar::node::{Feed, Node};
 use crate::registrar::rpc::{Removal, Remover};
 use crate::registrar::usrloc::{Action, Change};
+use crate::shm::layout::{RegistrarFigures, RegistrarStat};
 use crate::state::ContactRecord;
 
 /// How often expired contacts of the feed are looked for.
@@ -527,5 +528,75 @@ impl Daemon {
     )> {
         let f = self.feed.as_ref()?;
         Some((f.stats, f.node.counters.snapshot()))
+    }
+}
+
+impl Daemon {
+    /// The feed's figures as the shm registrar block publishes them (for
+    /// `kaping-stat`); `None` without the feed.
+    pub(super) fn registrar_figures(&self) -> Option<RegistrarFigures> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = self.feed.as_ref()?;
+        let n = &f.node.counters;
+        let st = &f.stats;
+        let mut out = RegistrarFigures::default();
+        for (s, v) in [
+            (RegistrarStat::Added, st.added),
+            (RegistrarStat::Updated, st.updated),
+            (RegistrarStat::Refreshed, st.refreshed),
+            (RegistrarStat::Deleted, st.deleted),
+            (RegistrarStat::DeleteUnknown, st.delete_unknown),
+            (RegistrarStat::Moved, st.moved),
+            (RegistrarStat::Expired, st.expired),
+            (RegistrarStat::StaleAfterSync, st.stale_after_sync),
+            (RegistrarStat::OtherShard, st.other_shard),
+            (RegistrarStat::Refused, st.refused),
+            (RegistrarStat::SyncsDone, st.syncs_done),
+            (RegistrarStat::Received, n.received.load(Relaxed)),
+            (RegistrarStat::Requests, n.requests.load(Relaxed)),
+            (RegistrarStat::Duplicates, n.duplicates.load(Relaxed)),
+            (RegistrarStat::NotPeer, n.not_peer.load(Relaxed)),
+            (RegistrarStat::Rejected, n.rejected.load(Relaxed)),
+            (RegistrarStat::Changes, n.changes.load(Relaxed)),
+            (RegistrarStat::Joins, n.joins.load(Relaxed)),
+            (RegistrarStat::Syncs, n.syncs.load(Relaxed)),
+            (RegistrarStat::OtherChannels, n.other_channels.load(Relaxed)),
+            (RegistrarStat::SyncRefused, n.sync_refused.load(Relaxed)),
+            (RegistrarStat::PeerRestarts, n.peer_restarts.load(Relaxed)),
+            (
+                RegistrarStat::SyncUnanswered,
+                n.sync_unanswered.load(Relaxed),
+            ),
+            (RegistrarStat::Contacts, f.registered),
+            (RegistrarStat::FeedConfigured, 1),
+        ] {
+            out.set(s, v);
+        }
+        if let Some(r) = &f.remover {
+            let c = &r.counters;
+            for (s, v) in [
+                (RegistrarStat::RemovalsSent, f.guard.sent),
+                (RegistrarStat::RemovalsWithheld, f.guard.withheld),
+                (RegistrarStat::GuardTrips, f.guard.trips),
+                (RegistrarStat::Removed, c.removed.load(Relaxed)),
+                (RegistrarStat::RemoveNotFound, c.not_found.load(Relaxed)),
+                (RegistrarStat::RemoveFailed, c.failed.load(Relaxed)),
+                (RegistrarStat::RemoveUnanswered, c.unanswered.load(Relaxed)),
+                (RegistrarStat::GuardTripped, u64::from(f.guard.tripped)),
+                (RegistrarStat::RemovalConfigured, 1),
+            ] {
+                out.set(s, v);
+            }
+        }
+        Some(out)
+    }
+
+    /// Writes the feed's figures into the shm file (with the heartbeat, and
+    /// once more when stopping); nothing without the feed, whose block then
+    /// stays zero.
+    pub(super) fn publish_registrar(&mut self) {
+        if let Some(f) = self.registrar_figures() {
+            self.shm.write_registrar(&f);
+        }
     }
 }

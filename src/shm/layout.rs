@@ -8,6 +8,7 @@
 //! workers_offset           WorkerBlock × W   (counters, reject counters, RTT histogram)
 //! slots_offset             Slot × S × W      (worker w's slots at slots_offset + w·slots_stride)
 //! strings_offset           bytes × B × W     (worker w's strings at strings_offset + w·strings_stride)
+//! registrar_offset         RegistrarBlock    (version 3: the registrar feed's figures)
 //! file_size                end of file
 //! ```
 //!
@@ -16,6 +17,16 @@
 //! reader can verify them against that function and the file length before it
 //! trusts a single byte. Every region starts on a 64-byte cache line, so one
 //! worker's writes never share a line with another worker's data.
+//!
+//! # Versions
+//!
+//! Version 3 appended the [`RegistrarBlock`] after the string regions and
+//! three header fields in what was the header's tail padding; nothing before
+//! it moved. A version 2 file is therefore a version 3 file without the
+//! block: same 256-byte header (those three fields zero), same offsets,
+//! `file_size` ending at the strings. Readers accept both
+//! ([`VERSION_READ_MIN`]..=[`VERSION`], [`Geometry::for_version`]); a version 2
+//! file simply has no registrar figures.
 //!
 //! # Invariants
 //!
@@ -50,7 +61,9 @@ pub const MAGIC: [u8; 8] = *b"KAPINGSH";
 /// [`MAGIC`] as the native-endian word stored in [`Header::magic`].
 pub const MAGIC_WORD: u64 = u64::from_ne_bytes(MAGIC);
 /// Layout version; bumped on any change to this file's types or encodings.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The oldest layout version readers still open (see "Versions" above).
+pub const VERSION_READ_MIN: u32 = 2;
 
 /// Slot states. The values match `engine::liveness::State` (`Unknown = 1` ..).
 pub const SLOT_FREE: u8 = 0;
@@ -491,6 +504,250 @@ const _: () = assert!(offset_of!(WorkerBlock, hist) % CACHE_LINE == 0);
 const _: () = assert!(Counter::COUNT <= COUNTER_WORDS);
 
 // ---------------------------------------------------------------------------
+// Registrar block (version 3)
+// ---------------------------------------------------------------------------
+
+/// The registrar feed's figures (DESIGN §11: `--dmq`, `--registrar-rpc`),
+/// published by the daemon's main thread about once a second with the
+/// heartbeat. The discriminant is the index into [`RegistrarBlock::words`];
+/// new entries are appended (and bump [`VERSION`]). Counters are totals since
+/// the daemon started; the entries documented as gauges are current values,
+/// the three flags 0 or 1. With no feed configured the whole block stays zero.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RegistrarStat {
+    // What the feed did to kaping's contacts (`daemon::feed`).
+    /// Contacts added from the feed.
+    Added,
+    /// Contacts updated in place (liveness kept).
+    Updated,
+    /// Records that changed nothing but the expiry.
+    Refreshed,
+    /// Contacts deleted by the registrar.
+    Deleted,
+    /// Deletes of a contact kaping did not hold.
+    DeleteUnknown,
+    /// Contacts replaced by a record of the same ruid with another URI.
+    Moved,
+    /// Contacts removed when their own `expires` passed.
+    Expired,
+    /// Contacts dropped after a full sync that did not refresh them.
+    StaleAfterSync,
+    /// Records left to another shard (`--shard`).
+    OtherShard,
+    /// Records kaping could not ping (bad URI, full slab, ...).
+    Refused,
+    /// Full syncs completed.
+    SyncsDone,
+    // The DMQ node (`registrar::node::NodeCounters`).
+    /// Datagrams received on the node's socket.
+    Received,
+    /// KDMQ requests from peers and the nodes they announce.
+    Requests,
+    /// Retransmitted requests (answered again, not applied).
+    Duplicates,
+    /// KDMQ from an address that is neither a peer nor announced (unanswered).
+    NotPeer,
+    /// Datagrams or bodies that do not parse, or are too large.
+    Rejected,
+    /// usrloc records received.
+    Changes,
+    /// Peers joined.
+    Joins,
+    /// Full syncs asked for.
+    Syncs,
+    /// Requests on other DMQ channels (answered, ignored).
+    OtherChannels,
+    /// Sync requests answered with an error (asked again).
+    SyncRefused,
+    /// Sync requests never answered, taken as complete once the records stopped.
+    SyncUnanswered,
+    /// Peers found to have forgotten kaping (restarted), synced from again.
+    PeerRestarts,
+    // Removal from the registrar (`--registrar-rpc`, `registrar::rpc`).
+    /// Removals the guard let through to the registrar.
+    RemovalsSent,
+    /// Removals the guard withheld.
+    RemovalsWithheld,
+    /// Times the guard tripped.
+    GuardTrips,
+    /// Removals the registrar confirmed.
+    Removed,
+    /// Removals of a contact the registrar no longer had.
+    RemoveNotFound,
+    /// Removals refused with another error, or unanswered after every try.
+    RemoveFailed,
+    /// Removal attempts that got no answer (each retried; per attempt, not per removal).
+    RemoveUnanswered,
+    // Gauges.
+    /// Contacts of the feed kaping holds, as of the last expiry sweep (gauge).
+    Contacts,
+    /// 1 while the removal guard withholds removals (gauge).
+    GuardTripped,
+    /// 1 when the daemon runs the feed (`--dmq`).
+    FeedConfigured,
+    /// 1 when removal from the registrar is on (`--registrar-rpc`).
+    RemovalConfigured,
+}
+
+impl RegistrarStat {
+    pub const COUNT: usize = 34;
+    pub const ALL: [RegistrarStat; RegistrarStat::COUNT] = [
+        RegistrarStat::Added,
+        RegistrarStat::Updated,
+        RegistrarStat::Refreshed,
+        RegistrarStat::Deleted,
+        RegistrarStat::DeleteUnknown,
+        RegistrarStat::Moved,
+        RegistrarStat::Expired,
+        RegistrarStat::StaleAfterSync,
+        RegistrarStat::OtherShard,
+        RegistrarStat::Refused,
+        RegistrarStat::SyncsDone,
+        RegistrarStat::Received,
+        RegistrarStat::Requests,
+        RegistrarStat::Duplicates,
+        RegistrarStat::NotPeer,
+        RegistrarStat::Rejected,
+        RegistrarStat::Changes,
+        RegistrarStat::Joins,
+        RegistrarStat::Syncs,
+        RegistrarStat::OtherChannels,
+        RegistrarStat::SyncRefused,
+        RegistrarStat::SyncUnanswered,
+        RegistrarStat::PeerRestarts,
+        RegistrarStat::RemovalsSent,
+        RegistrarStat::RemovalsWithheld,
+        RegistrarStat::GuardTrips,
+        RegistrarStat::Removed,
+        RegistrarStat::RemoveNotFound,
+        RegistrarStat::RemoveFailed,
+        RegistrarStat::RemoveUnanswered,
+        RegistrarStat::Contacts,
+        RegistrarStat::GuardTripped,
+        RegistrarStat::FeedConfigured,
+        RegistrarStat::RemovalConfigured,
+    ];
+
+    /// Stable snake_case name (JSON key): the same words as the `registrar`
+    /// object of `keepalive.stats` where that has the figure.
+    pub fn name(self) -> &'static str {
+        match self {
+            RegistrarStat::Added => "added",
+            RegistrarStat::Updated => "updated",
+            RegistrarStat::Refreshed => "refreshed",
+            RegistrarStat::Deleted => "deleted",
+            RegistrarStat::DeleteUnknown => "delete_unknown",
+            RegistrarStat::Moved => "moved",
+            RegistrarStat::Expired => "expired",
+            RegistrarStat::StaleAfterSync => "stale_after_sync",
+            RegistrarStat::OtherShard => "other_shard",
+            RegistrarStat::Refused => "refused",
+            RegistrarStat::SyncsDone => "syncs_done",
+            RegistrarStat::Received => "received",
+            RegistrarStat::Requests => "requests",
+            RegistrarStat::Duplicates => "duplicates",
+            RegistrarStat::NotPeer => "not_peer",
+            RegistrarStat::Rejected => "rejected",
+            RegistrarStat::Changes => "changes",
+            RegistrarStat::Joins => "joins",
+            RegistrarStat::Syncs => "syncs",
+            RegistrarStat::OtherChannels => "other_channels",
+            RegistrarStat::SyncRefused => "sync_refused",
+            RegistrarStat::SyncUnanswered => "sync_unanswered",
+            RegistrarStat::PeerRestarts => "peer_restarts",
+            RegistrarStat::RemovalsSent => "removals_sent",
+            RegistrarStat::RemovalsWithheld => "removals_withheld",
+            RegistrarStat::GuardTrips => "guard_trips",
+            RegistrarStat::Removed => "removed",
+            RegistrarStat::RemoveNotFound => "remove_not_found",
+            RegistrarStat::RemoveFailed => "remove_failed",
+            RegistrarStat::RemoveUnanswered => "remove_unanswered",
+            RegistrarStat::Contacts => "contacts",
+            RegistrarStat::GuardTripped => "guard_tripped",
+            RegistrarStat::FeedConfigured => "feed_configured",
+            RegistrarStat::RemovalConfigured => "removal_configured",
+        }
+    }
+
+    /// A current value rather than a total (the flags included).
+    pub fn is_gauge(self) -> bool {
+        matches!(
+            self,
+            RegistrarStat::Contacts
+                | RegistrarStat::GuardTripped
+                | RegistrarStat::FeedConfigured
+                | RegistrarStat::RemovalConfigured
+        )
+    }
+
+    /// A gauge that is only ever 0 or 1 (JSON shows it as a bool).
+    pub fn is_flag(self) -> bool {
+        self.is_gauge() && self != RegistrarStat::Contacts
+    }
+
+    /// Index into [`RegistrarBlock::words`] and [`RegistrarFigures::values`].
+    #[inline]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < RegistrarStat::COUNT {
+        assert!(RegistrarStat::ALL[i] as usize == i);
+        i += 1;
+    }
+    assert!(RegistrarStat::RemovalConfigured as usize == RegistrarStat::COUNT - 1);
+};
+
+/// Value words of the registrar block: the sequence word plus these fill
+/// whole cache lines; words past `RegistrarStat::COUNT` are reserved (zero).
+pub const REGISTRAR_WORDS: usize = round_up(RegistrarStat::COUNT + 1, CACHE_LINE / 8) - 1;
+
+/// The registrar figures, one `u64` per [`RegistrarStat`]: what the daemon
+/// publishes and what a reader gets back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegistrarFigures {
+    pub values: [u64; RegistrarStat::COUNT],
+}
+
+impl RegistrarFigures {
+    #[inline]
+    pub fn get(&self, s: RegistrarStat) -> u64 {
+        self.values[s.index()]
+    }
+
+    #[inline]
+    pub fn set(&mut self, s: RegistrarStat, v: u64) {
+        self.values[s.index()] = v;
+    }
+
+    /// A flag entry (`GuardTripped`, `FeedConfigured`, `RemovalConfigured`).
+    #[inline]
+    pub fn flag(&self, s: RegistrarStat) -> bool {
+        self.get(s) != 0
+    }
+}
+
+/// The registrar figures in the file: a seqlock over [`REGISTRAR_WORDS`]
+/// words, written only by the daemon's main thread (`ShmFile::write_registrar`,
+/// which takes `&mut`), read by anyone (`ShmReader::registrar`) as the slots
+/// are: sequence, words, fence, sequence again.
+#[repr(C, align(64))]
+pub struct RegistrarBlock {
+    /// Seqlock sequence: odd while the daemon rewrites the words.
+    pub seq: AtomicU64,
+    /// Indexed by [`RegistrarStat::index`]; the rest reserved.
+    pub words: [AtomicU64; REGISTRAR_WORDS],
+}
+
+const _: () = assert!(size_of::<RegistrarBlock>().is_multiple_of(CACHE_LINE));
+const _: () = assert!(size_of::<RegistrarBlock>() == (REGISTRAR_WORDS + 1) * 8);
+const _: () = assert!(RegistrarStat::COUNT <= REGISTRAR_WORDS);
+
+// ---------------------------------------------------------------------------
 // Header
 // ---------------------------------------------------------------------------
 
@@ -541,11 +798,22 @@ pub struct Header {
     pub shard_index: AtomicU32,
     /// N; 0 when the instance is not sharded (version 2).
     pub shard_count: AtomicU32,
+    /// Byte offset of the [`RegistrarBlock`] (version 3; 0 in version 2).
+    pub registrar_offset: AtomicU64,
+    /// `size_of::<RegistrarBlock>()` (version 3; 0 in version 2).
+    pub registrar_block_size: AtomicU32,
+    /// `RegistrarStat::COUNT` (version 3; 0 in version 2).
+    pub registrar_count: AtomicU32,
 }
+
+/// The header of versions 2 and 3: the registrar fields took tail padding,
+/// so a version 2 header reads as a version 3 one with them zero.
+pub const HEADER_SIZE: usize = 256;
 
 const _: () = assert!(offset_of!(Header, magic) == 0);
 const _: () = assert!(size_of::<Header>().is_multiple_of(CACHE_LINE));
-const _: () = assert!(size_of::<Header>() <= 512);
+const _: () = assert!(size_of::<Header>() == HEADER_SIZE);
+const _: () = assert!(offset_of!(Header, shard_count) + 4 == offset_of!(Header, registrar_offset));
 
 /// Why a geometry is impossible.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -575,11 +843,27 @@ pub struct Geometry {
     pub slots_stride: u64,
     pub strings_offset: u64,
     pub strings_stride: u64,
+    /// Byte offset of the [`RegistrarBlock`]; 0 for a version 2 file, which
+    /// has none.
+    pub registrar_offset: u64,
     pub file_size: u64,
 }
 
 impl Geometry {
+    /// The geometry of a file of this build's [`VERSION`].
     pub fn new(
+        workers: u32,
+        slots_per_worker: u32,
+        string_bytes_per_worker: u32,
+    ) -> Result<Geometry, GeometryError> {
+        Geometry::for_version(VERSION, workers, slots_per_worker, string_bytes_per_worker)
+    }
+
+    /// The geometry of a file of layout `version` (caller checks it is within
+    /// [`VERSION_READ_MIN`]..=[`VERSION`]): version 2 ends after the strings,
+    /// version 3 appends the [`RegistrarBlock`] there.
+    pub fn for_version(
+        version: u32,
         workers: u32,
         slots_per_worker: u32,
         string_bytes_per_worker: u32,
@@ -600,7 +884,15 @@ impl Geometry {
         let slots_offset = workers_offset + w * size_of::<WorkerBlock>() as u64;
         let slots_stride = slots_per_worker as u64 * size_of::<Slot>() as u64;
         let strings_offset = slots_offset + w * slots_stride;
-        let file_size = strings_offset + w * strings;
+        let strings_end = strings_offset + w * strings;
+        let (registrar_offset, file_size) = if version >= 3 {
+            (
+                strings_end,
+                strings_end + size_of::<RegistrarBlock>() as u64,
+            )
+        } else {
+            (0, strings_end)
+        };
         if usize::try_from(file_size).is_err() {
             return Err(GeometryError::TooLarge);
         }
@@ -613,8 +905,15 @@ impl Geometry {
             slots_stride,
             strings_offset,
             strings_stride: strings,
+            registrar_offset,
             file_size,
         })
+    }
+
+    /// Whether the file has a [`RegistrarBlock`] (version 3 on).
+    #[inline]
+    pub fn has_registrar(&self) -> bool {
+        self.registrar_offset != 0
     }
 
     /// Byte offset of worker `w`'s [`WorkerBlock`] (caller checks `w < workers`).
@@ -833,7 +1132,15 @@ mod tests {
             assert_eq!(off % CACHE_LINE as u64, 0);
         }
         assert_eq!(g.slots_offset_of(2) + g.slots_stride, g.strings_offset);
-        assert_eq!(g.strings_offset_of(2) + g.strings_stride, g.file_size);
+        assert_eq!(
+            g.strings_offset_of(2) + g.strings_stride,
+            g.registrar_offset
+        );
+        assert_eq!(g.registrar_offset % CACHE_LINE as u64, 0);
+        assert_eq!(
+            g.registrar_offset + size_of::<RegistrarBlock>() as u64,
+            g.file_size
+        );
         assert_eq!(Geometry::new(0, 1, 1), Err(GeometryError::Workers(0)));
         assert_eq!(Geometry::new(257, 1, 1), Err(GeometryError::Workers(257)));
         assert_eq!(
@@ -843,6 +1150,64 @@ mod tests {
         assert!(Geometry::new(1, 1, u32::MAX).is_err());
         let big = Geometry::new(WORKERS_MAX, SLOTS_PER_WORKER_MAX, STRING_BYTES_MAX).unwrap();
         assert!(big.file_size < 1 << 41);
+    }
+
+    #[test]
+    fn version_2_is_version_3_without_the_registrar_block() {
+        for (w, s, b) in [(1, 0, 0), (3, 1000, 100), (256, 7, 4096)] {
+            let v3 = Geometry::new(w, s, b).unwrap();
+            let v2 = Geometry::for_version(2, w, s, b).unwrap();
+            assert!(v3.has_registrar() && !v2.has_registrar());
+            assert_eq!(v2.registrar_offset, 0);
+            // Nothing before the block moved.
+            assert_eq!(
+                (v2.workers_offset, v2.slots_offset, v2.strings_offset),
+                (v3.workers_offset, v3.slots_offset, v3.strings_offset)
+            );
+            assert_eq!(v2.file_size, v3.registrar_offset);
+            assert_eq!(
+                v3.file_size - v2.file_size,
+                size_of::<RegistrarBlock>() as u64
+            );
+        }
+        // The header keeps version 2's size, the new fields in its tail.
+        assert_eq!(size_of::<Header>(), HEADER_SIZE);
+        assert!(offset_of!(Header, registrar_count) + 4 <= HEADER_SIZE);
+        assert_eq!(VERSION_READ_MIN, 2);
+        assert_eq!(VERSION, 3);
+    }
+
+    #[test]
+    fn registrar_stats_have_unique_names_and_fit_the_block() {
+        let mut names: Vec<_> = RegistrarStat::ALL.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), RegistrarStat::COUNT);
+        assert_eq!(REGISTRAR_WORDS, 39);
+        assert_eq!(size_of::<RegistrarBlock>(), 320);
+        let gauges: Vec<_> = RegistrarStat::ALL
+            .iter()
+            .filter(|s| s.is_gauge())
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(
+            gauges,
+            [
+                "contacts",
+                "guard_tripped",
+                "feed_configured",
+                "removal_configured"
+            ]
+        );
+        let flags = RegistrarStat::ALL.iter().filter(|s| s.is_flag()).count();
+        assert_eq!(flags, 3);
+        let mut f = RegistrarFigures::default();
+        f.set(RegistrarStat::RemovalConfigured, 1);
+        f.set(RegistrarStat::Added, 7);
+        assert!(f.flag(RegistrarStat::RemovalConfigured));
+        assert!(!f.flag(RegistrarStat::FeedConfigured));
+        assert_eq!(f.get(RegistrarStat::Added), 7);
+        assert_eq!(f.values[RegistrarStat::COUNT - 1], 1);
     }
 
     #[test]

@@ -21,6 +21,9 @@
 //!   s2 → retry. Retries spin [`SPIN_RETRIES`] times, then yield, and give up
 //!   after [`READ_GIVE_UP`] (a daemon that died mid-write leaves an odd
 //!   sequence forever).
+//! * The registrar block (layout version 3) is read under its own seqlock
+//!   the same way ([`ShmReader::registrar`]); a version 2 file, which has
+//!   none, opens as well and answers `None`.
 //! * Strings are read under the worker's `str_epoch` (see `shm::writer`):
 //!   [`ShmReader::read_contact`] brackets slot and string reads by it, so the
 //!   strings returned are the ones the returned record pointed to.
@@ -44,8 +47,9 @@ use std::time::{Duration, Instant};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::layout::{
-    decode_record, name_from_bytes, Counter, Geometry, Header, Slot, SlotRecord, StrRef,
-    WorkerBlock, HIST_BUCKETS, MAGIC_WORD, RECORD_WORDS, REJECT_COUNTERS, SLOT_FREE, VERSION,
+    decode_record, name_from_bytes, Counter, Geometry, Header, RegistrarBlock, RegistrarFigures,
+    RegistrarStat, Slot, SlotRecord, StrRef, WorkerBlock, HIST_BUCKETS, MAGIC_WORD, RECORD_WORDS,
+    REJECT_COUNTERS, SLOT_FREE, VERSION, VERSION_READ_MIN,
 };
 use super::writer::unix_now_ms;
 
@@ -66,8 +70,9 @@ pub enum OpenError {
     #[error("not a kaping shm file (bad magic)")]
     BadMagic,
     #[error(
-        "kaping shm layout version {found}, but this reader knows version {expected}; \
-         use the kaping-stat built with the running daemon"
+        "kaping shm layout version {found}, but this reader knows versions {min} to {expected}; \
+         use the kaping-stat built with the running daemon",
+        min = VERSION_READ_MIN
     )]
     Version { found: u32, expected: u32 },
     #[error("corrupt kaping shm file: {0}")]
@@ -201,7 +206,7 @@ impl ShmReader {
             return Err(OpenError::BadMagic);
         }
         let version = h.version.load(Ordering::Relaxed);
-        if version != VERSION {
+        if !(VERSION_READ_MIN..=VERSION).contains(&version) {
             return Err(OpenError::Version {
                 found: version,
                 expected: VERSION,
@@ -245,7 +250,7 @@ impl ShmReader {
             h.slots_per_worker.load(r),
             h.string_bytes_per_worker.load(r),
         );
-        let g = Geometry::new(workers, slots, strings)
+        let g = Geometry::for_version(version, workers, slots, strings)
             .map_err(|e| OpenError::Corrupt(format!("impossible sizes: {e}")))?;
         check_eq(
             "string bytes per worker",
@@ -257,6 +262,25 @@ impl ShmReader {
         check_eq("slots stride", h.slots_stride.load(r), g.slots_stride)?;
         check_eq("strings offset", h.strings_offset.load(r), g.strings_offset)?;
         check_eq("strings stride", h.strings_stride.load(r), g.strings_stride)?;
+        // Version 2 has no block; its header's tail (where these fields are
+        // now) was padding and is not looked at.
+        if g.has_registrar() {
+            check_eq(
+                "registrar offset",
+                h.registrar_offset.load(r),
+                g.registrar_offset,
+            )?;
+            check_eq(
+                "registrar block size",
+                h.registrar_block_size.load(r) as u64,
+                size_of::<RegistrarBlock>() as u64,
+            )?;
+            check_eq(
+                "registrar figure count",
+                h.registrar_count.load(r) as u64,
+                RegistrarStat::COUNT as u64,
+            )?;
+        }
         check_eq("recorded file size", h.file_size.load(r), g.file_size)?;
         if (len as u64) < g.file_size {
             return Err(OpenError::TooSmall);
@@ -300,6 +324,22 @@ impl ShmReader {
         // SAFETY: w and slot are in range (checked above); open verified the
         // slot regions lie within the mapping; Slot is 64-byte aligned there.
         Some(unsafe { &*(self.map.as_ptr().add(off as usize) as *const Slot) })
+    }
+
+    fn registrar_block(&self) -> Option<&RegistrarBlock> {
+        if !self.geom.has_registrar() {
+            return None;
+        }
+        // SAFETY: open verified (through Geometry::for_version and the file
+        // length) that a version 3 file holds the block at this 64-byte
+        // aligned offset inside the mapping; atomics only, loads only.
+        Some(unsafe {
+            &*(self
+                .map
+                .as_ptr()
+                .add(self.geom.registrar_offset as usize)
+                .cast::<RegistrarBlock>())
+        })
     }
 
     /// Word `i` of worker `w`'s string region (caller checks both ranges).
@@ -411,6 +451,33 @@ impl ShmReader {
     /// If `w >= workers`.
     pub fn string_bytes_used(&self, w: u32) -> u64 {
         self.block(w).str_used_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The registrar feed's figures, consistent with one write of the
+    /// daemon (seqlock read). `Ok(None)` for a version 2 file, which has no
+    /// registrar block; `Err(Busy)` if the block stayed mid-write for
+    /// [`READ_GIVE_UP`]. A daemon without the feed leaves every figure 0,
+    /// `FeedConfigured` included.
+    pub fn registrar(&self) -> Result<Option<RegistrarFigures>, Busy> {
+        let Some(b) = self.registrar_block() else {
+            return Ok(None);
+        };
+        let mut backoff = Backoff::new();
+        loop {
+            let s1 = load_acquire(&b.seq);
+            if s1 & 1 == 0 {
+                let mut f = RegistrarFigures::default();
+                for (v, src) in f.values.iter_mut().zip(&b.words) {
+                    *v = src.load(Ordering::Relaxed);
+                }
+                // Orders the word loads before the second sequence load.
+                fence(Ordering::Acquire);
+                if b.seq.load(Ordering::Relaxed) == s1 {
+                    return Ok(Some(f));
+                }
+            }
+            backoff.snooze()?;
+        }
     }
 
     /// Seqlock read: `Ok(None)` for a free slot, `Err(Busy)` if the slot stayed
@@ -527,6 +594,211 @@ impl ShmReader {
                 aor.clear();
                 return None;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::layout::{HEADER_SIZE, REGISTRAR_WORDS};
+    use crate::shm::writer::{ShmConfig, ShmFile};
+    use std::fs::OpenOptions;
+    use std::mem::offset_of;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn create(dir: &Path) -> (PathBuf, ShmFile) {
+        let path = dir.join("kaping-reader-test");
+        let shm = ShmFile::create(&ShmConfig {
+            path: path.clone(),
+            workers: 2,
+            slots_per_worker: 4,
+            string_bytes_per_worker: 128,
+            instance: "t".into(),
+            backend: "mmsg".into(),
+            shard: None,
+        })
+        .unwrap();
+        (path, shm)
+    }
+
+    fn patch(path: &Path, offset: usize, bytes: &[u8]) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, offset as u64).unwrap();
+    }
+
+    /// Turns a fresh version 3 file into the version 2 file the same daemon
+    /// settings produced: version 2, no block at the end, the header's tail
+    /// zero (it was padding).
+    fn make_version_2(path: &Path) {
+        let r = ShmReader::open(path).unwrap();
+        let g = *r.geometry();
+        drop(r);
+        patch(path, offset_of!(Header, version), &2u32.to_ne_bytes());
+        let tail = offset_of!(Header, registrar_offset);
+        patch(path, tail, &vec![0u8; HEADER_SIZE - tail]);
+        patch(
+            path,
+            offset_of!(Header, file_size),
+            &g.registrar_offset.to_ne_bytes(),
+        );
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(g.registrar_offset).unwrap();
+    }
+
+    fn figures(k: u64) -> RegistrarFigures {
+        RegistrarFigures {
+            values: std::array::from_fn(|i| k * 1000 + i as u64),
+        }
+    }
+
+    #[test]
+    fn registrar_figures_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut shm) = create(dir.path());
+        let r = ShmReader::open(&path).unwrap();
+        // A fresh file: every figure 0, the feed not configured.
+        let zero = r.registrar().unwrap().unwrap();
+        assert_eq!(zero, RegistrarFigures::default());
+        assert!(!zero.flag(RegistrarStat::FeedConfigured));
+        let mut f = figures(3);
+        f.set(RegistrarStat::FeedConfigured, 1);
+        shm.write_registrar(&f);
+        assert_eq!(r.registrar(), Ok(Some(f)));
+        // A second reader maps the same bytes.
+        let r2 = ShmReader::open(&path).unwrap();
+        assert_eq!(r2.registrar(), Ok(Some(f)));
+        assert_eq!(r2.header().version, VERSION);
+    }
+
+    #[test]
+    fn a_version_2_file_opens_without_registrar_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, shm) = create(dir.path());
+        let w = shm.worker(1);
+        w.set(Counter::Sent, 42);
+        shm.mark_stopped();
+        drop(w);
+        drop(shm);
+        make_version_2(&path);
+        let r = ShmReader::open(&path).expect("version 2 opens");
+        assert_eq!(r.header().version, 2);
+        assert!(!r.geometry().has_registrar());
+        assert_eq!(r.registrar(), Ok(None));
+        assert_eq!(r.counters(1)[Counter::Sent.index()], 42);
+        assert!(r.header().stopped);
+    }
+
+    #[test]
+    fn versions_outside_the_readable_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, shm) = create(dir.path());
+        drop(shm);
+        for v in [VERSION_READ_MIN - 1, VERSION + 1] {
+            patch(&path, offset_of!(Header, version), &v.to_ne_bytes());
+            match ShmReader::open(&path) {
+                Err(OpenError::Version { found, expected }) => {
+                    assert_eq!((found, expected), (v, VERSION));
+                }
+                other => panic!("version {v}: {:?}", other.map(|_| ())),
+            }
+        }
+        let msg = ShmReader::open(&path).err().unwrap().to_string();
+        assert!(msg.contains("knows versions 2 to 3"), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_registrar_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, shm) = create(dir.path());
+        drop(shm);
+        let good = ShmReader::open(&path).unwrap().geometry().registrar_offset;
+        for (offset, bytes, says) in [
+            (
+                offset_of!(Header, registrar_offset),
+                (good + 64).to_ne_bytes().to_vec(),
+                "registrar offset",
+            ),
+            (
+                offset_of!(Header, registrar_block_size),
+                64u32.to_ne_bytes().to_vec(),
+                "registrar block size",
+            ),
+            (
+                offset_of!(Header, registrar_count),
+                (RegistrarStat::COUNT as u32 + 1).to_ne_bytes().to_vec(),
+                "registrar figure count",
+            ),
+        ] {
+            let (path, shm) = create(dir.path());
+            drop(shm);
+            patch(&path, offset, &bytes);
+            match ShmReader::open(&path) {
+                Err(OpenError::Corrupt(m)) => assert!(m.contains(says), "{m}"),
+                other => panic!("{says}: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_left_mid_write_is_busy_not_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, shm) = create(dir.path());
+        let off = shm.geometry().registrar_offset as usize;
+        drop(shm);
+        // What a daemon killed inside write_registrar leaves.
+        patch(&path, off, &1u64.to_ne_bytes());
+        let r = ShmReader::open(&path).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(r.registrar(), Err(Busy));
+        assert!(t.elapsed() >= READ_GIVE_UP);
+    }
+
+    /// One writer rewrites the block as fast as it can with every value
+    /// derived from one k; readers must only ever see one k per read, and
+    /// never an older k than they saw before.
+    #[test]
+    fn concurrent_reads_never_see_a_mix_of_two_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut shm) = create(dir.path());
+        shm.write_registrar(&figures(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let r = ShmReader::open(&path).unwrap();
+                    let (mut reads, mut last_k) = (0u64, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let f = r.registrar().unwrap().unwrap();
+                        let k = f.values[0] / 1000;
+                        assert_eq!(f, figures(k), "a read mixed two writes");
+                        assert!(k >= last_k, "k went back from {last_k} to {k}");
+                        last_k = k;
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let mut k = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            k += 1;
+            shm.write_registrar(&figures(k));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in readers {
+            assert!(t.join().unwrap() > 0);
+        }
+        assert!(k > 1000, "only {k} writes");
+        // Reserved words past the figures stay zero.
+        let b = ShmReader::open(&path).unwrap();
+        let blk = b.registrar_block().unwrap();
+        for w in &blk.words[RegistrarStat::COUNT..REGISTRAR_WORDS] {
+            assert_eq!(w.load(Ordering::Relaxed), 0);
         }
     }
 }

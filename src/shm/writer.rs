@@ -4,7 +4,8 @@
 //!
 //! * [`ShmFile`] is owned by the daemon's main thread. It creates and publishes
 //!   the file, updates the header (`heartbeat`, `mark_stopped`, `set_backend`)
-//!   and hands out exactly one [`WorkerShm`] per worker, ever.
+//!   and the registrar block (`write_registrar`, `&mut self`: one writer), and
+//!   hands out exactly one [`WorkerShm`] per worker, ever.
 //! * [`WorkerShm`] is moved into its worker thread (it is `Send`, not `Sync`)
 //!   and is the only writer of that worker's block, slots and string region.
 //!   Its `Arc` of the mapping only keeps the memory alive; the hot path uses
@@ -54,9 +55,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::layout::{
-    bucket_index, decode_record, decode_str_refs, encode_record, Counter, Geometry, Header, Slot,
-    SlotRecord, StrRef, WorkerBlock, BACKEND_NAME_MAX, HIST_BUCKETS, INSTANCE_NAME_MAX, MAGIC_WORD,
-    RECORD_WORDS, REJECT_COUNTERS, STR_LENS_WORD, STR_LEN_MAX, STR_OFFSETS_WORD, VERSION,
+    bucket_index, decode_record, decode_str_refs, encode_record, Counter, Geometry, Header,
+    RegistrarBlock, RegistrarFigures, RegistrarStat, Slot, SlotRecord, StrRef, WorkerBlock,
+    BACKEND_NAME_MAX, HIST_BUCKETS, INSTANCE_NAME_MAX, MAGIC_WORD, RECORD_WORDS, REJECT_COUNTERS,
+    STR_LENS_WORD, STR_LEN_MAX, STR_OFFSETS_WORD, VERSION,
 };
 use super::reader::ShmReader;
 
@@ -304,6 +306,44 @@ impl ShmFile {
             .store(unix_now_ms(), Ordering::Release);
     }
 
+    /// Publish the registrar feed's figures (seqlock write: sequence to odd,
+    /// Release fence, Relaxed word stores, sequence to even with Release).
+    /// `&mut self` keeps it to one writer; the daemon calls it with the
+    /// heartbeat while it runs the feed, and once more when it stops.
+    pub fn write_registrar(&mut self, f: &RegistrarFigures) {
+        let b = self.registrar_block();
+        let seq = b.seq.load(Ordering::Relaxed);
+        debug_assert!(
+            seq.is_multiple_of(2),
+            "registrar sequence {seq} odd outside a write"
+        );
+        b.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        // Orders the odd sequence before every word store below.
+        fence(Ordering::Release);
+        for (dst, &v) in b.words.iter().zip(&f.values) {
+            dst.store(v, Ordering::Relaxed);
+        }
+        // Release: a reader that sees the even value sees every word.
+        b.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    fn registrar_block(&self) -> &RegistrarBlock {
+        assert!(
+            self.geom.has_registrar(),
+            "this layout has a registrar block"
+        );
+        // SAFETY: Geometry::new placed the block at a 64-byte aligned offset
+        // with size_of::<RegistrarBlock>() bytes before file_size, the
+        // mapping's length (create); atomics only.
+        unsafe {
+            &*(self
+                .map
+                .as_ptr()
+                .add(self.geom.registrar_offset as usize)
+                .cast::<RegistrarBlock>())
+        }
+    }
+
     /// Record a clean stop: readers then know a stale heartbeat is expected.
     pub fn mark_stopped(&self) {
         self.heartbeat();
@@ -375,6 +415,10 @@ fn init_header(map: &MmapRaw, g: &Geometry, cfg: &ShmConfig, pid: u32) {
     let (index, count) = cfg.shard.unwrap_or((0, 0));
     h.shard_index.store(index, r);
     h.shard_count.store(count, r);
+    h.registrar_offset.store(g.registrar_offset, r);
+    h.registrar_block_size
+        .store(size_of::<RegistrarBlock>() as u32, r);
+    h.registrar_count.store(RegistrarStat::COUNT as u32, r);
     // Magic last: whoever sees it (Acquire) sees every field above.
     h.magic.store(MAGIC_WORD, Ordering::Release);
 }

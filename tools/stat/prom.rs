@@ -20,7 +20,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use kaping::shm::layout::{bucket_bounds, Counter};
+use kaping::shm::layout::{bucket_bounds, Counter, RegistrarFigures, RegistrarStat};
 use kaping::shm::reader::ShmReader;
 use kaping::wire::reply::Reject;
 
@@ -103,6 +103,109 @@ const COUNTERS: [(Counter, &str, &str); 14] = [
         Counter::Handoff,
         "kaping_replies_handed_off_total",
         "Replies received by a worker other than the owner.",
+    ),
+];
+
+/// `kaping_registrar_changes_total{kind}`: what the feed did to kaping's
+/// contacts.
+const REGISTRAR_CHANGES: [(RegistrarStat, &str); 10] = [
+    (RegistrarStat::Added, "added"),
+    (RegistrarStat::Updated, "updated"),
+    (RegistrarStat::Refreshed, "refreshed"),
+    (RegistrarStat::Deleted, "deleted"),
+    (RegistrarStat::DeleteUnknown, "delete_unknown"),
+    (RegistrarStat::Moved, "moved"),
+    (RegistrarStat::Expired, "expired"),
+    (RegistrarStat::StaleAfterSync, "stale_after_sync"),
+    (RegistrarStat::OtherShard, "other_shard"),
+    (RegistrarStat::Refused, "refused"),
+];
+
+/// `kaping_registrar_dmq_discarded_total{cause}`: KDMQ the node did not apply.
+const REGISTRAR_DISCARDED: [(RegistrarStat, &str); 4] = [
+    (RegistrarStat::Duplicates, "duplicate"),
+    (RegistrarStat::NotPeer, "not_peer"),
+    (RegistrarStat::Rejected, "rejected"),
+    (RegistrarStat::OtherChannels, "other_channel"),
+];
+
+/// The feed's single-series counters: (figure, metric name, help).
+const REGISTRAR_COUNTERS: [(RegistrarStat, &str, &str); 9] = [
+    (
+        RegistrarStat::SyncsDone,
+        "kaping_registrar_syncs_completed_total",
+        "Full syncs from a registrar completed (answered, or taken as complete once its records stopped).",
+    ),
+    (
+        RegistrarStat::Syncs,
+        "kaping_registrar_sync_requests_total",
+        "Full syncs kaping asked a registrar for.",
+    ),
+    (
+        RegistrarStat::SyncRefused,
+        "kaping_registrar_sync_requests_refused_total",
+        "Sync requests a registrar answered with an error (asked again).",
+    ),
+    (
+        RegistrarStat::SyncUnanswered,
+        "kaping_registrar_sync_requests_unanswered_total",
+        "Sync requests never answered, taken as complete once the records stopped.",
+    ),
+    (
+        RegistrarStat::PeerRestarts,
+        "kaping_registrar_peer_restarts_total",
+        "Registrars found to have forgotten kaping (restarted) when it joined them again; each synced from again.",
+    ),
+    (
+        RegistrarStat::Received,
+        "kaping_registrar_dmq_datagrams_received_total",
+        "Datagrams received on kaping's DMQ node socket.",
+    ),
+    (
+        RegistrarStat::Requests,
+        "kaping_registrar_dmq_requests_total",
+        "KDMQ requests from peers and the nodes they announce.",
+    ),
+    (
+        RegistrarStat::Changes,
+        "kaping_registrar_dmq_records_received_total",
+        "usrloc records received over DMQ.",
+    ),
+    (
+        RegistrarStat::Joins,
+        "kaping_registrar_dmq_joins_total",
+        "DMQ peers joined.",
+    ),
+];
+
+/// `kaping_registrar_removals_total{outcome}`: how each removal ended. Every
+/// removal ends in exactly one of these (or is still queued), so the sum is
+/// the removals decided.
+const REGISTRAR_REMOVALS: [(RegistrarStat, &str); 4] = [
+    (RegistrarStat::Removed, "removed"),
+    (RegistrarStat::RemoveNotFound, "not_found"),
+    (RegistrarStat::RemoveFailed, "failed"),
+    (RegistrarStat::RemovalsWithheld, "withheld"),
+];
+
+/// Removal's single-series counters. Unanswered attempts are counted per
+/// attempt (each is retried, then ends as one of the outcomes above), so
+/// they have a family of their own rather than an `outcome`.
+const REMOVAL_COUNTERS: [(RegistrarStat, &str, &str); 3] = [
+    (
+        RegistrarStat::RemovalsSent,
+        "kaping_registrar_removals_sent_total",
+        "Removals the guard let through to the registrar's RPC.",
+    ),
+    (
+        RegistrarStat::RemoveUnanswered,
+        "kaping_registrar_removal_attempts_unanswered_total",
+        "Removal attempts the registrar did not answer (each retried).",
+    ),
+    (
+        RegistrarStat::GuardTrips,
+        "kaping_registrar_removal_guard_trips_total",
+        "Times the removal guard tripped and withheld removals.",
     ),
 ];
 
@@ -280,7 +383,87 @@ pub fn render(s: &Snapshot) -> String {
         );
     }
     histogram(&mut o, &s.total);
+    if let Some(r) = &s.registrar {
+        registrar(&mut o, r);
+    }
     o
+}
+
+/// The registrar feed's families; only for a daemon that runs the feed, and
+/// the removal ones only with removal on.
+fn registrar(o: &mut String, r: &RegistrarFigures) {
+    family(
+        o,
+        "kaping_registrar_contacts",
+        "gauge",
+        "Contacts of the registrar feed kaping holds.",
+    );
+    let _ = writeln!(
+        o,
+        "kaping_registrar_contacts {}",
+        r.get(RegistrarStat::Contacts)
+    );
+    family(
+        o,
+        "kaping_registrar_changes_total",
+        "counter",
+        "Contacts of the registrar feed by what happened to them in kaping.",
+    );
+    for (stat, kind) in REGISTRAR_CHANGES {
+        let _ = writeln!(
+            o,
+            "kaping_registrar_changes_total{{kind=\"{kind}\"}} {}",
+            r.get(stat)
+        );
+    }
+    family(
+        o,
+        "kaping_registrar_dmq_discarded_total",
+        "counter",
+        "KDMQ datagrams the node did not apply, by cause.",
+    );
+    for (stat, cause) in REGISTRAR_DISCARDED {
+        let _ = writeln!(
+            o,
+            "kaping_registrar_dmq_discarded_total{{cause=\"{cause}\"}} {}",
+            r.get(stat)
+        );
+    }
+    for (stat, name, help) in REGISTRAR_COUNTERS {
+        family(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {}", r.get(stat));
+    }
+    if !r.flag(RegistrarStat::RemovalConfigured) {
+        return;
+    }
+    family(
+        o,
+        "kaping_registrar_removals_total",
+        "counter",
+        "Removals of dead contacts from the registrar, by outcome.",
+    );
+    for (stat, outcome) in REGISTRAR_REMOVALS {
+        let _ = writeln!(
+            o,
+            "kaping_registrar_removals_total{{outcome=\"{outcome}\"}} {}",
+            r.get(stat)
+        );
+    }
+    for (stat, name, help) in REMOVAL_COUNTERS {
+        family(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {}", r.get(stat));
+    }
+    family(
+        o,
+        "kaping_registrar_removal_guard_tripped",
+        "gauge",
+        "1 while the removal guard withholds removals.",
+    );
+    let _ = writeln!(
+        o,
+        "kaping_registrar_removal_guard_tripped {}",
+        u8::from(r.flag(RegistrarStat::GuardTripped))
+    );
 }
 
 fn histogram(o: &mut String, t: &WorkerFigures) {
@@ -489,6 +672,36 @@ mod tests {
                 .sum();
             assert_eq!(cum[j], exact, "le {le}");
         }
+    }
+
+    /// Every registrar figure but the two "configured" flags is exported,
+    /// exactly once.
+    #[test]
+    fn every_registrar_figure_has_one_series() {
+        let mut seen: Vec<RegistrarStat> = REGISTRAR_CHANGES
+            .iter()
+            .chain(&REGISTRAR_DISCARDED)
+            .chain(&REGISTRAR_REMOVALS)
+            .map(|e| e.0)
+            .chain(REGISTRAR_COUNTERS.iter().map(|e| e.0))
+            .chain(REMOVAL_COUNTERS.iter().map(|e| e.0))
+            .chain([RegistrarStat::Contacts, RegistrarStat::GuardTripped])
+            .collect();
+        let n = seen.len();
+        seen.sort_by_key(|s| s.index());
+        seen.dedup();
+        assert_eq!(seen.len(), n, "a figure exported twice");
+        let missing: Vec<_> = RegistrarStat::ALL
+            .into_iter()
+            .filter(|s| !seen.contains(s))
+            .collect();
+        assert_eq!(
+            missing,
+            [
+                RegistrarStat::FeedConfigured,
+                RegistrarStat::RemovalConfigured
+            ]
+        );
     }
 
     #[test]

@@ -7,12 +7,15 @@
 //! kilobytes of loads whatever the slot count. Counters are read one by one
 //! with Relaxed loads while the workers keep counting, so two figures of one
 //! snapshot may be a few events apart; every figure is monotonic between
-//! snapshots except the gauges.
+//! snapshots except the gauges. The registrar feed's figures (layout version
+//! 3) are one seqlock read of their block, so they agree with each other.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kaping::shm::layout::{percentile, Counter, HIST_BUCKETS, REJECT_COUNTERS};
+use kaping::shm::layout::{
+    percentile, Counter, RegistrarFigures, RegistrarStat, HIST_BUCKETS, REJECT_COUNTERS,
+};
 use kaping::shm::reader::{HeaderInfo, ShmReader};
 use kaping::shm::writer::unix_now_ms;
 
@@ -130,6 +133,10 @@ pub struct Snapshot {
     pub workers: Vec<WorkerFigures>,
     /// Sums over workers.
     pub total: WorkerFigures,
+    /// The registrar feed's figures when the daemon runs the feed (`--dmq`);
+    /// `None` without it, for a version 2 file (no block), or when the block
+    /// stayed mid-write (a daemon killed while writing it).
+    pub registrar: Option<RegistrarFigures>,
 }
 
 impl Snapshot {
@@ -166,8 +173,14 @@ impl Snapshot {
             total.rtt_sum_us = total.rtt_sum_us.wrapping_add(wf.rtt_sum_us);
             total.string_bytes_used += wf.string_bytes_used;
         }
+        let registrar = shm
+            .registrar()
+            .ok()
+            .flatten()
+            .filter(|f| f.flag(RegistrarStat::FeedConfigured));
         Snapshot {
             header,
+            registrar,
             taken: Instant::now(),
             now_ms: unix_now_ms(),
             heartbeat_age_ms,

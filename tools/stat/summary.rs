@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use kaping::shm::layout::{Counter, HIST_BUCKETS};
+use kaping::shm::layout::{Counter, RegistrarFigures, RegistrarStat, HIST_BUCKETS};
 use kaping::timefmt::rfc3339_ms;
 use kaping::wire::reply::Reject;
 use serde_json::{json, Map, Value};
@@ -177,7 +177,90 @@ pub fn text(path: &Path, s: &Snapshot, before: Option<&Snapshot>) -> String {
     } else {
         let _ = writeln!(o, "rejects: {}", rejects.join(", "));
     }
+    if let Some(r) = &s.registrar {
+        registrar_text(&mut o, r);
+    }
     o
+}
+
+/// The registrar feed in three lines: what it did to the contacts, the DMQ
+/// node's health, and removal from the registrar with its guard.
+fn registrar_text(o: &mut String, r: &RegistrarFigures) {
+    use RegistrarStat as R;
+    let g = |s: R| grouped(r.get(s));
+    let _ = writeln!(
+        o,
+        "registrar feed: {} contacts; added {}, updated {}, refreshed {}, deleted {} \
+         ({} unknown), moved {}, expired {}, dropped after a sync {}, other shards {}, refused {}",
+        g(R::Contacts),
+        g(R::Added),
+        g(R::Updated),
+        g(R::Refreshed),
+        g(R::Deleted),
+        g(R::DeleteUnknown),
+        g(R::Moved),
+        g(R::Expired),
+        g(R::StaleAfterSync),
+        g(R::OtherShard),
+        g(R::Refused),
+    );
+    let _ = writeln!(
+        o,
+        "  dmq: syncs {} done of {} asked ({} refused, {} unanswered), peer restarts {}, joins {}, \
+         requests {}, records {}, duplicates {}, not from a peer {}, rejected {}, \
+         other channels {}",
+        g(R::SyncsDone),
+        g(R::Syncs),
+        g(R::SyncRefused),
+        g(R::SyncUnanswered),
+        g(R::PeerRestarts),
+        g(R::Joins),
+        g(R::Requests),
+        g(R::Changes),
+        g(R::Duplicates),
+        g(R::NotPeer),
+        g(R::Rejected),
+        g(R::OtherChannels),
+    );
+    if !r.flag(R::RemovalConfigured) {
+        let _ = writeln!(o, "  removal: off (no registrar_rpc)");
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "  removal: guard {} ({} trips); sent {}, removed {}, not found {}, failed {}, \
+         withheld {} ({} attempts unanswered)",
+        if r.flag(R::GuardTripped) {
+            "TRIPPED, removals withheld"
+        } else {
+            "ok"
+        },
+        g(R::GuardTrips),
+        g(R::RemovalsSent),
+        g(R::Removed),
+        g(R::RemoveNotFound),
+        g(R::RemoveFailed),
+        g(R::RemovalsWithheld),
+        g(R::RemoveUnanswered),
+    );
+}
+
+/// The `registrar` JSON object: every figure by its shm name, the flags as
+/// booleans; null when the daemon does not run the feed.
+fn registrar_json(r: Option<&RegistrarFigures>) -> Value {
+    let Some(r) = r else {
+        return Value::Null;
+    };
+    let mut m = Map::new();
+    for s in RegistrarStat::ALL {
+        let v = if s.is_flag() {
+            r.flag(s).into()
+        } else {
+            r.get(s).into()
+        };
+        m.insert(s.name().into(), v);
+    }
+    Value::Object(m)
 }
 
 /// RTT figures of a histogram as `rtt_<q>_us` keys (null when empty).
@@ -260,6 +343,7 @@ pub fn json(path: &Path, s: &Snapshot, before: Option<&Snapshot>) -> Value {
         rej.insert(r.name().into(), t.rejects[r.index()].into());
     }
     m.insert("rejects".into(), Value::Object(rej));
+    m.insert("registrar".into(), registrar_json(s.registrar.as_ref()));
     let per_worker: Vec<Value> = s
         .workers
         .iter()
