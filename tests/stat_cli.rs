@@ -510,12 +510,12 @@ fn the_registrar_feed_shows_in_every_view() {
         lines,
         [
             "registrar feed: 1,234 contacts; added 11, updated 22, refreshed 33, deleted 44 \
-             (55 unknown), expired 66, dropped after a sync 77, other shards 88, refused 99",
-            "  dmq: syncs 110 done of 198 asked (220 refused, 231 unanswered), joins 187, \
-             requests 132, records 176, duplicates 143, not from a peer 154, rejected 165, \
-             other channels 209",
-            "  removal: guard TRIPPED, removals withheld (264 trips); sent 242, removed 275, \
-             not found 286, failed 297, withheld 253 (308 attempts unanswered)",
+             (55 unknown), moved 66, expired 77, dropped after a sync 88, other shards 99, refused 110",
+            "  dmq: syncs 121 done of 209 asked (231 refused, 242 unanswered), peer restarts 253, \
+             joins 198, requests 143, records 187, duplicates 154, not from a peer 165, rejected 176, \
+             other channels 220",
+            "  removal: guard TRIPPED, removals withheld (286 trips); sent 264, removed 297, \
+             not found 308, failed 319, withheld 275 (330 attempts unanswered)",
         ],
         "{out}"
     );
@@ -531,68 +531,86 @@ fn the_registrar_feed_shows_in_every_view() {
             assert_eq!(r[s.name()], want.get(s), "{}", s.name());
         }
     }
-    assert_eq!(r["removed"], 275);
+    assert_eq!(r["removed"], want.get(RegistrarStat::Removed));
     assert_eq!(r["guard_tripped"], true);
     assert_eq!(r["contacts"], 1_234);
 
+    use RegistrarStat as R;
     let m = parse_metrics(&ok_stdout(&f.path, &["prometheus", "--once"]));
-    for (series, value) in [
-        ("kaping_registrar_contacts", 1_234.0),
-        ("kaping_registrar_changes_total{kind=\"added\"}", 11.0),
+    for (series, stat) in [
+        ("kaping_registrar_contacts", R::Contacts),
+        ("kaping_registrar_changes_total{kind=\"added\"}", R::Added),
         (
             "kaping_registrar_changes_total{kind=\"delete_unknown\"}",
-            55.0,
+            R::DeleteUnknown,
         ),
-        ("kaping_registrar_changes_total{kind=\"refused\"}", 99.0),
-        ("kaping_registrar_syncs_completed_total", 110.0),
-        ("kaping_registrar_sync_requests_total", 198.0),
-        ("kaping_registrar_sync_requests_refused_total", 220.0),
-        ("kaping_registrar_sync_requests_unanswered_total", 231.0),
-        ("kaping_registrar_dmq_datagrams_received_total", 121.0),
-        ("kaping_registrar_dmq_requests_total", 132.0),
-        ("kaping_registrar_dmq_records_received_total", 176.0),
-        ("kaping_registrar_dmq_joins_total", 187.0),
+        ("kaping_registrar_changes_total{kind=\"moved\"}", R::Moved),
+        (
+            "kaping_registrar_changes_total{kind=\"refused\"}",
+            R::Refused,
+        ),
+        ("kaping_registrar_syncs_completed_total", R::SyncsDone),
+        ("kaping_registrar_sync_requests_total", R::Syncs),
+        (
+            "kaping_registrar_sync_requests_refused_total",
+            R::SyncRefused,
+        ),
+        (
+            "kaping_registrar_sync_requests_unanswered_total",
+            R::SyncUnanswered,
+        ),
+        ("kaping_registrar_peer_restarts_total", R::PeerRestarts),
+        ("kaping_registrar_dmq_datagrams_received_total", R::Received),
+        ("kaping_registrar_dmq_requests_total", R::Requests),
+        ("kaping_registrar_dmq_records_received_total", R::Changes),
+        ("kaping_registrar_dmq_joins_total", R::Joins),
         (
             "kaping_registrar_dmq_discarded_total{cause=\"duplicate\"}",
-            143.0,
+            R::Duplicates,
         ),
         (
             "kaping_registrar_dmq_discarded_total{cause=\"not_peer\"}",
-            154.0,
+            R::NotPeer,
         ),
         (
             "kaping_registrar_dmq_discarded_total{cause=\"rejected\"}",
-            165.0,
+            R::Rejected,
         ),
         (
             "kaping_registrar_dmq_discarded_total{cause=\"other_channel\"}",
-            209.0,
+            R::OtherChannels,
         ),
-        ("kaping_registrar_removals_sent_total", 242.0),
+        ("kaping_registrar_removals_sent_total", R::RemovalsSent),
         (
             "kaping_registrar_removals_total{outcome=\"withheld\"}",
-            253.0,
+            R::RemovalsWithheld,
         ),
         (
             "kaping_registrar_removals_total{outcome=\"removed\"}",
-            275.0,
+            R::Removed,
         ),
         (
             "kaping_registrar_removals_total{outcome=\"not_found\"}",
-            286.0,
+            R::RemoveNotFound,
         ),
-        ("kaping_registrar_removals_total{outcome=\"failed\"}", 297.0),
-        ("kaping_registrar_removal_attempts_unanswered_total", 308.0),
-        ("kaping_registrar_removal_guard_trips_total", 264.0),
-        ("kaping_registrar_removal_guard_tripped", 1.0),
+        (
+            "kaping_registrar_removals_total{outcome=\"failed\"}",
+            R::RemoveFailed,
+        ),
+        (
+            "kaping_registrar_removal_attempts_unanswered_total",
+            R::RemoveUnanswered,
+        ),
+        ("kaping_registrar_removal_guard_trips_total", R::GuardTrips),
+        ("kaping_registrar_removal_guard_tripped", R::GuardTripped),
     ] {
-        assert_eq!(m.get(series), Some(&value), "{series}");
+        assert_eq!(m.get(series), Some(&(want.get(stat) as f64)), "{series}");
     }
     assert_eq!(
         m.keys()
             .filter(|k| k.starts_with("kaping_registrar_"))
             .count(),
-        9 + 4 + 8 + 4 + 3 + 2,
+        10 + 4 + 9 + 4 + 3 + 2,
         "one series per figure"
     );
 }
@@ -954,7 +972,7 @@ fn prometheus_once_is_well_formed_and_exact() {
     let page = ok_stdout(&f.path, &["prometheus", "--once"]);
     check_prometheus_page(&page, 1.0);
     assert!(
-        page.contains("kaping_registrar_removals_total{outcome=\"removed\"} 275"),
+        page.contains("kaping_registrar_removals_total{outcome=\"removed\"} 297"),
         "{page}"
     );
     promtool_check(&page);

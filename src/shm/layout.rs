@@ -708,9 +708,17 @@ pub const REGISTRAR_WORDS: usize = round_up(RegistrarStat::COUNT + 1, CACHE_LINE
 
 /// The registrar figures, one `u64` per [`RegistrarStat`]: what the daemon
 /// publishes and what a reader gets back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegistrarFigures {
     pub values: [u64; RegistrarStat::COUNT],
+}
+
+impl Default for RegistrarFigures {
+    fn default() -> Self {
+        RegistrarFigures {
+            values: [0; RegistrarStat::COUNT],
+        }
+    }
 }
 
 impl RegistrarFigures {
