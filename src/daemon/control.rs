@@ -224,6 +224,9 @@ impl Daemon {
                         self.stash_feed(item);
                     }
                     self.commit_pending();
+                    // Let the changes that come with it gather: one round
+                    // (and one wake of each worker) for all of them.
+                    std::thread::sleep(super::feed::FEED_GATHER);
                     return;
                 }
                 default(timeout) => Err(RecvTimeoutError::Timeout),
