@@ -18,6 +18,9 @@
 //!   request from their own address (the NAT lab, `tests/nat_proxy.rs`).
 //! * `reach` asks a proxy to relay one OPTIONS to each of those AoRs and
 //!   counts how many phones answered.
+//! * `register` fills or empties a registrar's location table: one
+//!   REGISTER per user of a range, paced, without running phones (the
+//!   registrar-feed tests and the full-sync measurement against Kamailio).
 //!
 //! The simulated platform itself lives in the library (`kaping::sim`), so
 //! `kaping demo` runs the very same responder in-process; this binary is its
@@ -43,6 +46,8 @@ mod phones;
 mod proxy_bench;
 #[path = "loadgen/reach.rs"]
 mod reach;
+#[path = "loadgen/register.rs"]
+mod register;
 #[path = "loadgen/sipmsg.rs"]
 mod sipmsg;
 
@@ -109,6 +114,15 @@ enum Cmd {
     /// Send one OPTIONS per AoR through a proxy and count the phones that
     /// answered.
     Reach(ReachArgs),
+    /// Register (or, with --expires 0, unregister) users <prefix><first> ..
+    /// <prefix><first+count-1> at a registrar, paced, and count the 2xx.
+    ///
+    /// User i's contact is --contact advanced by i ports (wrapping to the
+    /// next IP address past 65535): from index 0 exactly the contacts
+    /// `phones --bind IP --port P` registers, so this can unregister phones.
+    /// Prints its report, then exits 2 when any REGISTER did not end in a
+    /// 2xx.
+    Register(RegisterArgs),
 }
 
 /// The stable, per-contact fates: shared by `contacts --fates` and `serve`,
@@ -487,6 +501,50 @@ struct ReachArgs {
     json: bool,
 }
 
+#[derive(Args, Debug)]
+struct RegisterArgs {
+    /// The registrar: sip:IP[:PORT].
+    #[arg(long, value_name = "SIP-URI", value_parser = sipmsg::parse_sip_addr)]
+    registrar: std::net::SocketAddr,
+    /// Number of users (REGISTERs).
+    #[arg(long)]
+    count: u32,
+    /// Index of the first user.
+    #[arg(long, default_value_t = 0)]
+    first: u32,
+    /// User i's user part is <prefix><i> (phones' default: p).
+    #[arg(long, default_value = "p")]
+    user_prefix: String,
+    /// AoR domain (default: the registrar's host).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Contact address of index 0 (IP:PORT); index i is PORT + i, wrapping
+    /// to the next IP address past 65535.
+    #[arg(long, default_value = "127.0.0.1:5062")]
+    contact: std::net::SocketAddr,
+    /// Local address (default: the kernel's choice towards the registrar).
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
+    /// Expires asked for, seconds; 0 removes the bindings.
+    #[arg(long, default_value_t = 3600)]
+    expires: u32,
+    /// REGISTERs started per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u32,
+    /// Most REGISTERs unanswered at once.
+    #[arg(long, default_value_t = 256)]
+    window: u32,
+    /// Give up on a REGISTER this long after its first send.
+    #[arg(long = "timeout", value_name = "DURATION", default_value = "8s", value_parser = parse_duration_ns)]
+    timeout_ns: u64,
+    /// A progress line on stderr every second.
+    #[arg(long)]
+    progress: bool,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -508,6 +566,7 @@ fn main() -> ExitCode {
         Cmd::ControlBench(a) => run_control_bench(a),
         Cmd::Phones(a) => run_phones(a),
         Cmd::Reach(a) => run_reach(a),
+        Cmd::Register(a) => run_register(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -803,6 +862,32 @@ fn run_phones(a: PhonesArgs) -> Result<(), String> {
     } else {
         summary.print_text(&mut out).map_err(|e| e.to_string())
     }
+}
+
+fn run_register(a: RegisterArgs) -> Result<(), String> {
+    let report = register::run(&register::RegisterConfig {
+        registrar: a.registrar,
+        first: a.first,
+        count: a.count,
+        user_prefix: a.user_prefix,
+        domain: a.domain,
+        contact: a.contact,
+        bind: a.bind,
+        expires: a.expires,
+        rate: a.rate,
+        window: a.window,
+        timeout: Duration::from_nanos(a.timeout_ns),
+        progress: a.progress,
+    })?;
+    print_report(&report, a.json, register::print_text)?;
+    if report.ok < report.total {
+        return Err(format!(
+            "{} of {} REGISTERs did not end in a 2xx",
+            report.total - report.ok,
+            report.total
+        ));
+    }
+    Ok(())
 }
 
 fn run_reach(a: ReachArgs) -> Result<(), String> {

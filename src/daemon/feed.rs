@@ -140,6 +140,15 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if node.recv_clamped {
+            eprintln!(
+                "kaping: DMQ socket receive buffer clamped by the kernel to {} of {} bytes: \
+                 a full sync's burst may overflow it and wait for Kamailio's retransmissions; \
+                 raise net.core.rmem_max or grant CAP_NET_ADMIN",
+                node.recv_buffer_bytes / 2,
+                crate::registrar::node::RECV_BUFFER_BYTES
+            );
+        }
         self.feed = Some(FeedState {
             node,
             rx,

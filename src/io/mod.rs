@@ -13,12 +13,15 @@
 //!   sent to the proxy's port, to kaping's own socket (DESIGN §10).
 //! * `waker`, `signal`: how a sleeping worker or the main loop is told
 //!   something happened.
+//! * `limits`: raising the open-file limit for the load generator's
+//!   socket-per-phone simulations.
 //!
 //! This is one of the two modules where `unsafe` is allowed (the other is
 //! `shm`): each block names the invariant that makes it sound.
 #![allow(unsafe_code)]
 
 pub mod divert;
+pub mod limits;
 pub mod mmsg;
 pub mod share;
 pub mod signal;

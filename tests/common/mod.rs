@@ -38,6 +38,31 @@ pub fn free_ports_on(count: u16, v6: bool) -> u16 {
     panic!("no free port range of {count}");
 }
 
+/// A base port such that `base..base+count` are free for UDP on the IPv4
+/// wildcard address, for ranges too long for [`free_ports`] (whose base
+/// may lie within `count` of 65535).
+#[allow(dead_code)]
+pub fn free_port_range(count: u16) -> u16 {
+    let top = 65_000 - count;
+    assert!(top > 20_000, "no room for {count} ports above 20000");
+    let mut x = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+        ^ 0x85EB_CA6B;
+    for _ in 0..50 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let base = 20_000 + (x % u64::from(top - 20_000)) as u16;
+        if (0..count).all(|i| UdpSocket::bind(("0.0.0.0", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free port range of {count}");
+}
+
 /// Waits for `child` to exit; kills it (and fails the test) past `limit`.
 #[allow(dead_code)] // each test binary uses its share of these helpers
 pub fn wait_with_deadline(
@@ -93,6 +118,20 @@ impl Drop for Kamailio {
 /// installed.
 #[allow(dead_code)]
 pub fn start_kamailio(cfg: &str, listen: std::net::SocketAddr) -> Option<Kamailio> {
+    start_kamailio_sized(cfg, listen, 64, 8)
+}
+
+/// [`start_kamailio`] with `shm_mb` of shared memory (`-m`) and `pkg_mb`
+/// of private memory per process (`-M`): a location table of 10,000s of
+/// contacts, and the tm transactions of a full DMQ sync of them, do not fit
+/// in the 64 MB the small tests give it.
+#[allow(dead_code)]
+pub fn start_kamailio_sized(
+    cfg: &str,
+    listen: std::net::SocketAddr,
+    shm_mb: u32,
+    pkg_mb: u32,
+) -> Option<Kamailio> {
     use std::os::unix::process::CommandExt;
     if std::process::Command::new("kamailio")
         .arg("-v")
@@ -109,7 +148,15 @@ pub fn start_kamailio(cfg: &str, listen: std::net::SocketAddr) -> Option<Kamaili
     let child = std::process::Command::new("kamailio")
         .arg("-f")
         .arg(&path)
-        .args(["-DD", "-E", "-m", "64", "-M", "8", "-Y"])
+        .args([
+            "-DD",
+            "-E",
+            "-m",
+            &shm_mb.to_string(),
+            "-M",
+            &pkg_mb.to_string(),
+        ])
+        .arg("-Y")
         .arg(dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(log)

@@ -68,6 +68,9 @@ const STOP_CHECK: Duration = Duration::from_millis(50);
 /// Largest datagram a phone reads or writes.
 const DATAGRAM_MAX: usize = 8192;
 
+/// Descriptors beyond one per phone: stdio, the allocator's, the threads'.
+const FDS_SPARE: u64 = 64;
+
 /// What `phones` is told to do.
 #[derive(Clone, Debug)]
 pub struct PhonesConfig {
@@ -277,6 +280,19 @@ impl Phones {
             reply_to_source: cfg.reply_to_source,
             per_phone,
         });
+
+        // One descriptor per phone, plus the process's own few: 10,000
+        // phones need more than the usual soft limit of 1024.
+        let fds_wanted = u64::from(cfg.count) + FDS_SPARE;
+        let fds = kaping::io::limits::raise_nofile_limit(fds_wanted)
+            .map_err(|e| format!("cannot read or raise RLIMIT_NOFILE: {e}"))?;
+        if fds < fds_wanted {
+            return Err(format!(
+                "{} phones need {fds_wanted} open files; the hard limit allows {fds} \
+                 (raise it: ulimit -Hn, or LimitNOFILE= in a unit)",
+                cfg.count
+            ));
+        }
 
         let start = Instant::now();
         let mut phones = Vec::with_capacity(cfg.count as usize);
