@@ -28,28 +28,23 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The kamailio.cfg lines kaping's feed needs (the README quotes them).
-const DMQ_LINES: &str = r#"loadmodule "dmq.so"
-loadmodule "dmq_usrloc.so"
-modparam("dmq", "server_address", "sip:KAM")
-modparam("dmq", "notification_address", "sip:NODE")
-modparam("dmq_usrloc", "enable", 1)
-"#;
-
 fn config(kam: SocketAddr, node: SocketAddr) -> String {
-    format!(
-        "#!KAMAILIO\ndebug=2\nlog_stderror=yes\nchildren=2\nauto_aliases=no\nlisten=udp:{kam}\n\
-         loadmodule \"tm.so\"\nloadmodule \"sl.so\"\nloadmodule \"pv.so\"\n\
-         loadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n\
-         modparam(\"registrar\", \"min_expires\", 1)\n{}\n\
-         request_route {{\n\
-         \tif (method == \"KDMQ\") {{ dmq_handle_message(); exit; }}\n\
-         \tif (method == \"REGISTER\") {{ if (!save(\"location\")) sl_reply_error(); exit; }}\n\
-         \tsl_send_reply(\"404\", \"Not here\");\n}}\n",
-        DMQ_LINES
-            .replace("KAM", &kam.to_string())
-            .replace("NODE", &node.to_string())
-    )
+    common::registrar_cfg(kam, node, "")
+}
+
+#[test]
+fn readme_quotes_the_lines_the_tests_use() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let lines = common::DMQ_LINES
+        .replace("KAM", "203.0.113.10:5070")
+        .replace("NODE", "203.0.113.10:5071");
+    for line in lines.lines().chain([common::DMQ_ROUTE]) {
+        assert!(
+            readme.lines().any(|l| l.trim_start().starts_with(line)),
+            "README.md does not quote the kamailio.cfg line the tests use: {line}"
+        );
+    }
 }
 
 /// Polls `keepalive.stats` until `ok` holds; the last stats otherwise.
@@ -471,11 +466,12 @@ fn kamailio_rpc(sock: &Path, method: &str, params: Value) -> Value {
 
 /// Kamailio with the feed's lines and a jsonrpcs datagram socket.
 fn config_with_rpc(kam: SocketAddr, node: SocketAddr, rpc: &Path) -> String {
-    config(kam, node).replace(
-        "request_route",
+    common::registrar_cfg(
+        kam,
+        node,
         &format!(
             "loadmodule \"kex.so\"\nloadmodule \"jsonrpcs.so\"\nmodparam(\"jsonrpcs\", \"transport\", 4)\n\
-             modparam(\"jsonrpcs\", \"dgram_socket\", \"{}\")\nrequest_route",
+             modparam(\"jsonrpcs\", \"dgram_socket\", \"{}\")\n",
             rpc.display()
         ),
     )

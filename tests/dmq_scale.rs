@@ -30,15 +30,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The kamailio.cfg lines kaping's feed needs (the README quotes them;
-/// the same as `tests/dmq_feed.rs`).
-const DMQ_LINES: &str = r#"loadmodule "dmq.so"
-loadmodule "dmq_usrloc.so"
-modparam("dmq", "server_address", "sip:KAM")
-modparam("dmq", "notification_address", "sip:NODE")
-modparam("dmq_usrloc", "enable", 1)
-"#;
-
 /// Phones registered before kaping starts (the issue's scale).
 const PHONES: u32 = 10_000;
 /// Registrations added, and removed, while kaping runs.
@@ -51,19 +42,9 @@ const CHANGES_WITHIN: Duration = Duration::from_secs(2);
 const KAMAILIO_SHM_MB: u32 = 256;
 const KAMAILIO_PKG_MB: u32 = 16;
 
+/// Kamailio with the README's lines (`common::DMQ_LINES`).
 fn config(kam: SocketAddr, node: SocketAddr) -> String {
-    format!(
-        "#!KAMAILIO\ndebug=2\nlog_stderror=yes\nchildren=2\nauto_aliases=no\nlisten=udp:{kam}\n\
-         loadmodule \"tm.so\"\nloadmodule \"sl.so\"\nloadmodule \"pv.so\"\n\
-         loadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n{}\n\
-         request_route {{\n\
-         \tif (method == \"KDMQ\") {{ dmq_handle_message(); exit; }}\n\
-         \tif (method == \"REGISTER\") {{ if (!save(\"location\")) sl_reply_error(); exit; }}\n\
-         \tsl_send_reply(\"404\", \"Not here\");\n}}\n",
-        DMQ_LINES
-            .replace("KAM", &kam.to_string())
-            .replace("NODE", &node.to_string())
-    )
+    common::registrar_cfg(kam, node, "")
 }
 
 /// A child process killed (and reaped) on drop, whatever the test did.

@@ -32,22 +32,14 @@ use serde_json::Value;
 /// Kamailio as registrar with the feed's lines (as in the README) and a
 /// jsonrpcs datagram socket at `rpc` for kaping's removals.
 fn config(kam: SocketAddr, node: SocketAddr, rpc: &Path) -> String {
-    format!(
-        "#!KAMAILIO\ndebug=2\nlog_stderror=yes\nchildren=2\nauto_aliases=no\nlisten=udp:{kam}\n\
-         loadmodule \"tm.so\"\nloadmodule \"sl.so\"\nloadmodule \"pv.so\"\n\
-         loadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n\
-         modparam(\"registrar\", \"min_expires\", 1)\n\
-         loadmodule \"dmq.so\"\nloadmodule \"dmq_usrloc.so\"\n\
-         modparam(\"dmq\", \"server_address\", \"sip:{kam}\")\n\
-         modparam(\"dmq\", \"notification_address\", \"sip:{node}\")\n\
-         modparam(\"dmq_usrloc\", \"enable\", 1)\n\
-         loadmodule \"jsonrpcs.so\"\nmodparam(\"jsonrpcs\", \"transport\", 4)\n\
-         modparam(\"jsonrpcs\", \"dgram_socket\", \"{}\")\n\
-         request_route {{\n\
-         \tif (method == \"KDMQ\") {{ dmq_handle_message(); exit; }}\n\
-         \tif (method == \"REGISTER\") {{ if (!save(\"location\")) sl_reply_error(); exit; }}\n\
-         \tsl_send_reply(\"404\", \"Not here\");\n}}\n",
-        rpc.display()
+    common::registrar_cfg(
+        kam,
+        node,
+        &format!(
+            "loadmodule \"jsonrpcs.so\"\nmodparam(\"jsonrpcs\", \"transport\", 4)\n\
+             modparam(\"jsonrpcs\", \"dgram_socket\", \"{}\")\n",
+            rpc.display()
+        ),
     )
 }
 

@@ -228,3 +228,38 @@ pub fn ctl(sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The kamailio.cfg lines kaping's DMQ feed needs, exactly as the README
+/// quotes them (`KAM`: Kamailio's DMQ address, `NODE`: kaping's `--dmq`);
+/// `readme_quotes_the_lines_the_tests_use` holds the two together.
+#[allow(dead_code)]
+pub const DMQ_LINES: &str = r#"loadmodule "dmq.so"
+loadmodule "dmq_usrloc.so"
+modparam("dmq", "server_address", "sip:KAM")
+modparam("dmq", "notification_address", "sip:NODE")
+modparam("dmq_usrloc", "enable", 1)
+modparam("dmq_usrloc", "batch_msg_contacts", 50)
+"#;
+
+/// The line the README puts first in `request_route`.
+#[allow(dead_code)]
+pub const DMQ_ROUTE: &str = r#"if (method == "KDMQ") { dmq_handle_message(); exit; }"#;
+
+/// Kamailio as a registrar on `kam` (UDP) with the feed's lines, kaping's
+/// node at `node`, and `extra` (modules, parameters) before the routes.
+#[allow(dead_code)]
+pub fn registrar_cfg(kam: std::net::SocketAddr, node: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "#!KAMAILIO\ndebug=2\nlog_stderror=yes\nchildren=2\nauto_aliases=no\nlisten=udp:{kam}\n\
+         loadmodule \"tm.so\"\nloadmodule \"sl.so\"\nloadmodule \"pv.so\"\n\
+         loadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n\
+         modparam(\"registrar\", \"min_expires\", 1)\n{}{extra}\n\
+         request_route {{\n\
+         \t{DMQ_ROUTE}\n\
+         \tif (method == \"REGISTER\") {{ if (!save(\"location\")) sl_reply_error(); exit; }}\n\
+         \tsl_send_reply(\"404\", \"Not here\");\n}}\n",
+        DMQ_LINES
+            .replace("KAM", &kam.to_string())
+            .replace("NODE", &node.to_string())
+    )
+}
