@@ -63,11 +63,14 @@
 //! | `error_replies` | replies whose status is not in the alive set |
 //! | `parse_errors` | datagrams that are not a parsable SIP response |
 //! | `send_errors` | failed sends |
-//! | `unreachable` | ICMP unreachable errors tied to a contact |
+//! | `unreachable` | ICMP unreachable errors that failed a ping in flight at once (a miss, reason `unreachable`) |
 //! | `retries` | retransmissions before a miss is counted |
 //! | `rate_limited` | pings deferred by the pings-per-second cap |
 //! | `received` | datagrams received |
 //! | `handoff` | replies received by a worker other than the owner |
+//! | `icmp_forged` | ICMP errors quoting a token that fails its MAC: not sent by kaping, ignored |
+//! | `icmp_unmatched` | ICMP unreachable errors naming no ping in flight (contact gone, ping settled, or no contact at the destination), ignored |
+//! | `icmp_other` | ICMP errors that say nothing about liveness (time exceeded, packet too big, ...; NAT-only keepalives), ignored |
 //! | `rtt_samples`, `rtt_sum_us`, `rtt_mean_us` | RTT sample count, sum and mean (µs) |
 //! | `rtt_p50_us`, `rtt_p90_us`, `rtt_p99_us`, `rtt_p999_us`, `rtt_max_us` | RTT quantiles from the histogram (µs, within 3.2%); null without samples |
 //! | `rate_interval_ms` | time between the two samples; null if sampled once |
@@ -102,6 +105,7 @@
 //! `kaping_send_errors_total`, `kaping_icmp_unreachable_total`,
 //! `kaping_retransmissions_total`, `kaping_pings_rate_limited_total`,
 //! `kaping_datagrams_received_total`, `kaping_replies_handed_off_total`,
+//! `kaping_icmp_ignored_total{worker,cause}` (`forged`, `unmatched`, `other`),
 //! `kaping_rejects_total{worker,reason}`, `kaping_string_bytes_used{worker}`,
 //! and the histogram `kaping_rtt_seconds` (all workers, 21 bounds from 250 µs
 //! to 5 s). While the file cannot be opened the page is `kaping_up 0`.

@@ -13,11 +13,46 @@
 //!    misses / retransmit;
 //! 3. poll the backend until the next wheel deadline: every reply is matched
 //!    statelessly from its From-tag (MAC, worker, slot, generation, seq) and
-//!    its RTT taken from the kernel receive timestamp.
+//!    its RTT taken from the kernel receive timestamp; every ICMP
+//!    destination unreachable from the sockets' error queues fails the ping
+//!    it names at once (see "ICMP errors" below).
 //!
 //! The liveness record of each contact lives in its shared-memory slot (the
 //! worker is its only writer and reads it back without the seqlock), so
 //! per-contact memory in the worker is just the hot fields below.
+//!
+//! # ICMP errors
+//!
+//! A port or host unreachable (`IcmpError::is_unreachable`) counts as its
+//! contact's miss at once, reason `unreachable`, without waiting for
+//! `reply_timeout`; the ping is then settled like an answered one (its
+//! deadline timer becomes the next ping's, so it never counts a second
+//! miss, and a reply arriving after it is `late`). Which ping it is:
+//!
+//! * the quote carries the request's first lines (Linux quotes up to 576
+//!   bytes of IPv4, more of IPv6): the Via branch token
+//!   (`wire::template::quoted_token`) is decoded and MAC-checked like a
+//!   reply's From-tag, and must name this worker's live slot and
+//!   generation, a ping of it still in flight (any transmission), sent to
+//!   the destination the error names;
+//! * the quote carries no token (routers may quote only the 8-byte UDP
+//!   header): every SIP contact at the error's destination with a ping in
+//!   flight fails (`by_dest`: slot indexes hashed by destination, a few
+//!   bytes per contact, compared against `Contact`'s own destination).
+//!
+//! An error that names nothing in flight, quotes a token that fails its
+//! MAC, is not a destination unreachable, or concerns only NAT-only
+//! keepalives (`null`, `crlf`: never in flight, their state says nothing)
+//! changes nothing and is counted by cause (`Counter::IcmpUnmatched`,
+//! `IcmpForged`, `IcmpOther`; `Unreachable` counts the ones that failed a
+//! ping). With a shared port the kernel may queue the error on another
+//! worker's socket (its reuseport choice for errors ignores the steering
+//! program): it is handed to the owner, named by the token, or else by the
+//! destination's shard (`io::steer::shard_of`). An error is handled when
+//! its worker next polls: at once on loopback, where the kernel queues it
+//! during the send; otherwise by the next tick with a ping due, and at the
+//! latest after `POLL_MAX` (the io_uring backend does not end its sleep
+//! for a single completion), plus as much again for a hand-over.
 //!
 //! Never allocates per packet; allocates per contact added and per state
 //! change event.
@@ -29,17 +64,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use crossbeam::queue::ArrayQueue;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::contact::KeepaliveKind;
 use crate::engine::liveness::{Liveness, Policy, Reason, State, Transition};
 use crate::engine::slab::{Handle, Slab};
 use crate::engine::wheel::Wheel;
+use crate::io::steer::shard_of;
 use crate::io::waker::Waker;
 use crate::io::{Backend, Datagram, Handler, IcmpError, WorkerSocket};
 use crate::shm::layout::{Counter, SlotRecord};
 use crate::shm::writer::WorkerShm;
 use crate::wire::reply::{self, Match, Reject};
-use crate::wire::template::{patch, ContactText, Template};
+use crate::wire::template::{patch, quoted_token, ContactText, Template};
 use crate::wire::token::{self, TokenFields, TokenKey, TOKEN_LEN};
 
 /// Due timers taken from the wheel per batch.
@@ -184,12 +221,23 @@ pub struct Event {
     pub misses: u16,
 }
 
-/// A reply that landed on the wrong worker (shared-port mode), already
-/// MAC-checked, passed to its owner.
+/// What one worker received for another (shared-port mode), passed to
+/// its owner.
 #[derive(Clone, Copy, Debug)]
-pub struct Handoff {
-    pub m: Match,
-    pub rx_us: u32,
+pub enum Handoff {
+    /// A reply, already MAC-checked.
+    Reply { m: Match, rx_us: u32 },
+    /// An ICMP unreachable whose quoted token (MAC-checked) names ping
+    /// `seq` of the owner's `slot` and `generation`, sent to `dest`.
+    Unreachable {
+        slot: u32,
+        generation: u16,
+        seq: u16,
+        dest: SocketAddr,
+    },
+    /// An ICMP unreachable quoting no token, for `dest`, which the owner's
+    /// shard holds.
+    UnreachableAt { dest: SocketAddr },
 }
 
 /// The hand-off queues and wakers of all workers (shared-port mode).
@@ -235,6 +283,14 @@ struct Contact {
 }
 
 impl Contact {
+    fn dest_hash(&self, hasher: &DefaultHashBuilder) -> u64 {
+        dest_hash(hasher, &self.dest_ip, self.dest_port, self.dest_v6)
+    }
+
+    fn has_dest(&self, ip: &[u8; 16], port: u16, v6: bool) -> bool {
+        self.dest_port == port && self.dest_v6 == v6 && self.dest_ip == *ip
+    }
+
     fn dest(&self) -> SocketAddr {
         if self.dest_v6 {
             SocketAddr::from((std::net::Ipv6Addr::from(self.dest_ip), self.dest_port))
@@ -272,7 +328,23 @@ struct Core {
     to_scratch: Vec<u8>,
     /// Tick before which refusals are not logged again.
     refused_log_tick: u64,
+    /// The slab's slots hashed by their contact's destination (several
+    /// contacts may share one), for ICMP errors that quote no token. Sized
+    /// for the slab's capacity at start: 4 bytes and a control byte per
+    /// bucket, about 10 bytes per contact slot at full load (tuning.md
+    /// "Memory per contact"). Kept equal to the slab's contents by
+    /// `index_dest` (add) and `unindex_dest` (`remove`: deletion, an
+    /// update that moves a contact, removal after misses).
+    by_dest: HashTable<u32>,
+    /// Seeded per process, so no one can choose destinations that collide.
+    dest_hasher: DefaultHashBuilder,
+    /// Slots one ICMP error fails (capacity kept: no allocation).
+    icmp_slots: Vec<u32>,
 }
+
+/// Contacts at one destination an ICMP error is expected to find at most
+/// without growing `icmp_slots` (more only cost a one-time allocation).
+const ICMP_SLOTS: usize = 64;
 
 /// What became of a due timer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -405,6 +477,26 @@ fn restore_history(rec: &mut SlotRecord, h: &SlotRecord) {
     rec.last_reply_ms = h.last_reply_ms;
 }
 
+fn dest_hash(hasher: &DefaultHashBuilder, ip: &[u8; 16], port: u16, v6: bool) -> u64 {
+    use std::hash::BuildHasher;
+    hasher.hash_one((ip, port, v6))
+}
+
+/// A destination as `Contact` keeps it (address bytes, port, IPv6), an
+/// IPv4-mapped IPv6 address (an error read from an IPv6 socket about an
+/// IPv4 datagram) as the IPv4 one.
+fn dest_fields(addr: &SocketAddr) -> ([u8; 16], u16, bool) {
+    if let SocketAddr::V6(a) = addr {
+        if let Some(v4) = a.ip().to_ipv4_mapped() {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            return (b, a.port(), false);
+        }
+    }
+    let (family, ip, port) = addr_fields(addr);
+    (ip, port, family == 6)
+}
+
 fn addr_fields(addr: &SocketAddr) -> (u8, [u8; 16], u16) {
     match addr {
         SocketAddr::V4(a) => {
@@ -509,6 +601,7 @@ impl Core {
                     .insert(contact)
                     .expect("daemon sent more contacts than slots"),
             };
+            self.index_dest(handle.slot);
             let (family, addr, port) = addr_fields(&c.dest);
             let mut rec = SlotRecord {
                 generation: handle.generation,
@@ -559,6 +652,9 @@ impl Core {
 
     fn remove(&mut self, handle: Handle) {
         self.wheel.cancel(handle.slot);
+        if self.slab.get(handle).is_some() {
+            self.unindex_dest(handle.slot);
+        }
         if let Some(c) = self.slab.remove(handle) {
             if c.tries > 0 {
                 self.in_flight -= 1;
@@ -570,6 +666,170 @@ impl Core {
             self.shm.free_str(rec.aor);
         }
         self.shm.clear_slot(handle.slot);
+    }
+
+    /// Adds `slot` (just inserted into the slab) to `by_dest`. The table
+    /// was sized for the slab, so this does not allocate unless deletions
+    /// left it too many tombstones to rehash in place.
+    fn index_dest(&mut self, slot: u32) {
+        let Some((_, c)) = self.slab.get_slot(slot) else {
+            return;
+        };
+        let hash = c.dest_hash(&self.dest_hasher);
+        let (slab, hasher) = (&self.slab, &self.dest_hasher);
+        self.by_dest.insert_unique(hash, slot, |&s| {
+            slab.get_slot(s).map_or(0, |(_, c)| c.dest_hash(hasher))
+        });
+        debug_assert_eq!(self.by_dest.len(), self.slab.len() as usize);
+    }
+
+    /// Takes `slot` (still in the slab) out of `by_dest`.
+    fn unindex_dest(&mut self, slot: u32) {
+        let Some((_, c)) = self.slab.get_slot(slot) else {
+            return;
+        };
+        let hash = c.dest_hash(&self.dest_hasher);
+        let found = self.by_dest.find_entry(hash, |&s| s == slot);
+        debug_assert!(found.is_ok(), "slot {slot} missing from by_dest");
+        if let Ok(e) = found {
+            e.remove();
+        }
+    }
+
+    /// An ICMP destination unreachable read from one of this worker's
+    /// sockets (or handed over by a peer, `from_peer`: never handed on
+    /// again). See "ICMP errors" in the module doc.
+    fn on_unreachable(&mut self, dest: &SocketAddr, quote: &[u8], from_peer: bool) {
+        let Some(tok) = quoted_token(quote) else {
+            self.unreachable_at(dest, from_peer);
+            return;
+        };
+        let Ok(f) = token::decode(&self.cfg.key, tok) else {
+            // Shaped like our request, but no token of ours: anyone may
+            // send an ICMP error quoting anything.
+            self.shm.add(Counter::IcmpForged, 1);
+            return;
+        };
+        if f.worker != self.cfg.id {
+            self.hand_over_icmp(
+                f.worker as usize,
+                Handoff::Unreachable {
+                    slot: f.slot,
+                    generation: f.generation,
+                    seq: f.seq,
+                    dest: *dest,
+                },
+                from_peer,
+            );
+            return;
+        }
+        self.unreachable_ping(f.slot, f.generation, f.seq, dest);
+    }
+
+    /// The ICMP error's token names ping `seq` of `slot`/`generation`: it
+    /// fails if that ping is still in flight to `dest`.
+    fn unreachable_ping(&mut self, slot: u32, generation: u16, seq: u16, dest: &SocketAddr) {
+        let (ip, port, v6) = dest_fields(dest);
+        let in_flight = self.slab.get_slot(slot).is_some_and(|(h, c)| {
+            // Accept an error for any transmission of the ping in flight,
+            // as `on_match` accepts a reply to any.
+            h.generation == generation
+                && c.has_dest(&ip, port, v6)
+                && c.tries > 0
+                && c.seq.wrapping_sub(seq) < u16::from(c.tries)
+        });
+        if !in_flight {
+            // The contact is gone, or the ping was answered, timed out or
+            // failed by an earlier error (ICMP errors can be duplicated).
+            self.shm.add(Counter::IcmpUnmatched, 1);
+            return;
+        }
+        self.shm.add(Counter::Unreachable, 1);
+        self.fail_ping(slot);
+    }
+
+    /// An ICMP unreachable quoting no token: every SIP contact at `dest`
+    /// with a ping in flight fails (the error cannot say which).
+    fn unreachable_at(&mut self, dest: &SocketAddr, from_peer: bool) {
+        let (ip, port, v6) = dest_fields(dest);
+        let hash = dest_hash(&self.dest_hasher, &ip, port, v6);
+        self.icmp_slots.clear();
+        let (mut known, mut unmonitored) = (false, false);
+        for &slot in self.by_dest.iter_hash(hash) {
+            let Some((_, c)) = self.slab.get_slot(slot) else {
+                continue;
+            };
+            if !c.has_dest(&ip, port, v6) {
+                // Another destination with the same hash.
+                continue;
+            }
+            known = true;
+            if c.keepalive != KeepaliveKind::Sip {
+                unmonitored = true;
+            } else if c.tries > 0 {
+                self.icmp_slots.push(slot);
+            }
+        }
+        if !self.icmp_slots.is_empty() {
+            self.shm.add(Counter::Unreachable, 1);
+            let slots = std::mem::take(&mut self.icmp_slots);
+            for &slot in &slots {
+                self.fail_ping(slot);
+            }
+            self.icmp_slots = slots;
+        } else if !known && self.peers.is_some() {
+            let n = self.peers.as_ref().map_or(1, |p| p.queues.len() as u32);
+            let owner = shard_of(dest, n) as usize;
+            if owner != self.cfg.id as usize {
+                self.hand_over_icmp(owner, Handoff::UnreachableAt { dest: *dest }, from_peer);
+            } else {
+                self.shm.add(Counter::IcmpUnmatched, 1);
+            }
+        } else if unmonitored {
+            // A NAT-only keepalive: never in flight, its state says nothing.
+            self.shm.add(Counter::IcmpOther, 1);
+        } else {
+            self.shm.add(Counter::IcmpUnmatched, 1);
+        }
+    }
+
+    /// Settles the ping in flight of `slot` as a miss, reason
+    /// `unreachable`, at once; its timer becomes the next ping's.
+    fn fail_ping(&mut self, slot: u32) {
+        let Some((handle, c)) = self.slab.get_slot_mut(slot) else {
+            return;
+        };
+        debug_assert!(c.tries > 0, "slot {slot}: no ping in flight");
+        c.tries = 0;
+        let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
+        self.in_flight -= 1;
+        let state = self.update_liveness(handle, None, |l, p| l.on_unreachable(p));
+        if state == State::Removed {
+            self.drop_contact(handle);
+            return;
+        }
+        // Re-arms the slot's timer (it held the reply deadline).
+        self.schedule_next(handle, anchor, interval_ms);
+    }
+
+    /// Passes an ICMP error to worker `to` (shared-port mode); one a peer
+    /// handed over is not handed on (the owner's view of it is final).
+    fn hand_over_icmp(&mut self, to: usize, h: Handoff, from_peer: bool) {
+        let pushed = match &self.peers {
+            Some(peers) if !from_peer && to < peers.queues.len() => {
+                let ok = peers.queues[to].push(h).is_ok();
+                if ok {
+                    peers.wakers[to].wake();
+                }
+                ok
+            }
+            _ => false,
+        };
+        if !pushed {
+            // Port-per-worker: our socket sent no ping for another worker;
+            // or the owner's queue is full.
+            self.shm.add(Counter::IcmpUnmatched, 1);
+        }
     }
 
     /// A contact dropped on the worker's own decision (remove_after): the
@@ -946,7 +1206,7 @@ impl Core {
             self.shm.add(Counter::Stray, 1);
             return;
         }
-        if peers.queues[to].push(Handoff { m, rx_us }).is_ok() {
+        if peers.queues[to].push(Handoff::Reply { m, rx_us }).is_ok() {
             peers.wakers[to].wake();
             self.shm.add(Counter::Handoff, 1);
         } else {
@@ -962,7 +1222,16 @@ impl Core {
             let Some(h) = self.peers.as_ref().and_then(|p| p.queues[me].pop()) else {
                 break;
             };
-            self.on_match(h.m, h.rx_us);
+            match h {
+                Handoff::Reply { m, rx_us } => self.on_match(m, rx_us),
+                Handoff::Unreachable {
+                    slot,
+                    generation,
+                    seq,
+                    dest,
+                } => self.unreachable_ping(slot, generation, seq, &dest),
+                Handoff::UnreachableAt { dest } => self.unreachable_at(&dest, true),
+            }
         }
     }
 }
@@ -1023,8 +1292,13 @@ impl Handler for Core {
         self.update_liveness(handle, None, |l, p| l.on_unreachable(p));
     }
 
-    fn icmp(&mut self, _e: &IcmpError) {
-        self.shm.add(Counter::Unreachable, 1);
+    fn icmp(&mut self, e: &IcmpError<'_>) {
+        if !e.is_unreachable() {
+            // Time exceeded, packet too big...: nothing about liveness.
+            self.shm.add(Counter::IcmpOther, 1);
+            return;
+        }
+        self.on_unreachable(&e.dest, e.quote, false);
     }
 }
 
@@ -1070,6 +1344,9 @@ impl<B: Backend> Worker<B> {
                 uri_scratch: Vec::with_capacity(TEXT_SCRATCH),
                 to_scratch: Vec::with_capacity(TEXT_SCRATCH),
                 refused_log_tick: 0,
+                by_dest: HashTable::with_capacity(capacity as usize),
+                dest_hasher: DefaultHashBuilder::default(),
+                icmp_slots: Vec::with_capacity(ICMP_SLOTS),
                 cfg,
             },
             backend,
@@ -1209,6 +1486,312 @@ impl<B: Backend> Worker<B> {
 #[cfg(test)]
 mod tests {
     use super::next_due;
+
+    /// The ICMP path of a core driven by hand: a backend that keeps what
+    /// was sent, pings sent by `expire`, errors delivered by `Handler::icmp`.
+    mod icmp {
+        use super::super::*;
+        use crate::engine::liveness::AliveCodes;
+        use crate::shm::writer::{ShmConfig, ShmFile};
+        use crate::wire::template::TemplateConfig;
+
+        /// Keeps every committed datagram: (destination, bytes).
+        #[derive(Default)]
+        struct Sent {
+            buf: Vec<u8>,
+            out: Vec<(SocketAddr, Vec<u8>)>,
+        }
+
+        impl Backend for Sent {
+            fn name(&self) -> &'static str {
+                "test"
+            }
+            fn tx_buf(&mut self, _sock: usize) -> Option<&mut [u8]> {
+                self.buf.resize(crate::io::TX_DATAGRAM_MAX, 0xa5);
+                Some(&mut self.buf)
+            }
+            fn tx_commit(&mut self, _sock: usize, len: usize, dest: &SocketAddr, _tag: u32) {
+                self.out.push((*dest, self.buf[..len].to_vec()));
+            }
+            fn flush(&mut self, _h: &mut dyn Handler) -> io::Result<()> {
+                Ok(())
+            }
+            fn poll(&mut self, _t: Duration, _h: &mut dyn Handler) -> io::Result<()> {
+                Ok(())
+            }
+            fn tx_pending(&self) -> usize {
+                0
+            }
+            fn add_socket(&mut self, _s: WorkerSocket) -> io::Result<usize> {
+                Err(io::Error::other("test backend"))
+            }
+        }
+
+        struct Lab {
+            core: Core,
+            backend: Sent,
+            events: Receiver<Event>,
+            _shm: ShmFile,
+            _dir: tempfile::TempDir,
+        }
+
+        const DOWN_AFTER: u16 = 2;
+
+        fn new_lab() -> Lab {
+            let dir = tempfile::tempdir().unwrap();
+            let file = ShmFile::create(&ShmConfig {
+                path: dir.path().join("shm"),
+                workers: 1,
+                slots_per_worker: 16,
+                string_bytes_per_worker: 4096,
+                instance: "t".into(),
+                backend: "test".into(),
+                shard: None,
+            })
+            .unwrap();
+            let cfg = WorkerConfig {
+                id: 0,
+                key: TokenKey::new([7; 16], 42),
+                templates: vec![Template::new(&TemplateConfig::default()).unwrap()],
+                method: b"OPTIONS".to_vec(),
+                capacity: 16,
+                interval: Duration::from_secs(30),
+                jitter: Duration::ZERO,
+                reply_timeout: Duration::from_secs(5),
+                retries: 0,
+                policy: Policy {
+                    down_after: DOWN_AFTER,
+                    remove_after: 0,
+                    alive: AliveCodes::any(),
+                },
+                rate_limit: 0,
+                events: true,
+                seed: 1,
+                gone: None,
+            };
+            let (_cmd_tx, commands) = crossbeam::channel::unbounded();
+            let (events_tx, events) = crossbeam::channel::unbounded();
+            let worker = Worker::new(
+                cfg,
+                file.worker(0),
+                Sent::default(),
+                commands,
+                events_tx,
+                None,
+            );
+            Lab {
+                core: worker.core,
+                backend: worker.backend,
+                events,
+                _shm: file,
+                _dir: dir,
+            }
+        }
+
+        impl Lab {
+            fn add(&mut self, dest: &str, keepalive: KeepaliveKind) -> u32 {
+                let before: Vec<u32> = self.core.slab.iter().map(|(h, _)| h.slot).collect();
+                let n = self.core.slab.len();
+                self.core.add(vec![NewContact {
+                    uri: format!("sip:u{n}@{dest}"),
+                    to: None,
+                    route: None,
+                    dest: dest.parse().unwrap(),
+                    sock: 0,
+                    keepalive,
+                    interval: None,
+                    key_hash: 0,
+                    handle: None,
+                    history: None,
+                }]);
+                let (h, _) = self
+                    .core
+                    .slab
+                    .iter()
+                    .find(|(h, _)| !before.contains(&h.slot))
+                    .unwrap();
+                h.slot
+            }
+
+            /// Sends `slot`'s next ping; returns the datagram.
+            fn ping(&mut self, slot: u32) -> (SocketAddr, Vec<u8>) {
+                let now = self.core.now_tick();
+                let out = self.core.expire(&mut self.backend, slot, now, wall_us());
+                assert_eq!(out, Expiry::Done);
+                self.backend.out.pop().expect("a datagram")
+            }
+
+            fn icmp(&mut self, dest: SocketAddr, quote: &[u8]) {
+                self.icmp_kind(dest, (3, 3), quote);
+            }
+
+            fn icmp_kind(&mut self, dest: SocketAddr, kind: (u8, u8), quote: &[u8]) {
+                self.core.icmp(&IcmpError {
+                    dest,
+                    errno: libc::ECONNREFUSED,
+                    icmp6: false,
+                    icmp_type: kind.0,
+                    icmp_code: kind.1,
+                    quote,
+                });
+            }
+
+            fn rec(&self, slot: u32) -> SlotRecord {
+                self.core.shm.read_own_slot(slot)
+            }
+
+            fn tries(&self, slot: u32) -> u8 {
+                self.core.slab.get_slot(slot).unwrap().1.tries
+            }
+
+            /// (Unreachable, IcmpForged, IcmpUnmatched, IcmpOther).
+            fn counts(&self) -> (u64, u64, u64, u64) {
+                let g = |c| self.core.shm.get(c);
+                (
+                    g(Counter::Unreachable),
+                    g(Counter::IcmpForged),
+                    g(Counter::IcmpUnmatched),
+                    g(Counter::IcmpOther),
+                )
+            }
+        }
+
+        #[test]
+        fn a_quoted_token_fails_its_ping_at_once_and_only_once() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let b = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            for round in 1..=DOWN_AFTER {
+                let (dest, req) = lab.ping(a);
+                lab.ping(b);
+                assert_eq!(lab.core.in_flight, 2);
+                // The kernel's quote: the first 520 bytes of the request.
+                lab.icmp(dest, &req[..req.len().min(520)]);
+                assert_eq!(lab.tries(a), 0, "settled");
+                assert_eq!(lab.tries(b), 1, "the token names a, not b");
+                assert_eq!(lab.core.in_flight, 1);
+                assert_eq!(lab.rec(a).misses, round);
+                assert!(lab.core.wheel.is_armed(a), "next ping scheduled");
+                // The same error again (duplicated): nothing in flight.
+                lab.icmp(dest, &req);
+                assert_eq!(lab.rec(a).misses, round);
+                assert_eq!(lab.counts(), (u64::from(round), 0, u64::from(round), 0));
+                // Settle b by hand (as its reply would) for the next round.
+                lab.core.slab.get_slot_mut(b).unwrap().1.tries = 0;
+                lab.core.in_flight -= 1;
+            }
+            assert_eq!(lab.rec(a).state, State::Down as u8);
+            assert_eq!(lab.rec(b).misses, 0, "b never failed");
+            let e = lab.events.try_recv().expect("an event");
+            assert_eq!(
+                (e.slot, e.new, e.reason),
+                (a, State::Down, Reason::Unreachable)
+            );
+        }
+
+        #[test]
+        fn a_token_that_fails_its_mac_changes_nothing() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (dest, mut req) = lab.ping(a);
+            // One character of the Via token changed: the MAC fails.
+            let at = memchr::memmem::find(&req, b"branch=z9hG4bK").unwrap() + 14 + 10;
+            req[at] = if req[at] == b'A' { b'B' } else { b'A' };
+            lab.icmp(dest, &req);
+            assert_eq!(lab.counts(), (0, 1, 0, 0));
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (1, 0), "still in flight");
+            // A token from another run's key.
+            let mut other = new_lab();
+            other.core.cfg.key = TokenKey::new([8; 16], 42);
+            let o = other.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (_, foreign) = other.ping(o);
+            lab.icmp(dest, &foreign);
+            assert_eq!(lab.counts(), (0, 2, 0, 0));
+            assert_eq!(lab.tries(a), 1);
+        }
+
+        #[test]
+        fn a_quote_without_token_fails_every_ping_in_flight_to_its_destination() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let b = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let c = lab.add("127.0.0.1:5071", KeepaliveKind::Sip);
+            let idle = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (dest, req) = lab.ping(a);
+            lab.ping(b);
+            lab.ping(c);
+            // A router quoting 8 bytes of UDP header: no payload; or a few.
+            lab.icmp(dest, b"");
+            assert_eq!((lab.tries(a), lab.tries(b), lab.tries(c)), (0, 0, 1));
+            assert_eq!((lab.rec(a).misses, lab.rec(b).misses), (1, 1));
+            assert_eq!(lab.rec(idle).misses, 0, "nothing in flight: untouched");
+            assert_eq!(lab.counts(), (1, 0, 0, 0), "one error, two misses");
+            // Nothing in flight to that destination any more.
+            lab.icmp(dest, &req[..8]);
+            assert_eq!(lab.counts(), (1, 0, 1, 0));
+            // A destination no contact has.
+            lab.icmp("127.0.0.1:9".parse().unwrap(), b"");
+            assert_eq!(lab.counts(), (1, 0, 2, 0));
+            assert_eq!(lab.tries(c), 1);
+            assert_eq!(lab.core.in_flight, 1);
+        }
+
+        #[test]
+        fn other_icmp_and_unmonitored_contacts_change_nothing() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let n = lab.add("127.0.0.1:5072", KeepaliveKind::Null);
+            let (dest, req) = lab.ping(a);
+            let (ndest, nreq) = lab.ping(n);
+            assert_eq!(nreq, [0u8; 4]);
+            lab.icmp_kind(dest, (3, 4), &req); // fragmentation needed
+            lab.icmp_kind(dest, (11, 0), &req); // time exceeded
+            lab.icmp(ndest, &nreq);
+            assert_eq!(lab.counts(), (0, 0, 0, 3));
+            assert_eq!(lab.tries(a), 1);
+            assert_eq!(lab.rec(n).state, State::Unmonitored as u8);
+            assert_eq!(lab.rec(n).misses, 0);
+        }
+
+        #[test]
+        fn the_destination_index_follows_the_slab() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let b = lab.add("[::1]:5070", KeepaliveKind::Sip);
+            let c = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            assert_eq!(lab.core.by_dest.len(), 3);
+            let (da, _) = lab.ping(a);
+            let (db, _) = lab.ping(b);
+            // Removed (as an update that moves it does): no longer found.
+            let ha = lab.core.slab.get_slot(a).unwrap().0;
+            lab.core.delete(ha, false);
+            assert_eq!(lab.core.by_dest.len(), 2);
+            assert_eq!(lab.core.in_flight, 1);
+            lab.icmp(da, b"");
+            assert_eq!(lab.counts(), (0, 0, 1, 0));
+            // The slot is reused for another destination.
+            let d = lab.add("127.0.0.2:5070", KeepaliveKind::Sip);
+            assert_eq!(d, a, "slot reused");
+            assert_eq!(lab.core.by_dest.len(), 3);
+            let (dd, _) = lab.ping(d);
+            lab.icmp(da, b"");
+            assert_eq!(lab.tries(d), 1, "the old destination does not find it");
+            lab.icmp(dd, b"");
+            assert_eq!(lab.tries(d), 0);
+            // IPv6, and an IPv4-mapped address naming an IPv4 contact.
+            lab.icmp(db, b"");
+            assert_eq!(lab.tries(b), 0);
+            lab.ping(c);
+            lab.icmp("[::ffff:127.0.0.1]:5070".parse().unwrap(), b"");
+            assert_eq!(lab.tries(c), 0);
+            assert_eq!(lab.counts(), (3, 0, 2, 0));
+            for slot in [b, c, d] {
+                let h = lab.core.slab.get_slot(slot).unwrap().0;
+                lab.core.delete(h, false);
+            }
+            assert!(lab.core.by_dest.is_empty());
+        }
+    }
 
     #[test]
     fn next_ping_keeps_the_contacts_phase() {

@@ -75,7 +75,7 @@ impl MmsgBackend {
                     Err(_) => {
                         // A pending ICMP error (IP_RECVERR) is reported by the
                         // receive call; its details are on the error queue.
-                        read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(&e));
+                        read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(e));
                     }
                 }
             }
@@ -101,7 +101,7 @@ impl MmsgBackend {
         }
         for (i, &(fd, _)) in fds[..n].iter().enumerate() {
             if ready & (1 << i) != 0 {
-                read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(&e));
+                read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(e));
             }
         }
         Ok(())

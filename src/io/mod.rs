@@ -65,8 +65,9 @@ pub trait Handler {
     fn datagram(&mut self, sock: usize, d: &Datagram<'_>);
     /// The kernel refused the datagram committed with `tag`.
     fn send_failed(&mut self, tag: u32, err: &io::Error);
-    /// An ICMP error arrived about a datagram we sent.
-    fn icmp(&mut self, e: &IcmpError);
+    /// An ICMP error arrived about a datagram sent on one of the worker's
+    /// sockets (or claims to: the quote is whatever the sender put there).
+    fn icmp(&mut self, e: &IcmpError<'_>);
     /// The datagrams of one receive batch have all been handed over: a
     /// handler that holds them back (to fetch what they touch ahead of
     /// use) finishes them here. Backends call it after every batch, before

@@ -346,7 +346,7 @@ mod backend_tests {
         fn send_failed(&mut self, tag: u32, err: &io::Error) {
             panic!("send {tag} failed: {err}");
         }
-        fn icmp(&mut self, _e: &IcmpError) {}
+        fn icmp(&mut self, _e: &IcmpError<'_>) {}
     }
 
     fn sends_as_the_proxy(backend: &mut dyn Backend, v6: bool) {

@@ -822,27 +822,65 @@ pub fn wait_fds(fds: &[(RawFd, i16)], timeout: std::time::Duration) -> io::Resul
     Ok(ready)
 }
 
-/// One ICMP error read from a socket's error queue.
+/// One ICMP error read from a socket's error queue, with the part of the
+/// offending datagram the ICMP message quoted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IcmpError {
+pub struct IcmpError<'a> {
     /// The destination of the datagram that provoked it.
     pub dest: SocketAddr,
     /// errno-style cause (ECONNREFUSED for port unreachable, EHOSTUNREACH...).
     pub errno: i32,
+    /// An ICMPv6 message (`SO_EE_ORIGIN_ICMP6`), else ICMPv4.
+    pub icmp6: bool,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// The UDP payload of the offending datagram as far as the ICMP message
+    /// quoted it: Linux quotes up to 576 bytes of IPv4 (RFC 1812 §4.3.2.3)
+    /// and up to the 1280-byte minimum MTU of IPv6 (RFC 4443 §2.4), so a
+    /// kaping request arrives with its first lines; an RFC 792 router quotes
+    /// only the 8-byte UDP header, which leaves this empty. Cut to
+    /// [`QUOTE_MAX`]. Untrusted: anyone can send an ICMP error quoting
+    /// anything.
+    pub quote: &'a [u8],
 }
+
+/// ICMPv4 Destination Unreachable (RFC 792) and its Fragmentation Needed code.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 Destination Unreachable (RFC 4443 §3.1).
+const ICMP6_DST_UNREACH: u8 = 1;
+
+impl IcmpError<'_> {
+    /// Whether the datagram could not be delivered to its destination: an
+    /// ICMPv4 Destination Unreachable other than Fragmentation Needed (a
+    /// path-MTU signal, not the contact's absence), or any ICMPv6
+    /// Destination Unreachable. Port unreachable (nothing listens: the phone
+    /// is gone), host and network unreachable, administratively prohibited.
+    /// Time Exceeded, Parameter Problem and Packet Too Big are not.
+    pub fn is_unreachable(&self) -> bool {
+        if self.icmp6 {
+            self.icmp_type == ICMP6_DST_UNREACH
+        } else {
+            self.icmp_type == ICMP_DEST_UNREACH && self.icmp_code != ICMP_FRAG_NEEDED
+        }
+    }
+}
+
+/// Bytes of an error's quote kept ([`IcmpError::quote`]): any datagram a
+/// worker sends fits, so no quote the kernel hands back is ever cut by us.
+pub const QUOTE_MAX: usize = super::TX_DATAGRAM_MAX;
 
 /// Drains up to `limit` entries of the socket's error queue
 /// (`MSG_ERRQUEUE`, filled when `recv_errors` is set), calling `f` for each
-/// ICMP error; returns how many entries were read.
-pub fn read_errors(fd: RawFd, limit: usize, mut f: impl FnMut(IcmpError)) -> usize {
+/// ICMP error; returns how many entries were read. The quote is read into
+/// a stack buffer of [`QUOTE_MAX`] bytes: no allocation.
+pub fn read_errors(fd: RawFd, limit: usize, mut f: impl FnMut(&IcmpError<'_>)) -> usize {
     let mut read = 0;
+    let mut payload = [0u8; QUOTE_MAX];
     while read < limit {
         // SAFETY: plain C structs, valid when zeroed.
         let mut name: libc::sockaddr_storage = unsafe { zeroed() };
         let mut cbuf = CmsgBuf([0; CMSG_SPACE]);
-        let mut payload = [0u8; 64];
         let mut iov = libc::iovec {
             iov_base: payload.as_mut_ptr().cast(),
             iov_len: payload.len(),
@@ -865,6 +903,9 @@ pub fn read_errors(fd: RawFd, limit: usize, mut f: impl FnMut(IcmpError)) -> usi
         let Some(dest) = sockaddr_to_std(&name, msg.msg_namelen) else {
             continue;
         };
+        // recvmsg returns the bytes copied (at most the buffer; MSG_TRUNC in
+        // msg_flags says the quote was longer).
+        let quote = &payload[..(rc as usize).min(QUOTE_MAX)];
         // SAFETY: the kernel filled msg_control/msg_controllen in the call
         // above; the CMSG walk stays inside `cbuf`; IP_RECVERR/IPV6_RECVERR
         // payloads start with a sock_extended_err, read unaligned.
@@ -881,11 +922,13 @@ pub fn read_errors(fd: RawFd, limit: usize, mut f: impl FnMut(IcmpError)) -> usi
                     if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP
                         || ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6
                     {
-                        f(IcmpError {
+                        f(&IcmpError {
                             dest,
                             errno: ee.ee_errno as i32,
+                            icmp6: ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6,
                             icmp_type: ee.ee_type,
                             icmp_code: ee.ee_code,
+                            quote,
                         });
                     }
                 }
@@ -1041,31 +1084,106 @@ mod tests {
         assert!(got[0].truncated);
     }
 
-    #[test]
-    fn port_unreachable_is_read_from_the_error_queue() {
+    /// What `read_errors` reported, owned.
+    #[derive(Debug)]
+    struct Seen {
+        dest: SocketAddr,
+        errno: i32,
+        icmp6: bool,
+        kind: (u8, u8),
+        unreachable: bool,
+        quote: Vec<u8>,
+    }
+
+    /// Sends `payload` to a port nobody listens on and returns the errors
+    /// read back from the sender's error queue.
+    fn provoke_port_unreachable(v6: bool, payload: &[u8]) -> (SocketAddr, Vec<Seen>) {
         // A port nobody listens on: bind one, learn its number, close it.
         let dead = {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let s = std::net::UdpSocket::bind(loopback(v6)).unwrap();
             s.local_addr().unwrap()
         };
-        let (tx, _) = bind_udp(loopback(false), &SocketOptions::default()).unwrap();
-        let mut send = SendBatch::new(1, 16);
-        assert!(send.push(b"ping", &dead, None));
+        let (tx, _) = bind_udp(loopback(v6), &SocketOptions::default()).unwrap();
+        let mut send = SendBatch::new(1, 2048);
+        assert!(send.push(payload, &dead, None));
         send.send(tx.as_raw_fd(), |_, _| {});
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut seen = Vec::new();
         while seen.is_empty() && Instant::now() < deadline {
-            read_errors(tx.as_raw_fd(), 8, |e| seen.push(e));
+            read_errors(tx.as_raw_fd(), 8, |e| {
+                seen.push(Seen {
+                    dest: e.dest,
+                    errno: e.errno,
+                    icmp6: e.icmp6,
+                    kind: (e.icmp_type, e.icmp_code),
+                    unreachable: e.is_unreachable(),
+                    quote: e.quote.to_vec(),
+                })
+            });
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(seen.len(), 1, "one ICMP port unreachable");
+        (dead, seen)
+    }
+
+    #[test]
+    fn port_unreachable_is_read_from_the_error_queue() {
+        let (dead, seen) = provoke_port_unreachable(false, b"ping");
+        assert_eq!(seen.len(), 1, "one ICMP port unreachable: {seen:?}");
         assert_eq!(seen[0].dest, dead);
         assert_eq!(seen[0].errno, libc::ECONNREFUSED);
-        assert_eq!(
-            (seen[0].icmp_type, seen[0].icmp_code),
-            (3, 3),
-            "ICMP dest unreachable / port"
+        assert_eq!(seen[0].kind, (3, 3), "ICMP dest unreachable / port");
+        assert!(!seen[0].icmp6 && seen[0].unreachable);
+        assert_eq!(seen[0].quote, b"ping", "the quoted UDP payload");
+    }
+
+    #[test]
+    fn the_quote_holds_a_requests_first_hundreds_of_bytes() {
+        // A 1,000-byte datagram. An ICMPv4 error is at most 576 bytes: its
+        // own IP (20) and ICMP (8) headers, the quoted IP (20) and UDP (8)
+        // headers, then at most 520 bytes of payload. ICMPv6 errors may
+        // fill the 1280-byte minimum MTU, so the whole datagram comes back.
+        let payload: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let (_, seen) = provoke_port_unreachable(false, &payload);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let q = &seen[0].quote;
+        assert!(
+            q.len() >= 500 && q.len() < payload.len(),
+            "IPv4 quote {} bytes",
+            q.len()
         );
+        assert_eq!(q[..], payload[..q.len()]);
+        let (dead6, seen6) = provoke_port_unreachable(true, &payload);
+        assert_eq!(seen6.len(), 1, "{seen6:?}");
+        assert_eq!(seen6[0].dest, dead6);
+        assert!(seen6[0].icmp6 && seen6[0].unreachable);
+        assert_eq!(seen6[0].kind, (1, 4), "ICMPv6 dest unreachable / port");
+        assert_eq!(seen6[0].quote, payload, "IPv6 quotes the whole datagram");
+    }
+
+    #[test]
+    fn only_destination_unreachable_counts_as_unreachable() {
+        let e = |icmp6, icmp_type, icmp_code| IcmpError {
+            dest: "127.0.0.1:1".parse().unwrap(),
+            errno: 0,
+            icmp6,
+            icmp_type,
+            icmp_code,
+            quote: &[],
+        };
+        for code in [0, 1, 2, 3, 9, 10, 13] {
+            assert!(e(false, 3, code).is_unreachable(), "v4 code {code}");
+        }
+        assert!(!e(false, 3, 4).is_unreachable(), "fragmentation needed");
+        assert!(!e(false, 11, 0).is_unreachable(), "time exceeded");
+        assert!(!e(false, 12, 0).is_unreachable(), "parameter problem");
+        for code in 0..=6 {
+            assert!(e(true, 1, code).is_unreachable(), "v6 code {code}");
+        }
+        assert!(!e(true, 2, 0).is_unreachable(), "packet too big");
+        assert!(!e(true, 3, 0).is_unreachable(), "time exceeded");
+        // The same type numbers in the other family mean something else.
+        assert!(!e(true, 3, 3).is_unreachable());
+        assert!(!e(false, 1, 4).is_unreachable());
     }
 
     #[test]

@@ -484,7 +484,7 @@ impl UringBackend {
                             resend[resend_len] = slot;
                             resend_len += 1;
                             let fd = self.sockets[self.tx_sock[index] as usize].as_raw_fd();
-                            read_errors(fd, 64, |e| h.icmp(&e));
+                            read_errors(fd, 64, |e| h.icmp(e));
                             continue;
                         }
                         if res < 0 {
@@ -507,7 +507,7 @@ impl UringBackend {
                         }
                         if res < 0 && res != -libc::ENOBUFS && res != -libc::ECANCELED {
                             // A pending ICMP error surfaces as a failed receive.
-                            read_errors(self.sockets[sock].as_raw_fd(), 64, |e| h.icmp(&e));
+                            read_errors(self.sockets[sock].as_raw_fd(), 64, |e| h.icmp(e));
                         }
                     }
                     UD_WAKE => {
@@ -807,7 +807,8 @@ mod tests {
     struct Collect {
         got: Vec<Received>,
         failed: Vec<u32>,
-        icmp: Vec<IcmpError>,
+        /// (destination, quote) of each ICMP error.
+        icmp: Vec<(SocketAddr, Vec<u8>)>,
     }
 
     impl Handler for Collect {
@@ -817,8 +818,8 @@ mod tests {
         fn send_failed(&mut self, tag: u32, _err: &io::Error) {
             self.failed.push(tag);
         }
-        fn icmp(&mut self, e: &IcmpError) {
-            self.icmp.push(*e);
+        fn icmp(&mut self, e: &IcmpError<'_>) {
+            self.icmp.push((e.dest, e.quote.to_vec()));
         }
     }
 
@@ -1032,6 +1033,6 @@ mod tests {
             b.poll(Duration::from_millis(10), &mut h).unwrap();
         }
         assert_eq!(h.icmp.len(), 1, "{:?}", h.icmp);
-        assert_eq!(h.icmp[0].dest, dead);
+        assert_eq!(h.icmp[0], (dead, b"ping".to_vec()), "destination and quote");
     }
 }

@@ -28,6 +28,12 @@
 //! ([`VERSION_READ_MIN`]..=[`VERSION`], [`Geometry::for_version`]); a version 2
 //! file simply has no registrar figures.
 //!
+//! Version 4 appended three counters ([`Counter::IcmpForged`],
+//! [`Counter::IcmpUnmatched`], [`Counter::IcmpOther`]) into what was padding
+//! of the counter words: the [`WorkerBlock`] keeps its size and every offset,
+//! and a version 2 or 3 file reads with them zero
+//! ([`Counter::count_in_version`]).
+//!
 //! # Invariants
 //!
 //! * Everything a reader looks at is an atomic (`AtomicU8/U32/U64`): other
@@ -61,7 +67,7 @@ pub const MAGIC: [u8; 8] = *b"KAPINGSH";
 /// [`MAGIC`] as the native-endian word stored in [`Header::magic`].
 pub const MAGIC_WORD: u64 = u64::from_ne_bytes(MAGIC);
 /// Layout version; bumped on any change to this file's types or encodings.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest layout version readers still open (see "Versions" above).
 pub const VERSION_READ_MIN: u32 = 2;
 
@@ -107,7 +113,9 @@ pub enum Counter {
     ParseErrors,
     /// Failed sends (errno from the kernel).
     SendErrors,
-    /// ICMP unreachable errors tied to a contact.
+    /// ICMP destination-unreachable errors tied to a ping in flight, each
+    /// counted as its contact's miss at once (reason `unreachable`). One per
+    /// error, however many contacts share the destination it names.
     Unreachable,
     /// Replies that arrived at a worker other than the owner and were handed over.
     Handoff,
@@ -133,10 +141,24 @@ pub enum Counter {
     /// Contacts currently kept open by NAT-only keepalives, liveness not
     /// known (gauge).
     ContactsUnmonitored,
+    // ICMP errors that changed nothing (version 4), by cause; with
+    // `Unreachable` they add up to every ICMP error read.
+    /// ICMP errors quoting a request whose token fails its MAC or names
+    /// another instance: not a datagram kaping sent.
+    IcmpForged,
+    /// ICMP unreachable errors that name no ping in flight: the quoted
+    /// token's contact is gone or its ping already settled (answered, timed
+    /// out, failed by an earlier error), or, quoting no token, no contact
+    /// at the destination has a ping in flight.
+    IcmpUnmatched,
+    /// ICMP errors that say nothing about liveness: not a destination
+    /// unreachable (time exceeded, fragmentation needed / packet too big,
+    /// parameter problem), or about a NAT-only keepalive (`null`, `crlf`).
+    IcmpOther,
 }
 
 impl Counter {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 22;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::Sent,
         Counter::Matched,
@@ -157,6 +179,9 @@ impl Counter {
         Counter::ErrorReplies,
         Counter::RateLimited,
         Counter::ContactsUnmonitored,
+        Counter::IcmpForged,
+        Counter::IcmpUnmatched,
+        Counter::IcmpOther,
     ];
 
     /// Stable snake_case name (Prometheus label / JSON key).
@@ -181,6 +206,9 @@ impl Counter {
             Counter::ErrorReplies => "error_replies",
             Counter::RateLimited => "rate_limited",
             Counter::ContactsUnmonitored => "contacts_unmonitored",
+            Counter::IcmpForged => "icmp_forged",
+            Counter::IcmpUnmatched => "icmp_unmatched",
+            Counter::IcmpOther => "icmp_other",
         }
     }
 
@@ -188,6 +216,17 @@ impl Counter {
     #[inline]
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Counters a file of layout `version` holds: the first this many of
+    /// [`Counter::ALL`]; the words after them are padding, zero in such a
+    /// file, so a reader shows the newer counters as 0.
+    pub const fn count_in_version(version: u32) -> usize {
+        if version >= 4 {
+            22
+        } else {
+            19
+        }
     }
 }
 
@@ -197,7 +236,9 @@ const _: () = {
         assert!(Counter::ALL[i] as usize == i);
         i += 1;
     }
-    assert!(Counter::ContactsUnmonitored as usize == Counter::COUNT - 1);
+    assert!(Counter::IcmpOther as usize == Counter::COUNT - 1);
+    assert!(Counter::count_in_version(3) < Counter::COUNT);
+    assert!(Counter::count_in_version(VERSION) == Counter::COUNT);
 };
 
 /// Counter words per worker, padded to whole cache lines.
@@ -1182,7 +1223,27 @@ mod tests {
         assert_eq!(size_of::<Header>(), HEADER_SIZE);
         assert!(offset_of!(Header, registrar_count) + 4 <= HEADER_SIZE);
         assert_eq!(VERSION_READ_MIN, 2);
-        assert_eq!(VERSION, 3);
+        assert_eq!(VERSION, 4);
+    }
+
+    #[test]
+    fn version_4_counters_took_padding_and_moved_nothing() {
+        // Every version has the same geometry: the new counters sit in
+        // words that were padding.
+        for version in VERSION_READ_MIN..=VERSION {
+            let g = Geometry::for_version(version, 3, 100, 4096).unwrap();
+            let v3 = Geometry::for_version(3.max(version), 3, 100, 4096).unwrap();
+            assert_eq!(g.slots_offset, v3.slots_offset, "version {version}");
+        }
+        assert_eq!(Counter::count_in_version(2), 19);
+        assert_eq!(Counter::count_in_version(3), 19);
+        assert_eq!(Counter::count_in_version(4), Counter::COUNT);
+        assert_eq!(COUNTER_WORDS, 24, "the counter words did not grow");
+        assert_eq!(
+            Counter::ALL[Counter::count_in_version(3) - 1],
+            Counter::ContactsUnmonitored,
+            "version 3's last counter"
+        );
     }
 
     #[test]

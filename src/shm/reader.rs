@@ -230,10 +230,12 @@ impl ShmReader {
             h.worker_block_size.load(r) as u64,
             size_of::<WorkerBlock>() as u64,
         )?;
+        // Older layouts hold fewer counters in the same words (the rest
+        // padding, zero): `counters` shows those as 0.
         check_eq(
             "counter count",
             h.counter_count.load(r) as u64,
-            Counter::COUNT as u64,
+            Counter::count_in_version(version) as u64,
         )?;
         check_eq(
             "reject counter count",
@@ -629,13 +631,26 @@ mod tests {
         f.write_all_at(bytes, offset as u64).unwrap();
     }
 
-    /// Turns a fresh version 3 file into the version 2 file the same daemon
-    /// settings produced: version 2, no block at the end, the header's tail
-    /// zero (it was padding).
+    /// Turns a fresh file into the version 3 file the same daemon settings
+    /// produced: the counters of version 4 were padding (zero), the header
+    /// said so in its counter count.
+    fn make_version_3(path: &Path) {
+        patch(path, offset_of!(Header, version), &3u32.to_ne_bytes());
+        patch(
+            path,
+            offset_of!(Header, counter_count),
+            &(Counter::count_in_version(3) as u32).to_ne_bytes(),
+        );
+    }
+
+    /// Turns a fresh file into the version 2 file the same daemon settings
+    /// produced: version 3's, no block at the end, the header's tail zero
+    /// (it was padding).
     fn make_version_2(path: &Path) {
         let r = ShmReader::open(path).unwrap();
         let g = *r.geometry();
         drop(r);
+        make_version_3(path);
         patch(path, offset_of!(Header, version), &2u32.to_ne_bytes());
         let tail = offset_of!(Header, registrar_offset);
         patch(path, tail, &vec![0u8; HEADER_SIZE - tail]);
@@ -692,6 +707,34 @@ mod tests {
     }
 
     #[test]
+    fn a_version_3_file_opens_with_the_newer_counters_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, shm) = create(dir.path());
+        shm.worker(0).set(Counter::Unreachable, 5);
+        drop(shm);
+        make_version_3(&path);
+        let r = ShmReader::open(&path).expect("version 3 opens");
+        assert_eq!(r.header().version, 3);
+        let c = r.counters(0);
+        assert_eq!(c[Counter::Unreachable.index()], 5);
+        for k in [
+            Counter::IcmpForged,
+            Counter::IcmpUnmatched,
+            Counter::IcmpOther,
+        ] {
+            assert_eq!(c[k.index()], 0, "{k:?}");
+        }
+        // A version 3 header that claims version 4's counters is refused.
+        patch(
+            &path,
+            offset_of!(Header, counter_count),
+            &(Counter::COUNT as u32).to_ne_bytes(),
+        );
+        let msg = ShmReader::open(&path).err().unwrap().to_string();
+        assert!(msg.contains("counter count"), "{msg}");
+    }
+
+    #[test]
     fn versions_outside_the_readable_range_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (path, shm) = create(dir.path());
@@ -706,7 +749,7 @@ mod tests {
             }
         }
         let msg = ShmReader::open(&path).err().unwrap().to_string();
-        assert!(msg.contains("knows versions 2 to 3"), "{msg}");
+        assert!(msg.contains("knows versions 2 to 4"), "{msg}");
     }
 
     #[test]

@@ -561,6 +561,35 @@ pub fn patch(buf: &mut [u8], layout: &Layout, token: &[u8; TOKEN_LEN], cseq: u32
     write_digits(&mut buf[at..at + CSEQ_WIDTH], cseq & CSEQ_MASK);
 }
 
+/// The branch parameter of a Via that kaping wrote, up to the token.
+const BRANCH_PARAM: &[u8] = b";branch=z9hG4bK";
+
+/// The token of a request as an ICMP error quotes it (`io::IcmpError`):
+/// the one after the branch cookie in the first header line, which is
+/// always a Via kaping wrote (the proxy's, cookie `z9hG4bK.`, when sent as
+/// the proxy; kaping's own otherwise; both carry the ping's token). Only
+/// that line is searched: the request line holds the contact's URI, which
+/// anyone who can register may fill with a `branch=` of their choosing.
+///
+/// `None` when the quote ends before the token (a router that quoted only
+/// the UDP header, or a few bytes of payload) or is not shaped like a
+/// request at all. The token is not verified here: the caller decodes it
+/// with its key. Never panics, never allocates.
+pub fn quoted_token(quote: &[u8]) -> Option<&[u8; TOKEN_LEN]> {
+    let line_at = memchr::memmem::find(quote, CRLF.as_bytes())? + CRLF.len();
+    let rest = &quote[line_at..];
+    let line = match memchr::memmem::find(rest, CRLF.as_bytes()) {
+        Some(end) => &rest[..end],
+        None => rest,
+    };
+    let mut at = memchr::memmem::find(line, BRANCH_PARAM)? + BRANCH_PARAM.len();
+    if line.get(at) == Some(&b'.') {
+        // The proxy's cookie, `z9hG4bK.` (PROXY_BRANCH_COOKIE).
+        at += 1;
+    }
+    line.get(at..at + TOKEN_LEN)?.try_into().ok()
+}
+
 /// `"00" "01" ... "99"`: two digits per lookup.
 const DIGIT_PAIRS: [[u8; 2]; 100] = {
     let mut t = [[0u8; 2]; 100];
@@ -750,6 +779,61 @@ mod tests {
         assert_eq!(request_uri("sip:a?b@host?h=v"), "sip:a?b@host");
         assert_eq!(request_uri("sip:host?h=v"), "sip:host");
         assert_eq!(request_uri("sip:host"), "sip:host");
+    }
+
+    /// A request rendered from `cfg` and patched with `token`.
+    fn request(cfg: &TemplateConfig, token: &[u8; TOKEN_LEN]) -> Vec<u8> {
+        let t = Template::new(cfg).unwrap();
+        let c = ContactText {
+            // A contact that puts a branch of its own in its URI: the
+            // request line is not searched.
+            uri: "sip:alice@198.51.100.7:5062;branch=z9hG4bKAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            to: "sip:alice@example.org",
+            route: Some("<sip:edge.example.org;lr>"),
+        };
+        let mut buf = [0xa5u8; 1400];
+        let layout = t.render(&c, &mut buf).unwrap();
+        patch(&mut buf, &layout, token, 7);
+        buf[..usize::from(layout.len)].to_vec()
+    }
+
+    #[test]
+    fn the_token_is_found_in_a_quoted_request_cut_anywhere_after_it() {
+        let token = b"QUJDsZ0gAAAHAAAAAAEACWAa2Xyz";
+        for cfg in [
+            TemplateConfig::default(),
+            TemplateConfig {
+                proxy_via: Some(("203.0.113.10".to_owned(), 5060)),
+                ..TemplateConfig::default()
+            },
+        ] {
+            let req = request(&cfg, token);
+            let cookie = memchr::memmem::find(&req, b"z9hG4bK").unwrap();
+            // Where the first Via's token ends, proxy cookie or not.
+            let first_at = memchr::memmem::find(&req, token).unwrap();
+            assert!(first_at > cookie, "the token follows a Via cookie");
+            for cut in 0..=req.len() {
+                let got = quoted_token(&req[..cut]);
+                if cut >= first_at + TOKEN_LEN {
+                    assert_eq!(got, Some(token), "cut at {cut} of {}", req.len());
+                } else {
+                    assert_eq!(got, None, "cut at {cut}: token incomplete");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quotes_without_a_kaping_via_give_no_token() {
+        for q in [
+            &b""[..],
+            b"\0\0\0\0",
+            b"\r\n",
+            b"OPTIONS sip:a@b;branch=z9hG4bKAAAAAAAAAAAAAAAAAAAAAAAAAAAA SIP/2.0",
+            b"OPTIONS sip:a@b SIP/2.0\r\nMax-Forwards: 70\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n",
+        ] {
+            assert_eq!(quoted_token(q), None, "{:?}", String::from_utf8_lossy(q));
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ const COUNTERS: [(Counter, &str, &str); 14] = [
     (
         Counter::Unreachable,
         "kaping_icmp_unreachable_total",
-        "ICMP unreachable errors tied to a contact.",
+        "ICMP unreachable errors that failed a ping in flight at once (a miss, reason unreachable).",
     ),
     (
         Counter::Retries,
@@ -104,6 +104,14 @@ const COUNTERS: [(Counter, &str, &str); 14] = [
         "kaping_replies_handed_off_total",
         "Replies received by a worker other than the owner.",
     ),
+];
+
+/// `kaping_icmp_ignored_total{cause}`: ICMP errors that changed no contact.
+/// With `kaping_icmp_unreachable_total` they add up to every ICMP error read.
+const ICMP_IGNORED: [(Counter, &str); 3] = [
+    (Counter::IcmpForged, "forged"),
+    (Counter::IcmpUnmatched, "unmatched"),
+    (Counter::IcmpOther, "other"),
 ];
 
 /// `kaping_registrar_changes_total{kind}`: what the feed did to kaping's
@@ -351,6 +359,21 @@ pub fn render(s: &Snapshot) -> String {
         family(&mut o, name, "counter", help);
         for (i, w) in s.workers.iter().enumerate() {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", w.get(c));
+        }
+    }
+    family(
+        &mut o,
+        "kaping_icmp_ignored_total",
+        "counter",
+        "ICMP errors that changed no contact, by cause: forged (quoted token fails its MAC), unmatched (no ping in flight), other (not a destination unreachable).",
+    );
+    for (i, w) in s.workers.iter().enumerate() {
+        for (c, cause) in ICMP_IGNORED {
+            let _ = writeln!(
+                o,
+                "kaping_icmp_ignored_total{{worker=\"{i}\",cause=\"{cause}\"}} {}",
+                w.get(c)
+            );
         }
     }
     family(
@@ -702,6 +725,24 @@ mod tests {
                 RegistrarStat::RemovalConfigured
             ]
         );
+    }
+
+    /// Every worker counter is exported exactly once: as a counter family,
+    /// a cause of `kaping_icmp_ignored_total`, or a state of
+    /// `kaping_contacts`.
+    #[test]
+    fn every_worker_counter_has_one_series() {
+        let mut seen: Vec<Counter> = COUNTERS
+            .iter()
+            .map(|e| e.0)
+            .chain(ICMP_IGNORED.iter().map(|e| e.0))
+            .chain(STATES.iter().map(|e| e.0))
+            .collect();
+        let n = seen.len();
+        seen.sort_by_key(|c| c.index());
+        seen.dedup();
+        assert_eq!(seen.len(), n, "a counter exported twice");
+        assert_eq!(seen, Counter::ALL, "every counter exported");
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl Liveness {
 
 /// The event counters (not the state gauges), in display order, with their
 /// JSON key and the label the text views print.
-pub const EVENTS: [(Counter, &str, &str); 14] = [
+pub const EVENTS: [(Counter, &str, &str); 17] = [
     (Counter::Sent, "sent", "sent"),
     (Counter::Matched, "matched", "matched"),
     (Counter::TimedOut, "timeouts", "timed out"),
@@ -84,6 +84,9 @@ pub const EVENTS: [(Counter, &str, &str); 14] = [
     (Counter::RateLimited, "rate_limited", "rate limited"),
     (Counter::Received, "received", "received"),
     (Counter::Handoff, "handoff", "handed off"),
+    (Counter::IcmpForged, "icmp_forged", "icmp forged"),
+    (Counter::IcmpUnmatched, "icmp_unmatched", "icmp no match"),
+    (Counter::IcmpOther, "icmp_other", "icmp other"),
 ];
 
 /// The state gauges with their JSON key.
