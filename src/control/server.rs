@@ -71,6 +71,9 @@ pub struct ServerStats {
 /// A running control socket.
 pub struct ControlServer {
     path: PathBuf,
+    /// The listening socket (a second handle to it), shut down to end the
+    /// accept loop.
+    listening: UnixListener,
     stop: Arc<AtomicBool>,
     listener: Option<JoinHandle<()>>,
     pub stats: Arc<ServerStats>,
@@ -98,6 +101,9 @@ pub fn start(
             path.display()
         )
     })?;
+    let listening = listener
+        .try_clone()
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(ServerStats::default());
     let thread = {
@@ -110,6 +116,7 @@ pub fn start(
     };
     Ok(ControlServer {
         path: path.to_path_buf(),
+        listening,
         stop,
         listener: Some(thread),
         stats,
@@ -159,8 +166,10 @@ impl ControlServer {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocking accept: shutting the listening socket down ends
+        // it with an error. Not by connecting to the path: the file may be
+        // gone, or another daemon's by now (seen: a stop that never ended).
+        let _ = socket2::SockRef::from(&self.listening).shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.listener.take() {
             let _ = t.join();
         }
@@ -409,6 +418,42 @@ impl Connection {
             Next::Close
         } else {
             Next::Continue
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept loop ends on stop even when the socket's path no longer
+    /// leads to it (deleted, or taken by another daemon meanwhile): once,
+    /// a daemon stopped this way waited for its control thread forever.
+    #[test]
+    fn stop_ends_the_accept_loop_whatever_became_of_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        for replace in [false, true] {
+            let path = dir.path().join("k.sock");
+            let (tx, _rx) = channel::unbounded();
+            let limits = Limits {
+                max_connections: 4,
+                max_request: 1 << 20,
+            };
+            let server = start(&path, limits, tx).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            // Another listener at the same path, which would take the
+            // wake-up connection.
+            let _other = replace.then(|| UnixListener::bind(&path).unwrap());
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                server.stop();
+                let _ = done_tx.send(());
+            });
+            assert!(
+                done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+                "stop() did not return (path replaced: {replace})"
+            );
+            let _ = std::fs::remove_file(&path);
         }
     }
 }
