@@ -573,6 +573,12 @@ fn silent_contacts_removed(live: u32, dead: u32, extra: &[&str]) -> Option<(u32,
             v.get("error").is_none()
         })
         .count() as u32;
+    // Kamailio tells of each removal it made with a delete over DMQ.
+    let removed = s["registrar"]["removed"].as_u64().unwrap_or(0);
+    let s = wait_stats(&sock, Duration::from_secs(5), |v| {
+        v["registrar"]["removals_confirmed"].as_u64() == Some(removed)
+    })
+    .unwrap_or_else(|v| panic!("removals not confirmed over DMQ: {v}"));
     let _ = phones.kill();
     let _ = phones.wait();
     Some((left, s))
@@ -589,6 +595,8 @@ fn contacts_that_stop_answering_leave_the_registrar() {
     };
     assert_eq!(left, 0, "Kamailio still holds dead contacts: {s}");
     assert_eq!(s["registrar"]["removed"], 100, "{s}");
+    assert_eq!(s["registrar"]["removals_confirmed"], 100, "{s}");
+    assert_eq!(s["registrar"]["delete_unknown"], 0, "{s}");
     assert_eq!(s["registrar"]["removal_guard"], "ok", "{s}");
 }
 

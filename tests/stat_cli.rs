@@ -514,8 +514,8 @@ fn the_registrar_feed_shows_in_every_view() {
             "  dmq: syncs 121 done of 209 asked (231 refused, 242 unanswered), peer restarts 253, \
              joins 198, requests 143, records 187, duplicates 154, not from a peer 165, rejected 176, \
              other channels 220",
-            "  removal: guard TRIPPED, removals withheld (286 trips); sent 264, removed 297, \
-             not found 308, failed 319, withheld 275 (330 attempts unanswered)",
+            "  removal: guard TRIPPED, removals withheld (286 trips); sent 264, removed 297 \
+             (341 confirmed over DMQ), not found 308, failed 319, withheld 275 (330 attempts unanswered)",
         ],
         "{out}"
     );
@@ -602,6 +602,10 @@ fn the_registrar_feed_shows_in_every_view() {
             R::RemoveUnanswered,
         ),
         ("kaping_registrar_removal_guard_trips_total", R::GuardTrips),
+        (
+            "kaping_registrar_removals_confirmed_total",
+            R::RemovalsConfirmed,
+        ),
         ("kaping_registrar_removal_guard_tripped", R::GuardTripped),
     ] {
         assert_eq!(m.get(series), Some(&(want.get(stat) as f64)), "{series}");
@@ -610,7 +614,7 @@ fn the_registrar_feed_shows_in_every_view() {
         m.keys()
             .filter(|k| k.starts_with("kaping_registrar_"))
             .count(),
-        10 + 4 + 9 + 4 + 3 + 2,
+        10 + 4 + 9 + 4 + 4 + 2,
         "one series per figure"
     );
 }

@@ -112,6 +112,35 @@ pub(super) struct Guard {
     pub trips: u64,
     pub withheld: u64,
     pub sent: u64,
+    /// Removals sent whose delete has not come back over DMQ yet (at most
+    /// [`AWAIT_MAX`], oldest forgotten first).
+    awaiting: std::collections::HashSet<(String, String)>,
+    awaiting_order: std::collections::VecDeque<(String, String)>,
+    /// Removals confirmed by the registrar's delete over DMQ.
+    pub confirmed: u64,
+}
+
+/// Removals remembered until the registrar's delete confirms them.
+const AWAIT_MAX: usize = 65_536;
+
+impl Guard {
+    fn await_delete(&mut self, r: &Removal) {
+        let key = (r.aor.clone(), r.contact.clone());
+        if self.awaiting_order.len() == AWAIT_MAX {
+            if let Some(old) = self.awaiting_order.pop_front() {
+                self.awaiting.remove(&old);
+            }
+        }
+        self.awaiting_order.push_back(key.clone());
+        self.awaiting.insert(key);
+    }
+
+    /// A delete over DMQ of a contact kaping no longer holds: one of its
+    /// removals, confirmed?
+    fn confirms(&mut self, aor: &str, contact: &str) -> bool {
+        self.awaiting
+            .remove(&(aor.to_string(), contact.to_string()))
+    }
 }
 
 fn unix_s() -> u64 {
@@ -165,6 +194,9 @@ impl Daemon {
                 trips: 0,
                 withheld: 0,
                 sent: 0,
+                awaiting: std::collections::HashSet::new(),
+                awaiting_order: std::collections::VecDeque::new(),
+                confirmed: 0,
             },
             registered: 0,
             stashed: Vec::new(),
@@ -234,7 +266,9 @@ impl Daemon {
                 f.guard.trips += 1;
             }
             eprintln!(
-                "kaping: removal guard: {n} contacts stopped answering within {interval:?}, more than                  {limit} ({:.1} % of {}): none is removed from the registrar (an outage on this side                  would look the same); they expire there by themselves",
+                "kaping: removal guard: {n} contacts stopped answering within {interval:?}, more than \
+                 {limit} ({:.1} % of {}): none is removed from the registrar (an outage on this side \
+                 would look the same); they expire there by themselves",
                 fraction * 100.0,
                 f.registered + n
             );
@@ -245,6 +279,7 @@ impl Daemon {
             f.guard.sent += n;
             if let Some(r) = &f.remover {
                 for removal in held {
+                    f.guard.await_delete(&removal);
                     r.remove(removal);
                 }
             }
@@ -347,6 +382,9 @@ impl Daemon {
                     Some(loc) => {
                         f.stats.deleted += 1;
                         self.remove_contact(loc);
+                    }
+                    None if f.guard.confirms(aor.as_deref().unwrap_or(""), &c.contact) => {
+                        f.guard.confirmed += 1
                     }
                     None => f.stats.delete_unknown += 1,
                 }
@@ -517,7 +555,7 @@ impl Daemon {
 
     /// The removal figures (`registrar_rpc`): `(name, value)` pairs, and
     /// whether the guard holds removals back now.
-    pub(super) fn removal_stats(&self) -> Option<(bool, [(&'static str, u64); 7])> {
+    pub(super) fn removal_stats(&self) -> Option<(bool, [(&'static str, u64); 8])> {
         let f = self.feed.as_ref()?;
         let r = f.remover.as_ref()?;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -531,6 +569,7 @@ impl Daemon {
                 ("remove_not_found", g(&r.counters.not_found)),
                 ("remove_failed", g(&r.counters.failed)),
                 ("remove_unanswered", g(&r.counters.unanswered)),
+                ("removals_confirmed", f.guard.confirmed),
             ],
         ))
     }
@@ -598,6 +637,7 @@ impl Daemon {
                 (RegistrarStat::RemoveNotFound, c.not_found.load(Relaxed)),
                 (RegistrarStat::RemoveFailed, c.failed.load(Relaxed)),
                 (RegistrarStat::RemoveUnanswered, c.unanswered.load(Relaxed)),
+                (RegistrarStat::RemovalsConfirmed, f.guard.confirmed),
                 (RegistrarStat::GuardTripped, u64::from(f.guard.tripped)),
                 (RegistrarStat::RemovalConfigured, 1),
             ] {

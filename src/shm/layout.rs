@@ -620,6 +620,8 @@ pub enum RegistrarStat {
     RemoveFailed,
     /// Removal attempts that got no answer (each retried; per attempt, not per removal).
     RemoveUnanswered,
+    /// Removals whose delete came back from the registrar over DMQ.
+    RemovalsConfirmed,
     // Gauges.
     /// Contacts of the feed kaping holds, as of the last expiry sweep (gauge).
     Contacts,
@@ -632,7 +634,7 @@ pub enum RegistrarStat {
 }
 
 impl RegistrarStat {
-    pub const COUNT: usize = 34;
+    pub const COUNT: usize = 35;
     pub const ALL: [RegistrarStat; RegistrarStat::COUNT] = [
         RegistrarStat::Added,
         RegistrarStat::Updated,
@@ -664,6 +666,7 @@ impl RegistrarStat {
         RegistrarStat::RemoveNotFound,
         RegistrarStat::RemoveFailed,
         RegistrarStat::RemoveUnanswered,
+        RegistrarStat::RemovalsConfirmed,
         RegistrarStat::Contacts,
         RegistrarStat::GuardTripped,
         RegistrarStat::FeedConfigured,
@@ -704,6 +707,7 @@ impl RegistrarStat {
             RegistrarStat::RemoveNotFound => "remove_not_found",
             RegistrarStat::RemoveFailed => "remove_failed",
             RegistrarStat::RemoveUnanswered => "remove_unanswered",
+            RegistrarStat::RemovalsConfirmed => "removals_confirmed",
             RegistrarStat::Contacts => "contacts",
             RegistrarStat::GuardTripped => "guard_tripped",
             RegistrarStat::FeedConfigured => "feed_configured",

@@ -199,7 +199,7 @@ const REGISTRAR_REMOVALS: [(RegistrarStat, &str); 4] = [
 /// Removal's single-series counters. Unanswered attempts are counted per
 /// attempt (each is retried, then ends as one of the outcomes above), so
 /// they have a family of their own rather than an `outcome`.
-const REMOVAL_COUNTERS: [(RegistrarStat, &str, &str); 3] = [
+const REMOVAL_COUNTERS: [(RegistrarStat, &str, &str); 4] = [
     (
         RegistrarStat::RemovalsSent,
         "kaping_registrar_removals_sent_total",
@@ -209,6 +209,11 @@ const REMOVAL_COUNTERS: [(RegistrarStat, &str, &str); 3] = [
         RegistrarStat::RemoveUnanswered,
         "kaping_registrar_removal_attempts_unanswered_total",
         "Removal attempts the registrar did not answer (each retried).",
+    ),
+    (
+        RegistrarStat::RemovalsConfirmed,
+        "kaping_registrar_removals_confirmed_total",
+        "Removals whose delete came back from the registrar over DMQ.",
     ),
     (
         RegistrarStat::GuardTrips,

@@ -228,8 +228,8 @@ fn registrar_text(o: &mut String, r: &RegistrarFigures) {
     }
     let _ = writeln!(
         o,
-        "  removal: guard {} ({} trips); sent {}, removed {}, not found {}, failed {}, \
-         withheld {} ({} attempts unanswered)",
+        "  removal: guard {} ({} trips); sent {}, removed {} ({} confirmed over DMQ), not found {}, \
+         failed {}, withheld {} ({} attempts unanswered)",
         if r.flag(R::GuardTripped) {
             "TRIPPED, removals withheld"
         } else {
@@ -238,6 +238,7 @@ fn registrar_text(o: &mut String, r: &RegistrarFigures) {
         g(R::GuardTrips),
         g(R::RemovalsSent),
         g(R::Removed),
+        g(R::RemovalsConfirmed),
         g(R::RemoveNotFound),
         g(R::RemoveFailed),
         g(R::RemovalsWithheld),
