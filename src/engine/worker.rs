@@ -89,8 +89,26 @@ const SUBMIT_EVERY: usize = 64;
 /// Longest sleep. A worker sleeps until its next timer deadline and is not
 /// woken by each reply (RTTs come from kernel timestamps and lateness is
 /// judged by them, so handling replies in batches at the next deadline
-/// costs no accuracy); this bounds how long commands and hand-offs wait.
-const POLL_MAX: Duration = Duration::from_millis(10);
+/// costs no accuracy); this bounds how long commands, hand-offs and an
+/// idle worker's checks wait. An idle worker wakes 50 times a second
+/// (~40 µs each on the development VM: the context switch, mostly).
+const POLL_MAX: Duration = Duration::from_millis(20);
+/// Pings a round should have before a worker sleeps past its next
+/// deadline. At high rates every millisecond tick has that many due and
+/// nothing changes; at low rates a worker sleeps until about that many
+/// have fallen due, at most [`SLACK_MAX_MS`]: the pings then go out
+/// together, a few ms late, instead of one wake-up per tick with a ping or
+/// two. Their RTTs do not change (the token carries each ping's send time,
+/// replies their kernel receive time), first pings stay spread over the
+/// interval and the rate per second stays even.
+const ROUND_PINGS: u64 = 16;
+/// The longest a due ping waits for its round. Chosen by measurement
+/// (tuning.md, "Low rates"): 10,000 contacts every 30 s cost 87 µs of CPU a
+/// ping waking each tick, 61 µs with rounds of up to 10 ms; a fixed 10 ms
+/// slack at 100,000/10 s and 1,000,000/30 s sent bursts that the test
+/// responder answered up to 60 % slower (RTT p50), hence rounds sized by
+/// the rate.
+const SLACK_MAX_MS: u64 = 10;
 /// First retransmission interval (RFC 3261 T1), doubling after each.
 const T1_MS: u64 = 500;
 /// Scratch capacity for one contact string (a request is at most
@@ -1307,6 +1325,11 @@ pub struct Worker<B: Backend> {
     core: Core,
     backend: B,
     commands: Receiver<Command>,
+    /// The shortest sleep while nothing is due at once (see
+    /// [`ROUND_PINGS`]), from the pings served in the last second.
+    slack_ms: u64,
+    rate_window_start: u64,
+    rate_window_served: u64,
 }
 
 impl<B: Backend> Worker<B> {
@@ -1351,6 +1374,9 @@ impl<B: Backend> Worker<B> {
             },
             backend,
             commands,
+            slack_ms: 1,
+            rate_window_start: 0,
+            rate_window_served: 0,
         }
     }
 
@@ -1397,13 +1423,17 @@ impl<B: Backend> Worker<B> {
                     return Ok(());
                 }
             }
-            let more_due = self.expire_due(now)?;
+            let (more_due, served, deferred) = self.expire_due(now)?;
+            self.track_rate(now, served);
+            // Pings held back (no room, or the rate cap) are tried again at
+            // the next tick: a longer sleep would waste the cap's tokens.
+            let slack = if deferred { 1 } else { self.slack_ms };
             let timeout = if more_due {
                 Duration::ZERO
             } else {
                 match self.core.wheel.next_deadline() {
                     Some(t) if t <= now => Duration::ZERO,
-                    Some(t) => Duration::from_millis(t - now).min(POLL_MAX),
+                    Some(t) => Duration::from_millis((t - now).max(slack)).min(POLL_MAX),
                     None => POLL_MAX,
                 }
             };
@@ -1419,10 +1449,24 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Expires one bounded batch of due timers. True if more are due (or
-    /// some could not be served for lack of room), so the caller polls
-    /// without sleeping.
-    fn expire_due(&mut self, now: u64) -> io::Result<bool> {
+    /// Sizes the rounds from the pings served over the last second: the
+    /// time [`ROUND_PINGS`] take to fall due, 1 to [`SLACK_MAX_MS`] ms.
+    fn track_rate(&mut self, now: u64, served: usize) {
+        self.rate_window_served += served as u64;
+        let elapsed = now.saturating_sub(self.rate_window_start);
+        if elapsed >= 1000 {
+            let per_ms = self.rate_window_served.max(1) as f64 / elapsed as f64;
+            self.slack_ms = ((ROUND_PINGS as f64 / per_ms).ceil() as u64).clamp(1, SLACK_MAX_MS);
+            self.rate_window_start = now;
+            self.rate_window_served = 0;
+        }
+    }
+
+    /// Expires one bounded batch of due timers. Returns whether more are
+    /// due (so the caller polls without sleeping), how many were served,
+    /// and whether some were held back (no room, or the rate cap) for the
+    /// next tick.
+    fn expire_due(&mut self, now: u64) -> io::Result<(bool, usize, bool)> {
         let mut due = std::mem::take(&mut self.core.due);
         due.clear();
         let n = self.core.wheel.poll_expired(now, &mut due, DUE_BATCH);
@@ -1479,7 +1523,7 @@ impl<B: Backend> Worker<B> {
             }
         }
         self.core.due = due;
-        Ok(n == DUE_BATCH && !deferred)
+        Ok((n == DUE_BATCH && !deferred, served, deferred))
     }
 }
 

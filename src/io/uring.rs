@@ -171,7 +171,8 @@ pub struct UringBackend {
     tx_sock: Vec<u8>,
     /// One retry per slot for a send refused because of an earlier ICMP
     /// error pending on the socket.
-    tx_retried: Vec<bool>,
+    /// Sends of each slot failed by an earlier datagram's ICMP error.
+    tx_retried: Vec<u8>,
     tx_in_flight: usize,
     /// SQEs pushed but not yet submitted.
     unsubmitted: usize,
@@ -295,7 +296,7 @@ impl UringBackend {
             tx_free: (0..TX_SLOTS as u16).rev().collect(),
             tx_tags: vec![0; TX_SLOTS],
             tx_sock: vec![0; TX_SLOTS],
-            tx_retried: vec![false; TX_SLOTS],
+            tx_retried: vec![0; TX_SLOTS],
             tx_in_flight: 0,
             unsubmitted: 0,
             rx_bufs,
@@ -475,12 +476,12 @@ impl UringBackend {
                         let slot = index as u16;
                         if res < 0
                             && is_async_icmp(-res)
-                            && !self.tx_retried[index]
+                            && self.tx_retried[index] < super::udp::ICMP_RESENDS
                             && resend_len < resend.len()
                         {
                             // An ICMP error for an earlier datagram was
                             // reported on this send; the slot is intact.
-                            self.tx_retried[index] = true;
+                            self.tx_retried[index] += 1;
                             resend[resend_len] = slot;
                             resend_len += 1;
                             let fd = self.sockets[self.tx_sock[index] as usize].as_raw_fd();
@@ -704,7 +705,7 @@ impl Backend for UringBackend {
         let i = slot as usize;
         self.tx_tags[i] = tag;
         self.tx_sock[i] = sock as u8;
-        self.tx_retried[i] = false;
+        self.tx_retried[i] = 0;
         let payload = self.tx_payload(slot);
         // SAFETY: the slot is off the free list and has no SQE in flight, so
         // its metadata is ours to write; the msghdr points at the slot's own
