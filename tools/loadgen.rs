@@ -543,6 +543,11 @@ struct RegisterArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// The shm file of a kaping following this registrar (`--dmq`): report
+    /// the lag from each REGISTER's send to kaping's workers holding one
+    /// more (or, with --expires 0, one fewer) contact.
+    #[arg(long, value_name = "PATH")]
+    watch_shm: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -878,6 +883,7 @@ fn run_register(a: RegisterArgs) -> Result<(), String> {
         window: a.window,
         timeout: Duration::from_nanos(a.timeout_ns),
         progress: a.progress,
+        watch_shm: a.watch_shm,
     })?;
     print_report(&report, a.json, register::print_text)?;
     if report.ok < report.total {

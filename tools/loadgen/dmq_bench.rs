@@ -57,7 +57,7 @@ pub struct DmqBenchReport {
 }
 
 /// Contacts held by kaping's workers (every state), from shm.
-fn held(shm: &ShmReader) -> u64 {
+pub(crate) fn held(shm: &ShmReader) -> u64 {
     (0..shm.header().workers)
         .map(|w| {
             let c = shm.counters(w);

@@ -69,6 +69,8 @@ pub struct RegisterConfig {
     pub timeout: Duration,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    /// A kaping's shm file: measure the lag from each REGISTER to kaping.
+    pub watch_shm: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -81,6 +83,14 @@ pub struct RegisterReport {
     pub by_code: BTreeMap<String, u32>,
     /// No final response within the timeout.
     pub no_answer: u32,
+    /// With `watch_shm`: from a REGISTER's send to kaping's workers holding
+    /// the change (the k-th change is taken as held once the count moved
+    /// by k: changes are applied in order), ms; the changes never seen
+    /// within 5 s of the last answer are counted in `lag_unseen`.
+    pub lag_p50_ms: Option<f64>,
+    pub lag_p99_ms: Option<f64>,
+    pub lag_max_ms: Option<f64>,
+    pub lag_unseen: u32,
     pub retransmits: u64,
     pub stray_responses: u64,
     pub elapsed_ms: u64,
@@ -198,6 +208,32 @@ Content-Length: 0\r\n\r\n",
     let mut next_progress = start + PROGRESS_EVERY;
     let mut rx = vec![0u8; DATAGRAM_MAX];
     let fd = socket.as_raw_fd();
+    // The shm watcher: every change of kaping's held count, timed.
+    let watch = match &cfg.watch_shm {
+        Some(path) => {
+            let shm = kaping::shm::reader::ShmReader::open(path)
+                .map_err(|e| format!("--watch-shm {}: {e}", path.display()))?;
+            let base = crate::dmq_bench::held(&shm);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let sampler = std::thread::spawn(move || {
+                let mut seen: Vec<(Instant, u64)> = Vec::new();
+                let mut last = base;
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = crate::dmq_bench::held(&shm);
+                    if n != last {
+                        seen.push((Instant::now(), n));
+                        last = n;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                seen
+            });
+            Some((base, stop, sampler))
+        }
+        None => None,
+    };
+    let mut sent_at: Vec<Option<Instant>> = vec![None; cfg.count as usize];
     let due =
         |k: u32| start + Duration::from_nanos(u64::from(k) * 1_000_000_000 / u64::from(cfg.rate));
 
@@ -207,6 +243,7 @@ Content-Length: 0\r\n\r\n",
             let i = cfg.first + started;
             started += 1;
             let _ = socket.send_to(request(i).as_bytes(), cfg.registrar);
+            sent_at[(i - cfg.first) as usize] = Some(now);
             pending.insert(
                 i,
                 Pending {
@@ -292,6 +329,41 @@ Content-Length: 0\r\n\r\n",
     let elapsed = start.elapsed();
     report.elapsed_ms = elapsed.as_millis() as u64;
     report.ok_per_s = f64::from(report.ok) / elapsed.as_secs_f64().max(1e-9);
+    if let Some((base, stop, sampler)) = watch {
+        // Give kaping the time to take the last changes in.
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = sampler.join().map_err(|_| "the shm watcher panicked")?;
+        let mut lags: Vec<f64> = Vec::with_capacity(cfg.count as usize);
+        let mut j = 0;
+        for (k, sent) in sent_at.iter().enumerate() {
+            let Some(sent) = sent else { continue };
+            let moved = |n: u64| {
+                let d = if cfg.expires > 0 {
+                    n.saturating_sub(base)
+                } else {
+                    base.saturating_sub(n)
+                };
+                d > k as u64
+            };
+            while j < seen.len() && !moved(seen[j].1) {
+                j += 1;
+            }
+            match seen.get(j) {
+                Some(&(at, _)) => {
+                    lags.push(at.saturating_duration_since(*sent).as_secs_f64() * 1e3)
+                }
+                None => report.lag_unseen += 1,
+            }
+        }
+        lags.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            (!lags.is_empty()).then(|| lags[((lags.len() - 1) as f64 * p).round() as usize])
+        };
+        report.lag_p50_ms = q(0.50);
+        report.lag_p99_ms = q(0.99);
+        report.lag_max_ms = lags.last().copied();
+    }
     Ok(report)
 }
 
@@ -323,7 +395,15 @@ pub fn print_text(r: &RegisterReport, out: &mut dyn io::Write) -> io::Result<()>
         r.no_answer,
         r.retransmits,
         r.stray_responses
-    )
+    )?;
+    if let (Some(p50), Some(p99), Some(max)) = (r.lag_p50_ms, r.lag_p99_ms, r.lag_max_ms) {
+        writeln!(
+            out,
+            "lag to kaping: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; {} changes not seen",
+            r.lag_unseen
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
