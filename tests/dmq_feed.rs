@@ -19,7 +19,7 @@
 //! group and kaping are stopped on drop; nothing leaves 127.0.0.1.
 
 mod common;
-use common::{ctl, free_ports, register, start_kamailio};
+use common::{ctl, free_ports, register, start_kamailio, wait_stats};
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -44,21 +44,6 @@ fn readme_quotes_the_lines_the_tests_use() {
             readme.lines().any(|l| l.trim_start().starts_with(line)),
             "README.md does not quote the kamailio.cfg line the tests use: {line}"
         );
-    }
-}
-
-/// Polls `keepalive.stats` until `ok` holds; the last stats otherwise.
-fn wait_stats(sock: &Path, within: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value, Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = ctl(sock, &["keepalive.stats"]);
-        if ok(&s) {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            return Err(s);
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -247,6 +232,29 @@ fn a_kamailio_that_forgot_kaping_is_synced_from_again() {
     assert_eq!(s["registrar"]["added"], 25, "{s}");
 }
 
+/// A Kamailio registrar and a kaping node that has completed its first
+/// sync from it (the table empty): Kamailio's address, both processes (to
+/// keep) and kaping's control socket. `None` where Kamailio is missing.
+fn synced_node() -> Option<(
+    SocketAddr,
+    common::Kamailio,
+    tempfile::TempDir,
+    Daemon,
+    std::path::PathBuf,
+)> {
+    let base = free_ports(3);
+    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let kamailio = start_kamailio(&config(kam, node), kam)?;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, sock) = start_node(dir.path(), "k", node, base + 2, &[kam], &[]);
+    wait_stats(&sock, Duration::from_secs(10), |s| {
+        s["registrar"]["syncs_done"].as_u64() >= Some(1)
+    })
+    .unwrap_or_else(|s| panic!("no sync: {s}"));
+    Some((kam, kamailio, dir, daemon, sock))
+}
+
 /// REGISTERs user `u{i}` with `contact` (an outbound client, RFC 5626:
 /// `+sip.instance` and `reg-id`, so usrloc keeps one record per instance
 /// and updates it in place when the address changes).
@@ -279,18 +287,9 @@ fn register_instance(kam: SocketAddr, i: u32, port: u16, cseq: u32) {
 
 #[test]
 fn a_phone_registering_from_a_new_address_replaces_its_old_contact() {
-    let base = free_ports(3);
-    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
-    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
-    let Some(_kamailio) = start_kamailio(&config(kam, node), kam) else {
+    let Some((kam, _kamailio, _dir, _daemon, sock)) = synced_node() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (_daemon, sock) = start_node(dir.path(), "k", node, base + 2, &[kam], &[]);
-    wait_stats(&sock, Duration::from_secs(10), |s| {
-        s["registrar"]["syncs_done"].as_u64() >= Some(1)
-    })
-    .unwrap_or_else(|s| panic!("no sync: {s}"));
     for i in 0..5 {
         register_instance(kam, 6000 + i, 46_000 + i as u16, 1);
     }
@@ -404,18 +403,9 @@ fn liveness_of_registrar_contacts_survives_a_kaping_restart() {
 
 #[test]
 fn expiry_follows_every_refresh() {
-    let base = free_ports(3);
-    let kam: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
-    let node: SocketAddr = format!("127.0.0.1:{}", base + 1).parse().unwrap();
-    let Some(_kamailio) = start_kamailio(&config(kam, node), kam) else {
+    let Some((kam, _kamailio, _dir, _daemon, sock)) = synced_node() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (_daemon, sock) = start_node(dir.path(), "k", node, base + 2, &[kam], &[]);
-    wait_stats(&sock, Duration::from_secs(10), |s| {
-        s["registrar"]["syncs_done"].as_u64() >= Some(1)
-    })
-    .unwrap_or_else(|s| panic!("no sync: {s}"));
     // 8000: 2 s, then refreshed to 5 s (later). 8001: 120 s, then 2 s
     // (sooner). 8002: 2 s, unregistered, then back for 120 s. 8003:
     // 120 s and left alone.

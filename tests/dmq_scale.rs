@@ -18,12 +18,11 @@
 //! 127.0.0.1.
 
 mod common;
-use common::{ctl, free_port_range, free_ports, start_kamailio_sized};
+use common::{ctl, free_port_range, free_ports, start_kamailio_sized, wait_stats};
 
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -54,21 +53,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Polls `keepalive.stats` until `ok` holds; the last stats otherwise.
-fn wait_stats(sock: &Path, within: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value, Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = ctl(sock, &["keepalive.stats"]);
-        if ok(&s) {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            return Err(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

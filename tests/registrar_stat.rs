@@ -306,8 +306,8 @@ fn kaping_stat_shows_the_feed_and_each_removal_outcome() {
     println!("{text}");
     assert!(
         text.contains(&format!(
-            "\n  removal: guard ok (0 trips); sent {DEAD}, removed {DEAD}, not found 0, failed 0, withheld 0"
-        )),
+            "\n  removal: guard ok (0 trips); sent {DEAD}, removed {DEAD} ("
+        )) && text.contains(" confirmed over DMQ), not found 0, failed 0, withheld 0"),
         "{text}"
     );
     let feed = text

@@ -15,6 +15,7 @@
 # Needs: kamailio (5.6), release binaries (cargo build --release; or
 # BIN=dir). Everything is stopped on exit.
 set -euo pipefail
+. "$(dirname "$0")/lib/kamailio-dmq.sh"
 
 rate=${1:?usage: $0 RATE SECONDS RUNS}
 seconds=${2:-10}
@@ -27,11 +28,7 @@ kam_pid=
 kaping_pid=
 cleanup() {
     [[ -n $kaping_pid ]] && kill "$kaping_pid" 2>/dev/null && wait "$kaping_pid" 2>/dev/null
-    if [[ -n $kam_pid ]]; then
-        kill -TERM -- "-$kam_pid" 2>/dev/null || true
-        sleep 1
-        kill -KILL -- "-$kam_pid" 2>/dev/null || true
-    fi
+    kamailio_dmq_stop
     rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -39,40 +36,8 @@ trap cleanup EXIT
 port=$(( 30000 + RANDOM % 20000 ))
 kam=127.0.0.1:$port
 node=127.0.0.1:$(( port + 1 ))
-cat >"$dir/kamailio.cfg" <<EOF
-#!KAMAILIO
-debug=1
-log_stderror=yes
-children=2
-auto_aliases=no
-listen=udp:$kam
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "pv.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-modparam("usrloc", "hash_size", 16)
-loadmodule "dmq.so"
-loadmodule "dmq_usrloc.so"
-modparam("dmq", "server_address", "sip:$kam")
-modparam("dmq", "notification_address", "sip:$node")
-modparam("dmq_usrloc", "enable", 1)
-modparam("dmq_usrloc", "batch_msg_contacts", 50)
-request_route {
-	if (method == "KDMQ") { dmq_handle_message(); exit; }
-	if (method == "REGISTER") { if (!save("location")) sl_reply_error(); exit; }
-	sl_send_reply("404", "Not here");
-}
-EOF
-set -m
-kamailio -f "$dir/kamailio.cfg" -DD -E -x tlsf -m 1024 -M 32 -Y "$dir" \
-    2>"$dir/kamailio.log" >/dev/null &
-kam_pid=$!
-set +m
-for _ in $(seq 100); do
-    ss -Hlun "sport = :$port" | grep -q . && break
-    sleep 0.1
-done
+kamailio_dmq_start "$dir" "$kam" "$node" 'modparam("dmq_usrloc", "batch_msg_contacts", 50)' \
+    tlsf 1024 32 2 || exit 1
 "$bin/kaping" run --control "$dir/k.sock" --shm "$dir/k.shm" --instance lag \
     --dmq "sip:$node" --dmq-peer "sip:$kam" --bind 127.0.0.1:$(( port + 2 )) --workers 1 \
     --interval 3600s --events none --run-for 3600s 2>"$dir/kaping.log" >/dev/null &

@@ -21,6 +21,7 @@
 # REGISTER_RATE (40000),
 # KEEP=1 keeps the work directory. Everything is stopped on exit.
 set -euo pipefail
+. "$(dirname "$0")/lib/kamailio-dmq.sh"
 
 contacts=${1:?usage: $0 CONTACTS BATCH RUNS}
 batch=${2:-1}
@@ -41,11 +42,7 @@ kam_pid=
 kaping_pid=
 cleanup() {
     [[ -n $kaping_pid ]] && kill "$kaping_pid" 2>/dev/null && wait "$kaping_pid" 2>/dev/null
-    if [[ -n $kam_pid ]]; then
-        kill -TERM -- "-$kam_pid" 2>/dev/null || true
-        sleep 1
-        kill -KILL -- "-$kam_pid" 2>/dev/null || true
-    fi
+    kamailio_dmq_stop
     [[ ${KEEP:-0} == 1 ]] && echo "kept $dir" >&2 || rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -58,45 +55,7 @@ batch_line=
 if (( batch > 1 )); then
     batch_line="modparam(\"dmq_usrloc\", \"batch_msg_contacts\", $batch)"
 fi
-cat >"$dir/kamailio.cfg" <<EOF
-#!KAMAILIO
-debug=1
-log_stderror=yes
-children=$children
-auto_aliases=no
-listen=udp:$kam
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "pv.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-# 2^16 slots: 1,000,000 AoRs in the default 2^10 make every REGISTER walk
-# ~1,000 records.
-modparam("usrloc", "hash_size", 16)
-loadmodule "dmq.so"
-loadmodule "dmq_usrloc.so"
-modparam("dmq", "server_address", "sip:$kam")
-modparam("dmq", "notification_address", "sip:$kam")
-modparam("dmq_usrloc", "enable", 1)
-$batch_line
-request_route {
-	if (method == "KDMQ") { dmq_handle_message(); exit; }
-	if (method == "REGISTER") { if (!save("location")) sl_reply_error(); exit; }
-	sl_send_reply("404", "Not here");
-}
-EOF
-
-# Job control on for this one child: its own process group, led by $!.
-set -m
-kamailio -f "$dir/kamailio.cfg" -DD -E -x "$mm" -m "$shm_mb" -M "$pkg_mb" -Y "$dir" \
-    2>"$dir/kamailio.log" >/dev/null &
-kam_pid=$!
-set +m
-for _ in $(seq 100); do
-    ss -Hlun "sport = :$port" | grep -q . && break
-    sleep 0.1
-done
-ss -Hlun "sport = :$port" | grep -q . || { cat "$dir/kamailio.log" >&2; exit 1; }
+kamailio_dmq_start "$dir" "$kam" "$kam" "$batch_line" "$mm" "$shm_mb" "$pkg_mb" "$children" || exit 1
 
 # Sum of utime + stime (clock ticks) over Kamailio's process group.
 kam_ticks() {

@@ -101,9 +101,11 @@ pub(super) struct FeedState {
 }
 
 /// The removal guard (DESIGN §11): removals wait until the end of their
-/// window (one `interval`); then all of them are made, or, when they are
-/// more than `remove_max_fraction` of the feed's contacts, none (an outage
-/// on kaping's side looks exactly like that).
+/// window (one `interval` from the first of them); then all of them are
+/// made, or, when they are more than `remove_max_fraction` of the feed's
+/// contacts, none (an outage on kaping's side looks exactly like that).
+/// After a trip the next window's removals are withheld too (the outage's
+/// stragglers), and removals resume after it.
 #[derive(Debug)]
 pub(super) struct Guard {
     window_start: Instant,
@@ -237,6 +239,13 @@ impl Daemon {
     pub(super) fn feed_removals(&mut self, gone: Vec<Removal>) {
         if let Some(f) = self.feed.as_mut() {
             if f.remover.is_some() {
+                // The window opens with its first removal, so the contacts
+                // an outage drops over one interval (their pings are spread
+                // over it) are judged together, not split at a boundary
+                // with the first few let through.
+                if f.guard.held.is_empty() {
+                    f.guard.window_start = Instant::now();
+                }
                 f.guard.held.extend(gone);
             }
         }
@@ -273,9 +282,19 @@ impl Daemon {
                 f.registered + n
             );
             first.then_some(("tripped", n, limit))
-        } else {
-            let resumed = f.guard.tripped && n <= limit;
+        } else if f.guard.tripped {
+            // The window after a trip: under the limit, so removals resume
+            // from the next window on; but these are the outage's
+            // stragglers (contacts whose misses ran a little later) and are
+            // withheld with the rest.
             f.guard.tripped = false;
+            f.guard.withheld += n;
+            eprintln!(
+                "kaping: removal guard: the rate fell back ({n} in {interval:?}, withheld with the \
+                 others); removals resume"
+            );
+            Some(("resumed", n, limit))
+        } else {
             f.guard.sent += n;
             if let Some(r) = &f.remover {
                 for removal in held {
@@ -283,10 +302,7 @@ impl Daemon {
                     r.remove(removal);
                 }
             }
-            if resumed {
-                eprintln!("kaping: removal guard: the rate fell back ({n} in {interval:?}); removals resume");
-            }
-            resumed.then_some(("resumed", n, limit))
+            None
         };
         if let (Some((state, n, limit)), Some(out)) = (line, self.events_out.as_mut()) {
             let now_ms = SystemTime::now()

@@ -606,37 +606,16 @@ fn any_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
 fn any_record() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};
-    const NAMES: [&str; 20] = [
-        "action",
-        "aor",
-        "ruid",
-        "c",
-        "received",
-        "path",
-        "sockname",
-        "expires",
-        "callid",
-        "cseq",
-        "flags",
-        "cflags",
-        "q",
-        "last_modified",
-        "server_id",
-        "user_agent",
-        "instance",
-        "reg_id",
-        "methods",
-        "other",
-    ];
-    let field = (0usize..NAMES.len(), any_value(), 0u8..4).prop_map(|(i, v, good)| {
-        let v = match (good, NAMES[i]) {
+    let names: Vec<&'static str> = FIELDS.iter().copied().chain(["other"]).collect();
+    let field = (0usize..names.len(), any_value(), 0u8..4).prop_map(move |(i, v, good)| {
+        let v = match (good, names[i]) {
             (0, _) => v,
             (_, "action") => json!(good % 4),
-            (_, "aor" | "ruid" | "c" | "callid") => json!(format!("{}-{good}", NAMES[i])),
+            (_, "aor" | "ruid" | "c" | "callid") => json!(format!("{}-{good}", names[i])),
             (_, "expires" | "cseq" | "flags" | "q") => json!(good),
             _ => v,
         };
-        (NAMES[i].to_string(), v)
+        (names[i].to_string(), v)
     });
     proptest::collection::vec(field, 0..12)
         .prop_map(|fields| Value::Object(fields.into_iter().collect::<Map<_, _>>()))

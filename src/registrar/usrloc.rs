@@ -303,7 +303,7 @@ struct Record<'a> {
 
 /// Every field a record may carry that kaping reads, by index in
 /// [`Record::fields`].
-const FIELDS: [&str; 19] = [
+pub(crate) const FIELDS: [&str; 19] = [
     "action",
     "aor",
     "ruid",

@@ -263,3 +263,24 @@ pub fn registrar_cfg(kam: std::net::SocketAddr, node: std::net::SocketAddr, extr
             .replace("NODE", &node.to_string())
     )
 }
+
+/// Polls `keepalive.stats` on `sock` until `ok` holds; the last stats
+/// otherwise.
+#[allow(dead_code)]
+pub fn wait_stats(
+    sock: &std::path::Path,
+    within: std::time::Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, serde_json::Value> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let s = ctl(sock, &["keepalive.stats"]);
+        if ok(&s) {
+            return Ok(s);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
