@@ -258,6 +258,12 @@ fn registrar_figures(removal: bool) -> RegistrarFigures {
 fn make_version_2(path: &Path) {
     let g = *ShmReader::open(path).unwrap().geometry();
     patch(path, offset_of!(Header, version), &2u32.to_ne_bytes());
+    // Version 2 had fewer counters (the ICMP ones came in version 4).
+    patch(
+        path,
+        offset_of!(Header, counter_count),
+        &(Counter::count_in_version(2) as u32).to_ne_bytes(),
+    );
     let tail = offset_of!(Header, registrar_offset);
     patch(path, tail, &vec![0u8; HEADER_SIZE - tail]);
     patch(
