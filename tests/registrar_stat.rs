@@ -17,10 +17,9 @@
 //! wait is bounded.
 
 mod common;
-use common::{ctl, free_ports, register, start_kamailio};
+use common::{ctl, free_ports, promtool_check, register, start_kamailio};
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -177,34 +176,6 @@ fn metrics(page: &str) -> HashMap<String, f64> {
             (series.to_owned(), value.parse().unwrap())
         })
         .collect()
-}
-
-/// `promtool check metrics` accepts `page` (SKIP when promtool is missing).
-fn promtool_check(page: &str) {
-    if Command::new("promtool").arg("--version").output().is_err() {
-        println!("SKIP promtool not installed");
-        return;
-    }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "promtool check metrics: {}{}\n{page}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 #[test]

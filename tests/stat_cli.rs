@@ -11,6 +11,9 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+mod common;
+use common::promtool_check;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -986,35 +989,6 @@ fn prometheus_once_is_well_formed_and_exact() {
         "{page}"
     );
     promtool_check(&page);
-}
-
-/// `promtool check metrics` accepts `page` (SKIP when promtool is missing).
-fn promtool_check(page: &str) {
-    let promtool = Command::new("promtool").arg("--version").output();
-    if promtool.is_err() {
-        println!("SKIP promtool not installed");
-        return;
-    }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn http_get(addr: &str, target: &str) -> (String, String) {

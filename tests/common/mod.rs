@@ -284,3 +284,35 @@ pub fn wait_stats(
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// `promtool check metrics` on a Prometheus page; SKIP (printed) where
+/// promtool is missing (`.ci/run` fetches it).
+#[allow(dead_code)]
+pub fn promtool_check(page: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    if Command::new("promtool").arg("--version").output().is_err() {
+        println!("SKIP promtool not installed");
+        return;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool check metrics: {}{}\n{page}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -79,19 +79,7 @@ pub fn run(cfg: &ReachConfig) -> Result<ReachReport, String> {
     }
     let local_ip = match cfg.bind {
         Some(ip) => ip,
-        None => {
-            // The kernel's choice of source towards the proxy (no packet is sent).
-            let any: SocketAddr = if cfg.proxy.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
-            } else {
-                "[::]:0".parse().expect("literal")
-            };
-            let probe = UdpSocket::bind(any).map_err(|e| e.to_string())?;
-            probe
-                .connect(cfg.proxy)
-                .map_err(|e| format!("no route to {}: {e}", cfg.proxy))?;
-            probe.local_addr().map_err(|e| e.to_string())?.ip()
-        }
+        None => sipmsg::source_towards(cfg.proxy)?,
     };
     let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
         .map_err(|e| format!("cannot bind {local_ip}: {e}"))?;

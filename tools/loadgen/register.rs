@@ -140,18 +140,7 @@ pub fn run(cfg: &RegisterConfig) -> Result<RegisterReport, String> {
     }
     let local_ip = match cfg.bind {
         Some(ip) => ip,
-        None => {
-            let any: SocketAddr = if cfg.registrar.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
-            } else {
-                "[::]:0".parse().expect("literal")
-            };
-            let probe = UdpSocket::bind(any).map_err(|e| e.to_string())?;
-            probe
-                .connect(cfg.registrar)
-                .map_err(|e| format!("no route to {}: {e}", cfg.registrar))?;
-            probe.local_addr().map_err(|e| e.to_string())?.ip()
-        }
+        None => sipmsg::source_towards(cfg.registrar)?,
     };
     let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
         .map_err(|e| format!("cannot bind {local_ip}: {e}"))?;

@@ -14,7 +14,7 @@
 //! few times per registration or probe, never in a hot loop of their own.
 //! Callers: `phones.rs`, `reach.rs`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 /// RFC 3261 §19.1.2: the default port of `sip:` over UDP.
 pub const SIP_PORT: u16 = 5060;
@@ -23,6 +23,21 @@ pub const SIP_PORT: u16 = 5060;
 pub const BRANCH_COOKIE: &str = "z9hG4bK";
 
 /// `ip` as a SIP host: IPv6 in brackets (RFC 3261 §25.1 `IPv6reference`).
+/// The kernel's choice of source address towards `dest` (a connected UDP
+/// socket's; no packet is sent).
+pub fn source_towards(dest: SocketAddr) -> Result<IpAddr, String> {
+    let any: SocketAddr = if dest.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let probe = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    probe
+        .connect(dest)
+        .map_err(|e| format!("no route to {dest}: {e}"))?;
+    Ok(probe.local_addr().map_err(|e| e.to_string())?.ip())
+}
+
 pub fn host_text(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
