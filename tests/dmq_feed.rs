@@ -259,29 +259,16 @@ fn synced_node() -> Option<(
 /// `+sip.instance` and `reg-id`, so usrloc keeps one record per instance
 /// and updates it in place when the address changes).
 fn register_instance(kam: SocketAddr, i: u32, port: u16, cseq: u32) {
-    let ua = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let me = ua.local_addr().unwrap().port();
-    let msg = format!(
-        "REGISTER sip:{kam} SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKri{i}c{cseq}\r\n\
-         From: <sip:u{i}@127.0.0.1>;tag=f{i}\r\n\
-         To: <sip:u{i}@127.0.0.1>\r\n\
-         Call-ID: regi{i}@kaping-test\r\n\
-         CSeq: {cseq} REGISTER\r\n\
-         Contact: <sip:u{i}@127.0.0.1:{port}>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-{i:012}>\";reg-id=1\r\n\
-         Supported: outbound, path\r\n\
-         Expires: 120\r\n\
-         Max-Forwards: 70\r\n\
-         Content-Length: 0\r\n\r\n"
-    );
-    ua.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    ua.send_to(msg.as_bytes(), kam).unwrap();
-    let mut buf = [0u8; 2048];
-    let n = ua.recv(&mut buf).expect("no answer to REGISTER");
-    assert!(
-        buf[..n].starts_with(b"SIP/2.0 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
+    common::register_with(
+        kam,
+        i,
+        &format!(
+            "<sip:u{i}@127.0.0.1:{port}>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-{i:012}>\";reg-id=1"
+        ),
+        &format!("regi{i}@kaping-test"),
+        "Supported: outbound, path\r\n",
+        120,
+        cseq,
     );
 }
 

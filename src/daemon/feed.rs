@@ -91,8 +91,6 @@ pub(super) struct FeedState {
     /// `registrar_rpc`: removes dead contacts from the registrar.
     remover: Option<Remover>,
     pub guard: Guard,
-    /// Contacts of the feed at the last sweep.
-    registered: u64,
     /// When contacts of the feed expire: (unix s, worker, slot,
     /// generation), earliest first; see the module documentation.
     expiry: BinaryHeap<Reverse<(u32, u8, u32, u16)>>,
@@ -200,7 +198,6 @@ impl Daemon {
                 awaiting_order: std::collections::VecDeque::new(),
                 confirmed: 0,
             },
-            registered: 0,
             stashed: Vec::new(),
             expiry: BinaryHeap::new(),
         });
@@ -256,6 +253,7 @@ impl Daemon {
     fn guard_window(&mut self) {
         let interval = self.settings.interval;
         let fraction = self.settings.remove_max_fraction;
+        let registered = self.feed_contacts();
         let Some(f) = self.feed.as_mut() else {
             return;
         };
@@ -266,7 +264,7 @@ impl Daemon {
         let held = std::mem::take(&mut f.guard.held);
         let n = held.len() as u64;
         // Of the contacts there were: those still held and those dropped.
-        let limit = ((f.registered + n) as f64 * fraction).floor().max(1.0) as u64;
+        let limit = ((registered + n) as f64 * fraction).floor().max(1.0) as u64;
         let line = if n > limit {
             f.guard.withheld += n;
             let first = !f.guard.tripped;
@@ -279,7 +277,7 @@ impl Daemon {
                  {limit} ({:.1} % of {}): none is removed from the registrar (an outage on this side \
                  would look the same); they expire there by themselves",
                 fraction * 100.0,
-                f.registered + n
+                registered + n
             );
             first.then_some(("tripped", n, limit))
         } else if f.guard.tripped {
@@ -552,9 +550,7 @@ impl Daemon {
                 .collect(),
             None => Vec::new(),
         };
-        let registered = reg.count(Source::Registrar) as u64;
         let f = self.feed.as_mut().expect("feed");
-        f.registered = registered;
         f.stats.expired += expired.len() as u64;
         f.stats.stale_after_sync += unrefreshed.len() as u64;
         if !unrefreshed.is_empty() {
@@ -603,6 +599,14 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Contacts of the registrar feed kaping holds.
+    fn feed_contacts(&self) -> u64 {
+        self.ctl
+            .registry
+            .as_ref()
+            .map_or(0, |r| r.count(Source::Registrar) as u64)
+    }
+
     /// The feed's figures as the shm registrar block publishes them (for
     /// `kaping-stat`); `None` without the feed.
     pub(super) fn registrar_figures(&self) -> Option<RegistrarFigures> {
@@ -638,7 +642,7 @@ impl Daemon {
                 RegistrarStat::SyncUnanswered,
                 n.sync_unanswered.load(Relaxed),
             ),
-            (RegistrarStat::Contacts, f.registered),
+            (RegistrarStat::Contacts, self.feed_contacts()),
             (RegistrarStat::FeedConfigured, 1),
         ] {
             out.set(s, v);

@@ -811,9 +811,14 @@ impl Core {
         }
     }
 
-    /// Settles the ping in flight of `slot` as a miss, reason
-    /// `unreachable`, at once; its timer becomes the next ping's.
-    fn fail_ping(&mut self, slot: u32) {
+    /// Settles the ping in flight of `slot` as a miss (`miss` gives the
+    /// reason: a timeout, an ICMP error): the contact's liveness moves, then
+    /// it is dropped or its timer becomes the next ping's.
+    fn settle_miss(
+        &mut self,
+        slot: u32,
+        miss: impl FnOnce(&mut Liveness, &Policy) -> Option<Transition>,
+    ) {
         let Some((handle, c)) = self.slab.get_slot_mut(slot) else {
             return;
         };
@@ -821,13 +826,18 @@ impl Core {
         c.tries = 0;
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
-        let state = self.update_liveness(handle, None, |l, p| l.on_unreachable(p));
+        let state = self.update_liveness(handle, None, miss);
         if state == State::Removed {
             self.drop_contact(handle);
             return;
         }
-        // Re-arms the slot's timer (it held the reply deadline).
         self.schedule_next(handle, anchor, interval_ms);
+    }
+
+    /// Settles the ping in flight of `slot` as a miss, reason
+    /// `unreachable`, at once.
+    fn fail_ping(&mut self, slot: u32) {
+        self.settle_miss(slot, |l, p| l.on_unreachable(p));
     }
 
     /// Passes an ICMP error to worker `to` (shared-port mode); one a peer
@@ -1108,10 +1118,10 @@ impl Core {
         now_tick: u64,
         now_us: u64,
     ) -> Expiry {
-        let Some((handle, c)) = self.slab.get_slot(slot) else {
+        let Some((_, c)) = self.slab.get_slot(slot) else {
             return Expiry::Done;
         };
-        let (tries, anchor, interval_ms) = (c.tries, c.anchor_tick, c.interval_ms);
+        let tries = c.tries;
         if tries == 0 {
             // Next ping due.
             if self.stopping {
@@ -1147,16 +1157,7 @@ impl Core {
         }
         // No reply to any transmission of this ping: a miss.
         self.shm.add(Counter::TimedOut, 1);
-        self.in_flight -= 1;
-        if let Some((_, c)) = self.slab.get_slot_mut(slot) {
-            c.tries = 0;
-        }
-        let state = self.update_liveness(handle, None, |l, p| l.on_miss(p));
-        if state == State::Removed {
-            self.drop_contact(handle);
-            return Expiry::Done;
-        }
-        self.schedule_next(handle, anchor, interval_ms);
+        self.settle_miss(slot, |l, p| l.on_miss(p));
         Expiry::Done
     }
 

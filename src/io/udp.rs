@@ -717,9 +717,15 @@ impl SendBatch {
 pub(crate) const ICMP_RESENDS: u8 = 4;
 
 fn is_async_icmp_error(err: &io::Error) -> bool {
+    err.raw_os_error().is_some_and(is_async_icmp)
+}
+
+/// Whether a send's errno is an earlier datagram's ICMP error the kernel
+/// reported on it (IP_RECVERR), not this datagram's own failure.
+pub(crate) fn is_async_icmp(errno: i32) -> bool {
     matches!(
-        err.raw_os_error(),
-        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+        errno,
+        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN
     )
 }
 

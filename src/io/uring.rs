@@ -63,8 +63,8 @@ use io_uring::{cqueue, opcode, squeue, EnterFlags, IoUring};
 use socket2::Socket;
 
 use super::udp::{
-    parse_control, read_errors, sockaddr_from_bytes, sockaddr_from_std, write_src_cmsg, CmsgBuf,
-    Datagram,
+    is_async_icmp, parse_control, read_errors, sockaddr_from_bytes, sockaddr_from_std,
+    write_src_cmsg, CmsgBuf, Datagram,
 };
 use super::waker::Waker;
 use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
@@ -633,13 +633,6 @@ impl UringBackend {
             Err(e) => Err(e),
         }
     }
-}
-
-fn is_async_icmp(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN
-    )
 }
 
 impl Drop for UringBackend {

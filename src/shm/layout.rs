@@ -623,7 +623,7 @@ pub enum RegistrarStat {
     /// Removals whose delete came back from the registrar over DMQ.
     RemovalsConfirmed,
     // Gauges.
-    /// Contacts of the feed kaping holds, as of the last expiry sweep (gauge).
+    /// Contacts of the feed kaping holds (gauge).
     Contacts,
     /// 1 while the removal guard withholds removals (gauge).
     GuardTripped,

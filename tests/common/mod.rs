@@ -181,6 +181,29 @@ pub fn start_kamailio_sized(
 /// Call-ID `reg<i>@kaping-test`) to a registrar on loopback, answered 200.
 #[allow(dead_code)]
 pub fn register(kam: std::net::SocketAddr, i: u32, expires: u32, cseq: u32) {
+    register_with(
+        kam,
+        i,
+        &format!("<sip:u{i}@127.0.0.1:{}>", 40_000 + i),
+        &format!("reg{i}@kaping-test"),
+        "",
+        expires,
+        cseq,
+    );
+}
+
+/// [`register`] with the Contact header's value, the Call-ID and extra
+/// header lines (each ending in CRLF) given; fails the test unless 200.
+#[allow(dead_code)]
+pub fn register_with(
+    kam: std::net::SocketAddr,
+    i: u32,
+    contact: &str,
+    call_id: &str,
+    extra: &str,
+    expires: u32,
+    cseq: u32,
+) {
     let ua = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = ua.local_addr().unwrap().port();
     let msg = format!(
@@ -188,13 +211,13 @@ pub fn register(kam: std::net::SocketAddr, i: u32, expires: u32, cseq: u32) {
          Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKreg{i}c{cseq}\r\n\
          From: <sip:u{i}@127.0.0.1>;tag=f{i}\r\n\
          To: <sip:u{i}@127.0.0.1>\r\n\
-         Call-ID: reg{i}@kaping-test\r\n\
+         Call-ID: {call_id}\r\n\
          CSeq: {cseq} REGISTER\r\n\
-         Contact: <sip:u{i}@127.0.0.1:{}>\r\n\
+         Contact: {contact}\r\n\
+         {extra}\
          Expires: {expires}\r\n\
          Max-Forwards: 70\r\n\
-         Content-Length: 0\r\n\r\n",
-        40_000 + i
+         Content-Length: 0\r\n\r\n"
     );
     ua.set_read_timeout(Some(std::time::Duration::from_secs(2)))
         .unwrap();
