@@ -587,7 +587,9 @@ fn all_contacts_silent_at_once_removes_none_of_them() {
     assert_eq!(left, 40, "{s}");
     assert_eq!(s["registrar"]["removed"], 0, "{s}");
     assert_eq!(s["registrar"]["removals_withheld"], 40, "{s}");
-    assert_eq!(s["registrar"]["removal_guard"], "tripped", "{s}");
+    // Tripped once. Its state may read "ok" again by now: it resumes one
+    // interval (1 s here) after the outage's stragglers.
+    assert_eq!(s["registrar"]["guard_trips"], 1, "{s}");
 }
 
 /// Starts a kaping node on `node` fed by the peers given; returns it and

@@ -92,6 +92,11 @@ fn small_bench_reports_sane_figures() {
     // The raw sender's CPU per round trip, and kaping's multiple of it.
     assert!(f("ceiling_sender_cpu_us_per_round_trip") > 0.0, "{r}");
     assert!(f("cpu_over_raw_sender") > 0.0, "{r}");
+    // The raw sender paced at the offered rate (10,000/s over 2 workers:
+    // 5 pings a ms each, rounds of 16 pings: 4 ms), and kaping over it.
+    assert!(f("paced_sender_cpu_us_per_round_trip") > 0.0, "{r}");
+    assert_eq!(f("paced_round_ms"), 4.0, "{r}");
+    assert!(f("cpu_over_paced_sender") > 0.0, "{r}");
     assert!(f("load_seconds") >= 0.0, "{r}");
     // Rates: 20,000 contacts every 2 s offer 10,000 pings/s.
     assert!(f("sent_per_s") > 0.0 && f("matched_per_s") > 0.0, "{r}");

@@ -707,6 +707,7 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         size: a.size,
         window: a.window,
         sip: a.sip,
+        pace: None,
     })?;
     if a.json {
         println!(

@@ -89,10 +89,10 @@ const SUBMIT_EVERY: usize = 64;
 /// Longest sleep. A worker sleeps until its next timer deadline and is not
 /// woken by each reply (RTTs come from kernel timestamps and lateness is
 /// judged by them, so handling replies in batches at the next deadline
-/// costs no accuracy); this bounds how long commands, hand-offs and an
-/// idle worker's checks wait. An idle worker wakes 50 times a second
-/// (~40 µs each on the development VM: the context switch, mostly).
-const POLL_MAX: Duration = Duration::from_millis(20);
+/// costs no accuracy); a command, a hand-off and an ICMP error end the
+/// sleep at once (`io::udp::sleep_until_woken`). So this only bounds an
+/// idle worker's sleep: it wakes 4 times a second.
+const POLL_MAX: Duration = Duration::from_millis(250);
 /// Pings a round should have before a worker sleeps past its next
 /// deadline. At high rates every millisecond tick has that many due and
 /// nothing changes; at low rates a worker sleeps until about that many
@@ -100,15 +100,25 @@ const POLL_MAX: Duration = Duration::from_millis(20);
 /// together, a few ms late, instead of one wake-up per tick with a ping or
 /// two. Their RTTs do not change (the token carries each ping's send time,
 /// replies their kernel receive time), first pings stay spread over the
-/// interval and the rate per second stays even.
+/// interval and the rate per second stays even. Larger rounds cost less
+/// but send bursts that a single-threaded test responder answers later
+/// (RTT p50 +35 % with 64 at 100,000/10 s; tuning.md, "Low rates").
 const ROUND_PINGS: u64 = 16;
 /// The longest a due ping waits for its round. Chosen by measurement
-/// (tuning.md, "Low rates"): 10,000 contacts every 30 s cost 87 µs of CPU a
-/// ping waking each tick, 61 µs with rounds of up to 10 ms; a fixed 10 ms
-/// slack at 100,000/10 s and 1,000,000/30 s sent bursts that the test
-/// responder answered up to 60 % slower (RTT p50), hence rounds sized by
-/// the rate.
-const SLACK_MAX_MS: u64 = 10;
+/// (tuning.md, "Low rates"): at 10,000 contacts every 30 s a worker spent
+/// 38 µs of CPU a ping with rounds of up to 10 ms and 22 µs with 40 ms
+/// (the kernel's paths run cold between rounds on a VM: the raw sender
+/// paced the same way paid 27 and 13 µs); 25 rounds a second keep the
+/// per-second send rate within a few per cent.
+const SLACK_MAX_MS: u64 = 40;
+/// How long a worker serving `pings_per_ms` lets its pings gather before
+/// a round: the time [`ROUND_PINGS`] take to fall due, 1 to
+/// [`SLACK_MAX_MS`] ms. Public for the bench, whose paced raw sender uses
+/// the same rounds.
+pub fn round_ms(pings_per_ms: f64) -> u64 {
+    ((ROUND_PINGS as f64 / pings_per_ms).ceil() as u64).clamp(1, SLACK_MAX_MS)
+}
+
 /// First retransmission interval (RFC 3261 T1), doubling after each.
 const T1_MS: u64 = 500;
 /// Scratch capacity for one contact string (a request is at most
@@ -1457,7 +1467,7 @@ impl<B: Backend> Worker<B> {
         let elapsed = now.saturating_sub(self.rate_window_start);
         if elapsed >= 1000 {
             let per_ms = self.rate_window_served.max(1) as f64 / elapsed as f64;
-            self.slack_ms = ((ROUND_PINGS as f64 / per_ms).ceil() as u64).clamp(1, SLACK_MAX_MS);
+            self.slack_ms = round_ms(per_ms);
             self.rate_window_start = now;
             self.rate_window_served = 0;
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::udp::{read_errors, wait_fds, RecvBatch, SendBatch};
+use super::udp::{read_errors, sleep_until_woken, RecvBatch, SendBatch};
 use super::waker::Waker;
 use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
 
@@ -83,30 +83,6 @@ impl MmsgBackend {
         delivered
     }
 
-    /// Sleeps until `timeout`, a wake-up, or an error pending on a socket
-    /// (sockets are polled for errors only: datagrams wait in the socket
-    /// buffer until the caller drains them).
-    fn wait(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
-        let n = self.sockets.len();
-        assert!(n <= MAX_SOCKETS, "{n} sockets");
-        // Sockets with no events: only errors (POLLERR) wake us for them.
-        let mut fds = [(-1, 0i16); MAX_SOCKETS + 1];
-        for (f, s) in fds.iter_mut().zip(&self.sockets) {
-            *f = (s.as_raw_fd(), 0);
-        }
-        fds[n] = (self.waker.as_raw_fd(), libc::POLLIN);
-        let ready = wait_fds(&fds[..n + 1], timeout)?;
-        if ready & (1 << n) != 0 {
-            self.waker.drain();
-        }
-        for (i, &(fd, _)) in fds[..n].iter().enumerate() {
-            if ready & (1 << i) != 0 {
-                read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(e));
-            }
-        }
-        Ok(())
-    }
-
     fn socket_fd(&self, sock: usize) -> RawFd {
         self.sockets[sock].as_raw_fd()
     }
@@ -153,7 +129,7 @@ impl Backend for MmsgBackend {
         } else {
             timeout
         };
-        self.wait(timeout, h)
+        sleep_until_woken(&self.sockets, &self.waker, timeout, h)
     }
 
     fn tx_pending(&self) -> usize {

@@ -21,6 +21,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::waker::Waker;
+use super::{Handler, MAX_SOCKETS};
+
 /// Room for the control messages we ask for on receive: one packet-info
 /// record (IPv6's is the larger, 20 bytes) and one `timespec`, each with a
 /// 16-byte header and alignment padding, plus slack.
@@ -789,6 +792,40 @@ pub fn wait_readable(fds: &[RawFd], timeout: std::time::Duration) -> io::Result<
     }
     wait_fds(&with_events[..fds.len()], timeout)
 }
+
+/// A worker's sleep (both backends): until `timeout`, a wake-up of
+/// `waker` (consumed), or an error pending on a socket, whose ICMP errors
+/// are then read and handed to `h`. Sockets are polled for errors only:
+/// datagrams wait in the socket buffer until the caller drains them, so
+/// replies are handled in a batch at the deadline while a command, a
+/// hand-off or an ICMP error is handled at once.
+pub fn sleep_until_woken(
+    sockets: &[Socket],
+    waker: &Waker,
+    timeout: std::time::Duration,
+    h: &mut dyn Handler,
+) -> io::Result<()> {
+    let n = sockets.len();
+    assert!(n <= MAX_SOCKETS, "{n} sockets");
+    let mut fds = [(-1, 0i16); MAX_SOCKETS + 1];
+    for (f, s) in fds.iter_mut().zip(sockets) {
+        *f = (s.as_raw_fd(), 0);
+    }
+    fds[n] = (waker.as_raw_fd(), libc::POLLIN);
+    let ready = wait_fds(&fds[..n + 1], timeout)?;
+    if ready & (1 << n) != 0 {
+        waker.drain();
+    }
+    for (i, &(fd, _)) in fds[..n].iter().enumerate() {
+        if ready & (1 << i) != 0 {
+            read_errors(fd, ERRORS_PER_WAKE, |e| h.icmp(e));
+        }
+    }
+    Ok(())
+}
+
+/// ICMP errors read per socket when an error ends a sleep.
+const ERRORS_PER_WAKE: usize = 64;
 
 /// `ppoll` over `(fd, events)` pairs (at most 64): sleeps until one has
 /// `events` or an error/hang-up (always reported), or `timeout` passes.

@@ -29,18 +29,22 @@
 //!   32 datagrams per loop (which starved the receive path: replies piled
 //!   up in the socket while the worker kept sending). Older kernels get
 //!   `COOP_TASKRUN`, where that work runs at every system-call exit.
-//! * Waiting: `io_uring_enter` with a timeout (EXT_ARG) equal to the
-//!   worker's next wheel deadline. With cooperative task running it returns
-//!   early once `WAKE_BATCH` completions are ready, so a burst is drained
-//!   before the provided buffers run out. With deferred task running the
-//!   kernel counts work items, not datagrams, towards that number (one per
-//!   socket, however many datagrams wait), so the sleep lasts until its
-//!   timeout (at most the worker's 10 ms) and a burst waits in the socket's
-//!   receive buffer (32 MiB by default), consuming no provided buffer until
-//!   the drain. Either way replies are handled in batches (their RTT comes
-//!   from the kernel timestamp, so waiting costs no accuracy). A `Read` on
-//!   the worker's eventfd stays armed and consumes wake-ups; the worker's
-//!   longest sleep (10 ms) bounds how long a command waits.
+//! * Waiting (deferred task running): the round's SQEs are submitted, then
+//!   the worker sleeps in `ppoll` on its waker and its sockets' errors
+//!   until its next wheel deadline (`io::udp::sleep_until_woken`, shared
+//!   with the mmsg backend), and one GETEVENTS enter runs the receive work
+//!   that gathered meanwhile. Replies never end the sleep: they wait in the
+//!   socket's receive buffer (32 MiB by default) and are handled in a batch
+//!   (their RTT comes from the kernel timestamp, so waiting costs no
+//!   accuracy); a command or hand-off and an ICMP error end it at once. An
+//!   `io_uring_enter` wait could not do both: with deferred task running
+//!   only `WAKE_BATCH` completions, a signal or its timeout end it. The
+//!   drain then goes on only while its rounds find batches (`DRAIN_MIN`),
+//!   so replies trickling in during a drain do not cost an enter each.
+//! * Waiting (cooperative, before 6.1): `io_uring_enter` with a timeout,
+//!   returning early once `WAKE_BATCH` completions are ready (a burst is
+//!   drained before the provided buffers run out); a `Read` on the
+//!   worker's eventfd stays armed and consumes wake-ups.
 //!
 //! The invariant every `unsafe` block below relies on: **memory named by an
 //! SQE (transmit slot, receive msghdr, provided buffers, the eventfd word)
@@ -63,8 +67,8 @@ use io_uring::{cqueue, opcode, squeue, EnterFlags, IoUring};
 use socket2::Socket;
 
 use super::udp::{
-    is_async_icmp, parse_control, read_errors, sockaddr_from_bytes, sockaddr_from_std,
-    write_src_cmsg, CmsgBuf, Datagram,
+    is_async_icmp, parse_control, read_errors, sleep_until_woken, sockaddr_from_bytes,
+    sockaddr_from_std, write_src_cmsg, CmsgBuf, Datagram,
 };
 use super::waker::Waker;
 use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
@@ -84,6 +88,12 @@ const WAKE_BATCH: usize = 256;
 /// round sends (`DUE_BATCH`), and bound how long a flood of input can hold
 /// up sending.
 const DRAIN_ROUNDS: usize = 32;
+/// Datagrams a drain round must have received for the drain to go on. A
+/// run of a multishot receive takes up to 32 datagrams from a socket
+/// (`MULTISHOT_MAX_RETRY`, Linux 6.6+; fewer were seen on 6.18) before it
+/// queues itself again; a round with only a few found the socket empty,
+/// and what trickles in after waits for the next wake-up.
+const DRAIN_MIN: usize = 8;
 /// Buffer group id of the provided-buffer ring.
 const BGID: u16 = 0;
 /// Room reserved in each receive buffer for the source address and the
@@ -318,7 +328,12 @@ impl UringBackend {
         for s in sockets {
             b.add_socket(s)?;
         }
-        b.arm_wake()?;
+        if !b.deferred {
+            // Deferred mode sleeps in ppoll on the waker itself; a read
+            // armed here could consume a wake-up between that sleep's
+            // checks and leave a command waiting for the timeout.
+            b.arm_wake()?;
+        }
         b.submit()?;
         Ok(b)
     }
@@ -412,8 +427,7 @@ impl UringBackend {
         let sqe = opcode::Read::new(Fd(self.waker.as_raw_fd()), word.cast(), 8)
             .build()
             .user_data(UD_WAKE);
-        self.push(sqe)?;
-        Ok(())
+        self.push(sqe)
     }
 
     fn push_send(&mut self, slot: u16) -> io::Result<()> {
@@ -441,9 +455,9 @@ impl UringBackend {
         self.push(sqe.user_data(UD_TX | slot as u64))
     }
 
-    /// Reaps every completion; returns how many there were.
+    /// Reaps every completion; returns how many datagrams were received.
     fn reap(&mut self, h: &mut dyn Handler) -> io::Result<usize> {
-        let mut completions = 0;
+        let mut received = 0;
         let mut rearm_recv = [false; MAX_SOCKETS];
         let mut rearm_wake = false;
         let mut resend: [u16; 64] = [0; 64];
@@ -468,7 +482,6 @@ impl UringBackend {
             if n == 0 {
                 break;
             }
-            completions += n;
             for &(ud, res, flags) in &batch[..n] {
                 let index = (ud & 0xFFFF_FFFF) as usize;
                 match ud & (0xFF << KIND_SHIFT) {
@@ -502,6 +515,7 @@ impl UringBackend {
                         if let Some(bid) = cqueue::buffer_select(flags) {
                             if res >= 0 {
                                 self.deliver(sock, bid, res as usize, h);
+                                received += 1;
                             }
                             self.give_rx_buffer(bid);
                             returned = true;
@@ -533,7 +547,7 @@ impl UringBackend {
         if rearm_wake {
             self.arm_wake()?;
         }
-        Ok(completions)
+        Ok(received)
     }
 
     /// Hands the datagram in provided buffer `bid` to the handler.
@@ -558,21 +572,24 @@ impl UringBackend {
         h.datagram(sock, &d);
     }
 
-    /// Deferred mode: runs the completion work the kernel holds for us (the
-    /// multishot receives, a deferred send or read) in rounds of one
-    /// GETEVENTS enter and a reap, while `IORING_SQ_TASKRUN` says some is
-    /// pending, up to `DRAIN_ROUNDS` rounds. Each round returns the
-    /// provided buffers it used, so the drain does not run them out.
-    fn drain(&mut self, h: &mut dyn Handler) -> io::Result<()> {
+    /// Deferred mode: while the last round received a batch (`DRAIN_MIN`
+    /// datagrams or more: more may wait in the socket) and
+    /// `IORING_SQ_TASKRUN` says completion work is pending, runs more rounds
+    /// of one GETEVENTS enter and a reap, up to `DRAIN_ROUNDS`. Each round
+    /// returns the provided buffers it used, so the drain does not run them
+    /// out. A round that found the socket nearly empty ends the drain:
+    /// replies trickling in meanwhile wait for the next wake-up instead of
+    /// costing an enter each (seen: two enters per ping at 10k pings/s).
+    fn drain(&mut self, mut received: usize, h: &mut dyn Handler) -> io::Result<()> {
         if !self.deferred {
             return Ok(());
         }
         for _ in 0..DRAIN_ROUNDS {
-            if !self.ring.submission().taskrun() {
+            if received < DRAIN_MIN || !self.ring.submission().taskrun() {
                 break;
             }
             self.enter_getevents()?;
-            self.reap(h)?;
+            received = self.reap(h)?;
         }
         Ok(())
     }
@@ -606,12 +623,26 @@ impl UringBackend {
         }
     }
 
-    /// Sleeps until `timeout` or until `WAKE_BATCH` completions are ready
-    /// (with cooperative task running: a burst of replies is drained before
-    /// the provided buffers run out; with deferred task running the kernel
-    /// counts work items, so only the timeout ends it); single completions,
-    /// the waker's included, do not end the sleep.
-    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+    /// Sleeps until `timeout` (submitting what is queued first).
+    ///
+    /// Deferred task running: in `ppoll` on the waker and the sockets'
+    /// errors ([`sleep_until_woken`]), then one GETEVENTS enter runs the
+    /// receive work that gathered meanwhile. Replies never end this sleep
+    /// (they are handled in a batch at its end; their RTT comes from the
+    /// kernel timestamp), while a command or hand-off (the waker) and an
+    /// ICMP error end it at once: waiting in `io_uring_enter` could do
+    /// neither, as only `WAKE_BATCH` completions, a signal or the timeout
+    /// end such a wait (a wake-up only makes the kernel count again).
+    ///
+    /// Cooperative task running (before Linux 6.1): in `io_uring_enter`
+    /// until `WAKE_BATCH` completions are ready (a burst of replies is
+    /// drained before the provided buffers run out) or the timeout.
+    fn wait(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
+        if self.deferred {
+            self.submit()?;
+            sleep_until_woken(&self.sockets, &self.waker, timeout, h)?;
+            return self.enter_getevents();
+        }
         let ts = Timespec::new()
             .sec(timeout.as_secs())
             .nsec(timeout.subsec_nanos());
@@ -742,16 +773,20 @@ impl Backend for UringBackend {
         Ok(())
     }
 
+    /// One enter per call in the common case: the wait submits the round's
+    /// sends and sleeps, and the kernel runs the deferred receive work when
+    /// the sleep ends, so the reap that follows finds the replies; a
+    /// zero-timeout poll submits and runs that work in one GETEVENTS enter.
     fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
-        self.submit()?;
-        self.reap(h)?;
-        self.drain(h)?;
-        if timeout.is_zero() {
-            return self.submit();
+        if !timeout.is_zero() {
+            self.wait(timeout, h)?;
+        } else if self.deferred && (self.unsubmitted > 0 || self.ring.submission().taskrun()) {
+            self.enter_getevents()?;
+        } else {
+            self.submit()?;
         }
-        self.wait(timeout)?;
-        self.reap(h)?;
-        self.drain(h)?;
+        let received = self.reap(h)?;
+        self.drain(received, h)?;
         self.submit()
     }
 
@@ -954,13 +989,36 @@ mod tests {
         b.poll(Duration::from_millis(50), &mut h).unwrap();
         assert_eq!(h.got.len(), 10 + WAKE_BATCH + 20);
 
-        // A wake-up is read by the armed eventfd read and the read re-armed.
+        if !b.deferred {
+            return; // a cooperative ring's sleep ends at WAKE_BATCH or its timeout
+        }
+        // A wake-up ends the sleep at once (a command or hand-off must not
+        // wait for the deadline) and is consumed; the next ends the next.
+        for _ in 0..2 {
+            let w = waker.clone();
+            let wake = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                w.wake();
+            });
+            let start = Instant::now();
+            b.poll(Duration::from_secs(5), &mut h).unwrap();
+            let slept = start.elapsed();
+            wake.join().unwrap();
+            assert!(
+                slept >= Duration::from_millis(25) && slept < Duration::from_secs(2),
+                "a wake-up ends the sleep: slept {slept:?}"
+            );
+            assert!(!waker.drain(), "the sleep consumed the wake-up");
+        }
+        // One that came while the worker was awake ends its next sleep.
         waker.wake();
-        b.poll(Duration::from_millis(20), &mut h).unwrap();
-        assert!(!waker.drain(), "the ring consumed the wake-up");
-        waker.wake();
-        b.poll(Duration::from_millis(20), &mut h).unwrap();
-        assert!(!waker.drain(), "and it was re-armed");
+        let start = Instant::now();
+        b.poll(Duration::from_secs(5), &mut h).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     /// More datagrams waiting than there are provided buffers: the drain
@@ -1022,11 +1080,31 @@ mod tests {
         let out = b.tx_buf(0).unwrap();
         out[..4].copy_from_slice(b"ping");
         b.tx_commit(0, 4, &dead, 7);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while h.icmp.is_empty() && Instant::now() < deadline {
-            b.poll(Duration::from_millis(10), &mut h).unwrap();
+        // One long sleep: the error ends it (the error watch), it does not
+        // wait for the deadline.
+        let start = Instant::now();
+        b.poll(Duration::from_secs(5), &mut h).unwrap();
+        let slept = start.elapsed();
+        assert_eq!(h.icmp.len(), 1, "{:?} after {slept:?}", h.icmp);
+        if !b.deferred {
+            return; // a cooperative ring finds the error in its receive
         }
-        assert_eq!(h.icmp.len(), 1, "{:?}", h.icmp);
+        assert!(
+            slept < Duration::from_secs(2),
+            "the error ended the sleep: {slept:?}"
+        );
         assert_eq!(h.icmp[0], (dead, b"ping".to_vec()), "destination and quote");
+        // And a second error a second sleep.
+        let out = b.tx_buf(0).unwrap();
+        out[..5].copy_from_slice(b"ping2");
+        b.tx_commit(0, 5, &dead, 8);
+        let start = Instant::now();
+        b.poll(Duration::from_secs(5), &mut h).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(h.icmp.len(), 2, "{:?}", h.icmp);
     }
 }

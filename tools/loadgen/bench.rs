@@ -152,6 +152,12 @@ pub struct BenchReport {
     /// `CeilingReport`), and kaping's CPU per answered ping over it.
     pub ceiling_sender_cpu_us_per_round_trip: Option<f64>,
     pub cpu_over_raw_sender: Option<f64>,
+    /// The raw sender paced at the offered rate, in rounds as long as a
+    /// worker's (`ceiling::Pace`), in the same run: its CPU per round trip,
+    /// and kaping's CPU per answered ping over it.
+    pub paced_sender_cpu_us_per_round_trip: Option<f64>,
+    pub paced_round_ms: u64,
+    pub cpu_over_paced_sender: Option<f64>,
     /// Responder CPU over the window, in cores (is the peer the limit?).
     pub responder_cpu_cores: f64,
     pub rss_bytes: u64,
@@ -738,6 +744,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         size,
         window: CEILING_WINDOW,
         sip: false,
+        pace: None,
     })?;
     if ceiling.round_trips_per_s == 0 {
         return Err("the raw ceiling measured 0 round trips/s".to_string());
@@ -749,6 +756,29 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         )
         .max(Duration::from_millis(10)),
     };
+    // The raw sender again at the offered rate, in rounds as long as a
+    // worker's: what the kernel charges per round trip at this operating
+    // point (wake-ups, paths gone cold between rounds), next to what it
+    // charges flat out.
+    let offered = cfg.contacts as f64 / interval.as_secs_f64();
+    let per_worker_ms = offered / workers as f64 / 1000.0;
+    let pace = ceiling::Pace {
+        rate: offered,
+        round: Duration::from_millis(kaping::engine::worker::round_ms(per_worker_ms)),
+    };
+    eprintln!(
+        "bench: raw sender paced at {offered:.0}/s in {} ms rounds for {} s ...",
+        pace.round.as_millis(),
+        cfg.ceiling_seconds
+    );
+    let paced = ceiling::run(&ceiling::CeilingConfig {
+        contacts: cfg.contacts,
+        seconds: cfg.ceiling_seconds,
+        size,
+        window: CEILING_WINDOW,
+        sip: false,
+        pace: Some(pace),
+    })?;
     // Half the interval, at most 1 s: at these rates the one responder
     // thread is as busy as the worker and replies wait in its socket for
     // up to ~90 ms (measured), which a quarter of a 0.33 s interval (100k
@@ -929,6 +959,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
             .zip(ceiling.sender_cpu_us_per_round_trip)
             .filter(|&(_, raw)| raw > 0.0)
             .map(|(ours, raw)| ours / raw),
+        paced_sender_cpu_us_per_round_trip: paced.sender_cpu_us_per_round_trip,
+        paced_round_ms: pace.round.as_millis() as u64,
+        cpu_over_paced_sender: per(matched)
+            .zip(paced.sender_cpu_us_per_round_trip)
+            .filter(|&(_, raw)| raw > 0.0)
+            .map(|(ours, raw)| ours / raw),
         responder_cpu_cores: resp_cpu1.saturating_sub(resp_cpu0) as f64 / 1e9 / window_s,
         rss_bytes: mem.rss,
         rss_anon_bytes: mem.anon,
@@ -1002,6 +1038,13 @@ pub fn print_text(r: &BenchReport, out: &mut dyn Write) -> io::Result<()> {
         "  raw sender CPU      {} us per round trip (flat out, almost all in the kernel); kaping {} x that",
         opt(r.ceiling_sender_cpu_us_per_round_trip),
         opt(r.cpu_over_raw_sender)
+    )?;
+    writeln!(
+        out,
+        "  raw sender, paced   {} us per round trip (at the offered rate, {} ms rounds); kaping {} x that",
+        opt(r.paced_sender_cpu_us_per_round_trip),
+        r.paced_round_ms,
+        opt(r.cpu_over_paced_sender)
     )?;
     writeln!(
         out,

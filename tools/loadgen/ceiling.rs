@@ -50,6 +50,14 @@ pub(crate) fn stat_cpu_ticks(path: &str) -> Option<u64> {
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
 }
+/// CPU time of the calling thread on a CPU, ns (`schedstat`: exact, where
+/// `stat` counts 10 ms ticks, too coarse for a paced sender's few ms a
+/// second).
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// How long trailing echoes are awaited after the last second.
 const DRAIN_MS: u64 = 100;
 /// Distinct pre-rendered requests in `sip` mode (they cycle beyond this).
@@ -65,6 +73,25 @@ pub struct CeilingConfig {
     pub window: usize,
     /// Drive a SIP `serve` with OPTIONS instead of a raw echo.
     pub sip: bool,
+    /// Send at this rate instead of flat out (see [`Pace`]).
+    pub pace: Option<Pace>,
+}
+
+/// The raw sender at an operating point: it wakes every `round`, receives
+/// the echoes waiting and sends what fell due since the last round
+/// (`rate` × elapsed), in `sendmmsg`/`recvmmsg` batches, then sleeps until
+/// the next round. What the kernel charges per round trip at that rate,
+/// with rounds as long as kaping's, and no SIP, timers or matching.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Pace {
+    /// Round trips per second offered.
+    pub rate: f64,
+    #[serde(serialize_with = "serialize_secs")]
+    pub round: Duration,
+}
+
+fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -74,6 +101,7 @@ pub struct CeilingReport {
     pub size: usize,
     pub window: usize,
     pub sip: bool,
+    pub pace: Option<Pace>,
     /// Median of the per-second echoed round-trip rates.
     pub round_trips_per_s: u64,
     pub min_per_s: u64,
@@ -85,9 +113,10 @@ pub struct CeilingReport {
     /// CPU seconds (user + system) the responder process used in its life.
     pub responder_cpu_s: Option<f64>,
     /// CPU of the sending thread (this one) per round trip while it
-    /// blasted, µs. It runs flat out (non-blocking, never sleeping), almost
+    /// blasted, µs (its schedstat, exact). Flat out it never sleeps, almost
     /// all of it in the kernel: what one datagram out and one in cost
-    /// through UDP sockets on this machine, at most.
+    /// through UDP sockets on this machine, at most. Paced, it also pays
+    /// its wake-ups and the colder paths of a sender that sleeps.
     pub sender_cpu_us_per_round_trip: Option<f64>,
     /// Datagrams the responder answered per CPU second it used: its
     /// capacity, independent of what else the machine was running.
@@ -250,9 +279,9 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
     let (mut sent, mut echoed, mut lost) = (0u64, 0u64, 0u64);
     let mut next = 0u64;
     let mut per_second = Vec::with_capacity(cfg.seconds as usize);
-    const MY_STAT: &str = "/proc/thread-self/stat";
-    let sender_ticks0 = stat_cpu_ticks(MY_STAT);
+    let sender_ns0 = thread_cpu_ns();
     let start = Instant::now();
+    let mut next_round = start;
     let mut tick = start + Duration::from_secs(1);
     let mut echoed_at_tick = 0u64;
     let mut last_progress = start;
@@ -265,6 +294,42 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
             if per_second.len() == cfg.seconds as usize {
                 break;
             }
+        }
+        if let Some(pace) = cfg.pace {
+            // Echoes first, as a worker reaps before it sends; then what
+            // fell due, in full batches; then sleep until the next round.
+            loop {
+                let n = recv.recv(fd).unwrap_or(0);
+                echoed += n as u64;
+                if n < BATCH {
+                    break;
+                }
+            }
+            let due = (pace.rate * now.duration_since(start).as_secs_f64()) as u64;
+            while sent < due {
+                while sent + (send.pending() as u64) < due && !send.is_full() {
+                    let dest = layout.addr(next % cfg.contacts);
+                    next += 1;
+                    send.push(
+                        &payloads[(next % payloads.len() as u64) as usize],
+                        &dest,
+                        None,
+                    );
+                }
+                let out = send.send(fd, |_, _| {}).sent as u64;
+                if out == 0 {
+                    break; // the socket is full: the rest next round
+                }
+                sent += out;
+            }
+            next_round += pace.round;
+            let now = Instant::now();
+            if next_round > now {
+                std::thread::sleep(next_round - now);
+            } else {
+                next_round = now;
+            }
+            continue;
         }
         let in_flight = (sent + send.pending() as u64).saturating_sub(echoed + lost);
         let mut room = (cfg.window as u64).saturating_sub(in_flight);
@@ -287,9 +352,9 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
             last_progress = now;
         }
     }
-    let sender_cpu_us_per_round_trip = match (sender_ticks0, stat_cpu_ticks(MY_STAT)) {
+    let sender_cpu_us_per_round_trip = match (sender_ns0, thread_cpu_ns()) {
         (Some(t0), Some(t1)) if echoed > 0 => {
-            Some(t1.saturating_sub(t0) as f64 / USER_HZ as f64 * 1e6 / echoed as f64)
+            Some(t1.saturating_sub(t0) as f64 / 1e3 / echoed as f64)
         }
         _ => None,
     };
@@ -318,6 +383,7 @@ pub fn run(cfg: &CeilingConfig) -> Result<CeilingReport, String> {
         size: buf_len,
         window: cfg.window,
         sip: cfg.sip,
+        pace: cfg.pace,
         round_trips_per_s: sorted[sorted.len() / 2],
         min_per_s: sorted[0],
         max_per_s: sorted[sorted.len() - 1],
