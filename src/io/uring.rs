@@ -929,6 +929,13 @@ mod tests {
         assert!(seen.iter().all(|s| *s));
     }
 
+    /// Polls with a 5 s timeout; returns how long the sleep lasted.
+    fn long_poll(b: &mut UringBackend, h: &mut Collect) -> Duration {
+        let start = Instant::now();
+        b.poll(Duration::from_secs(5), h).unwrap();
+        start.elapsed()
+    }
+
     /// The worker's sleep contract: single replies do not end a sleep
     /// (they are handled in a batch at the deadline), a burst of WAKE_BATCH
     /// completions does, and a wake-up is consumed and re-armed.
@@ -1000,9 +1007,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(30));
                 w.wake();
             });
-            let start = Instant::now();
-            b.poll(Duration::from_secs(5), &mut h).unwrap();
-            let slept = start.elapsed();
+            let slept = long_poll(&mut b, &mut h);
             wake.join().unwrap();
             assert!(
                 slept >= Duration::from_millis(25) && slept < Duration::from_secs(2),
@@ -1012,13 +1017,8 @@ mod tests {
         }
         // One that came while the worker was awake ends its next sleep.
         waker.wake();
-        let start = Instant::now();
-        b.poll(Duration::from_secs(5), &mut h).unwrap();
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            start.elapsed()
-        );
+        let slept = long_poll(&mut b, &mut h);
+        assert!(slept < Duration::from_secs(2), "{slept:?}");
     }
 
     /// More datagrams waiting than there are provided buffers: the drain
@@ -1082,9 +1082,7 @@ mod tests {
         b.tx_commit(0, 4, &dead, 7);
         // One long sleep: the error ends it (the error watch), it does not
         // wait for the deadline.
-        let start = Instant::now();
-        b.poll(Duration::from_secs(5), &mut h).unwrap();
-        let slept = start.elapsed();
+        let slept = long_poll(&mut b, &mut h);
         assert_eq!(h.icmp.len(), 1, "{:?} after {slept:?}", h.icmp);
         if !b.deferred {
             return; // a cooperative ring finds the error in its receive
@@ -1098,13 +1096,8 @@ mod tests {
         let out = b.tx_buf(0).unwrap();
         out[..5].copy_from_slice(b"ping2");
         b.tx_commit(0, 5, &dead, 8);
-        let start = Instant::now();
-        b.poll(Duration::from_secs(5), &mut h).unwrap();
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            start.elapsed()
-        );
+        let slept = long_poll(&mut b, &mut h);
+        assert!(slept < Duration::from_secs(2), "{slept:?}");
         assert_eq!(h.icmp.len(), 2, "{:?}", h.icmp);
     }
 }
