@@ -119,6 +119,17 @@ pub fn round_ms(pings_per_ms: f64) -> u64 {
     ((ROUND_PINGS as f64 / pings_per_ms).ceil() as u64).clamp(1, SLACK_MAX_MS)
 }
 
+/// The next contact's first-ping phase within `interval_ms`, from a Weyl
+/// sequence (`state` steps by 2^64/φ from a random start), whose points
+/// fill the interval evenly at every count: each new one lands in one of
+/// the largest gaps. Independent random phases left one second of a 30 s
+/// interval with ±10–15 % more or fewer pings than the next at 10,000
+/// contacts (binomial spread: √333 on 333); these stay within a few.
+fn next_phase(state: &mut u64, interval_ms: u32) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(*state) * u128::from(interval_ms)) >> 64) as u64
+}
+
 /// First retransmission interval (RFC 3261 T1), doubling after each.
 const T1_MS: u64 = 500;
 /// Scratch capacity for one contact string (a request is at most
@@ -341,6 +352,8 @@ struct Core {
     /// Wall-clock µs at `start`, to turn ticks into wall time cheaply.
     start_wall_us: u64,
     rng: u64,
+    /// Weyl sequence of first-ping phases (see `next_phase`).
+    phase: u64,
     in_flight: u32,
     stopping: bool,
     /// Contacts per state, indexed by the shm state code.
@@ -589,9 +602,9 @@ impl Core {
                 continue;
             };
             let (_, dest_ip, dest_port) = addr_fields(&c.dest);
-            // First ping at a random phase within the interval, so a bulk
+            // First ping at a phase spread over the interval, so a bulk
             // load produces an even rate, not a burst (DESIGN §5).
-            let first_tick = now + self.next_random() % interval_ms as u64;
+            let first_tick = now + next_phase(&mut self.phase, interval_ms);
             let contact = Contact {
                 route: c.route.take().map(String::into_boxed_str),
                 dest_ip,
@@ -1365,6 +1378,7 @@ impl<B: Backend> Worker<B> {
                 start: Instant::now(),
                 start_wall_us: wall_us(),
                 rng: seed,
+                phase: seed.wrapping_mul(0x2545_F491_4F6C_DD1D),
                 in_flight: 0,
                 stopping: false,
                 by_state: [0; 6],
@@ -1845,6 +1859,26 @@ mod tests {
                 lab.core.delete(h, false);
             }
             assert!(lab.core.by_dest.is_empty());
+        }
+    }
+
+    #[test]
+    fn first_pings_fill_the_interval_evenly() {
+        // 10,000 contacts every 30 s, from any start: each second of the
+        // interval gets 333 ± a few first pings (random phases: ± ~50).
+        for start in [1u64, 0xDEAD_BEEF, u64::MAX / 3] {
+            let mut state = start;
+            let mut per_second = [0u32; 30];
+            for _ in 0..10_000 {
+                let phase = super::next_phase(&mut state, 30_000);
+                assert!(phase < 30_000);
+                per_second[(phase / 1000) as usize] += 1;
+            }
+            let (min, max) = (per_second.iter().min(), per_second.iter().max());
+            assert!(
+                *min.unwrap() >= 330 && *max.unwrap() <= 337,
+                "{per_second:?}"
+            );
         }
     }
 
