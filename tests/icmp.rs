@@ -244,9 +244,14 @@ fn dead_ports_go_down_at_once(backend: &str, steering: &str, workers: u16, lag_m
     }
     lags.sort_unstable();
     eprintln!("{backend}/{steering}: ms from the Down ping to its event: {lags:?}");
+    // One straggler of up to 10 ms is let through: a VM may deschedule the
+    // worker for a few ms (seen once in ~20 runs here). A broken path
+    // shows in every contact: the ping's timeout (1.5 s), or the worker's
+    // round (up to 40 ms).
+    let n = lags.len();
     assert!(
-        lags[0] >= 0 && *lags.last().unwrap() <= lag_max_ms,
-        "each ping fails within {lag_max_ms} ms of being sent: {lags:?}"
+        lags[0] >= 0 && lags[n - 2] <= lag_max_ms && lags[n - 1] <= 10,
+        "each ping fails within {lag_max_ms} ms of being sent (one within 10): {lags:?}"
     );
 }
 
