@@ -8,8 +8,8 @@
 //!   stamp rounding; the reply timeout is 1.5 s: only the error queue can
 //!   explain that), with a port per worker, and with two workers sharing
 //!   one port (where the kernel may queue an error on the other worker's
-//!   socket, which hands it over: within 2 × 20 ms, the workers' longest
-//!   sleep, on io_uring);
+//!   socket: the error ends that worker's sleep and it hands the error
+//!   over, waking the owner);
 //! - forged ICMP errors, sent from a raw socket to kaping's socket about a
 //!   contact that answers, one quoting a request whose token is bogus, one
 //!   quoting only the 8-byte UDP header while no ping is in flight, change

@@ -11,11 +11,11 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 mod common;
 use common::promtool_check;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use kaping::shm::layout::{
     bucket_index, percentile, Counter, Header, RegistrarFigures, RegistrarStat, SlotRecord,

@@ -179,9 +179,8 @@ pub struct UringBackend {
     tx_free: Vec<u16>,
     tx_tags: Vec<u32>,
     tx_sock: Vec<u8>,
-    /// One retry per slot for a send refused because of an earlier ICMP
-    /// error pending on the socket.
-    /// Sends of each slot failed by an earlier datagram's ICMP error.
+    /// Sends of each slot failed by an earlier datagram's ICMP error (it is
+    /// sent again up to `ICMP_RESENDS` times).
     tx_retried: Vec<u8>,
     tx_in_flight: usize,
     /// SQEs pushed but not yet submitted.
@@ -641,6 +640,10 @@ impl UringBackend {
         if self.deferred {
             self.submit()?;
             sleep_until_woken(&self.sockets, &self.waker, timeout, h)?;
+            // Nothing arrived (an idle worker's wake-up): no enter.
+            if !self.ring.submission().taskrun() {
+                return Ok(());
+            }
             return self.enter_getevents();
         }
         let ts = Timespec::new()
@@ -773,10 +776,10 @@ impl Backend for UringBackend {
         Ok(())
     }
 
-    /// One enter per call in the common case: the wait submits the round's
-    /// sends and sleeps, and the kernel runs the deferred receive work when
-    /// the sleep ends, so the reap that follows finds the replies; a
-    /// zero-timeout poll submits and runs that work in one GETEVENTS enter.
+    /// A sleeping poll submits the round's sends and sleeps (`wait`); a
+    /// zero-timeout one submits and runs the deferred receive work in one
+    /// GETEVENTS enter. Either way the reap that follows finds the replies,
+    /// and the drain goes on while rounds find batches.
     fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
         if !timeout.is_zero() {
             self.wait(timeout, h)?;
@@ -937,8 +940,9 @@ mod tests {
     }
 
     /// The worker's sleep contract: single replies do not end a sleep
-    /// (they are handled in a batch at the deadline), a burst of WAKE_BATCH
-    /// completions does, and a wake-up is consumed and re-armed.
+    /// (they are handled in a batch at the deadline); a burst does only on
+    /// a cooperative ring (WAKE_BATCH completions); with deferred task
+    /// running a wake-up ends it at once and is consumed.
     #[test]
     fn sleeps_until_the_deadline_or_a_full_batch() {
         if !require_uring() {
@@ -1080,8 +1084,8 @@ mod tests {
         let out = b.tx_buf(0).unwrap();
         out[..4].copy_from_slice(b"ping");
         b.tx_commit(0, 4, &dead, 7);
-        // One long sleep: the error ends it (the error watch), it does not
-        // wait for the deadline.
+        // One long sleep: the error pending on the socket ends it, it does
+        // not wait for the deadline.
         let slept = long_poll(&mut b, &mut h);
         assert_eq!(h.icmp.len(), 1, "{:?} after {slept:?}", h.icmp);
         if !b.deferred {

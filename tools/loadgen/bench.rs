@@ -420,10 +420,8 @@ pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
     let mut total = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let path = task.ok()?.path().join("schedstat");
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue; // exited meanwhile
-        };
-        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        // None: the thread exited meanwhile.
+        total += ceiling::schedstat_ns(&path).unwrap_or(0);
     }
     Some(total)
 }

@@ -50,12 +50,17 @@ pub(crate) fn stat_cpu_ticks(path: &str) -> Option<u64> {
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
 }
-/// CPU time of the calling thread on a CPU, ns (`schedstat`: exact, where
-/// `stat` counts 10 ms ticks, too coarse for a paced sender's few ms a
-/// second).
-fn thread_cpu_ns() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+/// Time on a CPU, ns, of the thread whose `schedstat` file is `path`
+/// (`/proc/thread-self/schedstat`, `/proc/PID/task/TID/schedstat`): exact,
+/// where `stat` counts 10 ms ticks, too coarse for a paced sender's few ms
+/// a second.
+pub(crate) fn schedstat_ns(path: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
     text.split_whitespace().next()?.parse().ok()
+}
+
+fn thread_cpu_ns() -> Option<u64> {
+    schedstat_ns("/proc/thread-self/schedstat".as_ref())
 }
 
 /// How long trailing echoes are awaited after the last second.

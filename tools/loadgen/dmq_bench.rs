@@ -56,6 +56,12 @@ pub struct DmqBenchReport {
     pub live_cpu_us_per_change: f64,
 }
 
+/// The `p` quantile (0..=1) of sorted values; `None` when empty.
+pub(crate) fn sorted_percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((sorted.len() as f64 * p) as usize).min(last)])
+}
+
 /// Contacts held by kaping's workers (every state), from shm.
 pub(crate) fn held(shm: &ShmReader) -> u64 {
     (0..shm.header().workers)
@@ -310,7 +316,7 @@ pub fn run(cfg: &DmqBenchConfig) -> Result<DmqBenchReport, String> {
     let cpu3 = cpu_ticks(pid).ok_or("cannot read kaping's CPU")?;
     daemon.stop(true);
     lags.sort_by(f64::total_cmp);
-    let pct = |p: f64| lags[((lags.len() as f64 * p) as usize).min(lags.len() - 1)];
+    let pct = |p: f64| sorted_percentile(&lags, p).unwrap_or(0.0);
     Ok(DmqBenchReport {
         contacts: cfg.contacts,
         batch: cfg.batch,

@@ -346,11 +346,8 @@ Content-Length: 0\r\n\r\n",
             }
         }
         lags.sort_by(f64::total_cmp);
-        let q = |p: f64| {
-            (!lags.is_empty()).then(|| lags[((lags.len() - 1) as f64 * p).round() as usize])
-        };
-        report.lag_p50_ms = q(0.50);
-        report.lag_p99_ms = q(0.99);
+        report.lag_p50_ms = crate::dmq_bench::sorted_percentile(&lags, 0.50);
+        report.lag_p99_ms = crate::dmq_bench::sorted_percentile(&lags, 0.99);
         report.lag_max_ms = lags.last().copied();
     }
     Ok(report)

@@ -22,7 +22,6 @@ pub const SIP_PORT: u16 = 5060;
 /// RFC 3261 §8.1.1.7: every branch we generate starts with the magic cookie.
 pub const BRANCH_COOKIE: &str = "z9hG4bK";
 
-/// `ip` as a SIP host: IPv6 in brackets (RFC 3261 §25.1 `IPv6reference`).
 /// The kernel's choice of source address towards `dest` (a connected UDP
 /// socket's; no packet is sent).
 pub fn source_towards(dest: SocketAddr) -> Result<IpAddr, String> {
@@ -38,6 +37,7 @@ pub fn source_towards(dest: SocketAddr) -> Result<IpAddr, String> {
     Ok(probe.local_addr().map_err(|e| e.to_string())?.ip())
 }
 
+/// `ip` as a SIP host: IPv6 in brackets (RFC 3261 §25.1 `IPv6reference`).
 pub fn host_text(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
