@@ -29,13 +29,8 @@ pub enum DurationValue {
 impl DurationValue {
     fn parse(&self, setting: &'static str) -> Result<Duration, ConfigError> {
         match self {
-            DurationValue::Seconds(s) if s.is_finite() && *s >= 0.0 => {
-                Ok(Duration::from_secs_f64(*s))
-            }
-            DurationValue::Seconds(s) => Err(ConfigError::invalid(
-                setting,
-                format!("{s} is not a duration"),
-            )),
+            DurationValue::Seconds(s) => crate::duration::from_seconds(*s)
+                .map_err(|e| ConfigError::invalid(setting, format!("{s} is not a duration: {e}"))),
             DurationValue::Text(t) => {
                 parse_duration(t).map_err(|e| ConfigError::invalid(setting, e))
             }

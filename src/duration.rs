@@ -35,9 +35,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    let seconds = value * seconds_per_unit;
-    if !seconds.is_finite() || seconds > 10.0 * 365.0 * 86400.0 {
-        return Err(format!("'{t}' is out of range"));
+    from_seconds(value * seconds_per_unit).map_err(|_| format!("'{t}' is out of range"))
+}
+
+/// The longest duration any setting or contact takes: ten years.
+pub const MAX_SECONDS: f64 = 10.0 * 365.0 * 86400.0;
+
+/// A number of seconds as every source reads it (a JSON or TOML number):
+/// negative, non-finite and absurd values are refused, never panicked on.
+pub fn from_seconds(seconds: f64) -> Result<Duration, String> {
+    if !(0.0..=MAX_SECONDS).contains(&seconds) {
+        return Err(format!(
+            "{seconds} is out of range (0 to {MAX_SECONDS} seconds)"
+        ));
     }
     Ok(Duration::from_secs_f64(seconds))
 }

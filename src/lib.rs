@@ -30,6 +30,8 @@ pub mod daemon;
 pub mod demo;
 pub mod duration;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod registrar;
 pub mod shm;

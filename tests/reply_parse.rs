@@ -757,3 +757,34 @@ proptest! {
         }
     }
 }
+
+/// The reply fuzz target starts from these fixtures: `fuzz/seeds/reply/`
+/// holds each one filled with the fuzz key's token (the same key as here).
+/// `KAPING_BLESS_SEEDS=1 cargo test --test reply_parse` rewrites them
+/// after a fixture changes.
+#[test]
+fn fixtures_are_the_reply_fuzz_seeds() {
+    assert_eq!(key().instance_id(), kaping::fuzzing::key().instance_id());
+    assert_eq!(
+        token(&key(), &FIELDS),
+        token(&kaping::fuzzing::key(), &kaping::fuzzing::FIELDS)
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/reply");
+    let requests = [
+        ("options_request", OPTIONS_REQUEST),
+        ("notify_request", NOTIFY_REQUEST),
+        ("invite_request", INVITE_REQUEST),
+    ];
+    let bless = std::env::var_os("KAPING_BLESS_SEEDS").is_some();
+    for (name, fixture) in MATCHING.iter().map(|(n, f, _)| (*n, *f)).chain(requests) {
+        let path = dir.join(format!("{name}.sip"));
+        let want = filled(fixture);
+        if bless {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (KAPING_BLESS_SEEDS=1 writes it)", path.display()));
+        assert!(have == want, "{} differs from its fixture", path.display());
+    }
+}

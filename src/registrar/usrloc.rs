@@ -164,8 +164,12 @@ pub fn parse_body(body: &[u8]) -> Result<UsrlocMsg, UsrlocReject> {
     if body.len() > BODY_LEN_MAX {
         return Err(UsrlocReject::Oversized);
     }
-    // serde_json bounds nesting at 128 levels, skipped values included.
-    let root: Root = serde_json::from_slice(body).map_err(|_| UsrlocReject::NotJson)?;
+    // UTF-8 is checked whole first: serde_json does not check the strings
+    // of members it skips, and the `Value` reader refuses them (found by
+    // fuzzing). serde_json bounds nesting at 128 levels, skipped values
+    // included.
+    let text = std::str::from_utf8(body).map_err(|_| UsrlocReject::NotJson)?;
+    let root: Root = serde_json::from_str(text).map_err(|_| UsrlocReject::NotJson)?;
     let Root::Object { record, multi } = root else {
         return Err(UsrlocReject::NotObject);
     };

@@ -43,12 +43,14 @@ fn parse_record(line: &str) -> Result<ContactSpec, String> {
     let r: Record = serde_json::from_str(line).map_err(|e| format!("bad JSON: {e}"))?;
     let interval = match r.interval {
         None => None,
-        Some(Interval::Seconds(s)) if s.is_finite() && s > 0.0 => {
-            Some(std::time::Duration::from_secs_f64(s))
-        }
-        Some(Interval::Seconds(s)) => {
-            return Err(format!("interval {s} is not a positive number of seconds"))
-        }
+        Some(Interval::Seconds(s)) => match crate::duration::from_seconds(s) {
+            Ok(d) if s > 0.0 => Some(d),
+            _ => {
+                return Err(format!(
+                    "interval {s} is not a positive number of seconds up to ten years"
+                ))
+            }
+        },
         Some(Interval::Text(t)) => Some(parse_duration(&t).map_err(|e| format!("interval: {e}"))?),
     };
     let send_to = match r.send_to.as_deref() {

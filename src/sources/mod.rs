@@ -13,7 +13,7 @@ mod uldump;
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -139,14 +139,28 @@ pub enum LoadError {
 pub fn load(
     path: &Path,
     format: Format,
-    mut sink: impl FnMut(ContactSpec) -> Verdict,
+    sink: impl FnMut(ContactSpec) -> Verdict,
 ) -> Result<LoadReport, LoadError> {
     let io_err = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file = File::open(path).map_err(io_err)?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    load_from(BufReader::with_capacity(1 << 20, file), path, format, sink)
+}
+
+/// [`load`] from any reader; `path` names it in messages. The fuzz targets
+/// feed bytes through here, so they run exactly what a file goes through.
+pub fn load_from(
+    mut reader: impl BufRead,
+    path: &Path,
+    format: Format,
+    mut sink: impl FnMut(ContactSpec) -> Verdict,
+) -> Result<LoadReport, LoadError> {
+    let io_err = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let format = match format {
         Format::Auto => detect(reader.fill_buf().map_err(io_err)?),
         f => f,

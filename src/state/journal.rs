@@ -43,13 +43,7 @@ pub(super) fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBu
         dir::journal_name(first_seq),
         dir::TEMP_SUFFIX
     ));
-    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-    header[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    header[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
-    header[16..24].copy_from_slice(&first_seq.to_le_bytes());
-    let check = codec::checksum(&header[..24]);
-    header[24..32].copy_from_slice(&check.to_le_bytes());
-
+    let header = segment_header(first_seq);
     let mut file = File::options()
         .read(true)
         .write(true)
@@ -66,6 +60,18 @@ pub(super) fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBu
     Ok((file, path))
 }
 
+/// The header of segment `first_seq`: magic, version, zero, first
+/// sequence number, checksum.
+pub(super) fn segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    header[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    header[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    header[16..24].copy_from_slice(&first_seq.to_le_bytes());
+    let check = codec::checksum(&header[..24]);
+    header[24..32].copy_from_slice(&check.to_le_bytes());
+    header
+}
+
 /// Appends one record (header, payload, checksum) for `op` with sequence
 /// number `seq`. Allocates nothing beyond growing `buf`.
 pub(super) fn encode_record(buf: &mut Vec<u8>, seq: u64, op: &Op) -> Result<(), StateError> {
@@ -78,20 +84,32 @@ pub(super) fn encode_record(buf: &mut Vec<u8>, seq: u64, op: &Op) -> Result<(), 
     }
     let start = buf.len();
     buf.reserve(RECORD_HEADER_LEN + payload_len + RECORD_TRAILER_LEN);
-    buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    buf.extend_from_slice(&[kind, 0, 0, 0]);
-    buf.extend_from_slice(&seq.to_le_bytes());
-    let header_check = codec::checksum(&buf[start..start + 16]);
-    buf.extend_from_slice(&header_check.to_le_bytes());
+    put_record_header(buf, payload_len, kind, seq);
     codec::put_op(buf, op);
     debug_assert_eq!(
         buf.len() - start,
         RECORD_HEADER_LEN + payload_len,
         "payload length disagrees with op_kind_len"
     );
+    seal_record(buf, start);
+    Ok(())
+}
+
+/// A record's header: payload length, kind, three zero bytes, sequence
+/// number and the checksum of those.
+pub(super) fn put_record_header(buf: &mut Vec<u8>, payload_len: usize, kind: u8, seq: u64) {
+    let start = buf.len();
+    buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    buf.extend_from_slice(&[kind, 0, 0, 0]);
+    buf.extend_from_slice(&seq.to_le_bytes());
+    let header_check = codec::checksum(&buf[start..start + 16]);
+    buf.extend_from_slice(&header_check.to_le_bytes());
+}
+
+/// Appends the checksum of the record that starts at `start`.
+pub(super) fn seal_record(buf: &mut Vec<u8>, start: usize) {
     let check = codec::checksum(&buf[start..]);
     buf.extend_from_slice(&check.to_le_bytes());
-    Ok(())
 }
 
 /// A record at the end of the newest segment that was never completely

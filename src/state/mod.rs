@@ -171,6 +171,8 @@
 
 mod codec;
 mod dir;
+#[doc(hidden)]
+pub mod fuzz;
 mod journal;
 mod snapshot;
 #[cfg(test)]

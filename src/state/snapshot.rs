@@ -60,6 +60,52 @@ fn bad(path: &Path, offset: u64, entry: u64, what: impl Into<String>) -> StateEr
     }
 }
 
+/// A snapshot's framing as it is written: the header, each entry's length
+/// and checksum, and the trailer whose checksum chains the header, every
+/// entry's checksum and the trailer's own first half.
+pub(super) struct Framing {
+    chain: siphasher::sip::SipHasher13,
+}
+
+impl Framing {
+    /// The header of a snapshot of `count` entries covering `covered_seq`.
+    pub(super) fn start(covered_seq: u64, count: u64, version: u32) -> ([u8; HEADER_LEN], Framing) {
+        let created_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut header = [0u8; HEADER_LEN];
+        header[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+        header[8..12].copy_from_slice(&version.to_le_bytes());
+        header[16..24].copy_from_slice(&covered_seq.to_le_bytes());
+        header[24..32].copy_from_slice(&count.to_le_bytes());
+        header[32..40].copy_from_slice(&created_ms.to_le_bytes());
+        let check = codec::checksum(&header[..56]);
+        header[56..64].copy_from_slice(&check.to_le_bytes());
+        let mut chain = codec::checksum_stream();
+        chain.write(&header);
+        (header, Framing { chain })
+    }
+
+    /// `entry` is 4 placeholder bytes and the entry's body: writes the
+    /// body's length into them and appends the checksum.
+    pub(super) fn seal(&mut self, entry: &mut Vec<u8>) {
+        let body_len = (entry.len() - 4) as u32;
+        entry[0..4].copy_from_slice(&body_len.to_le_bytes());
+        let check = codec::checksum(entry);
+        entry.extend_from_slice(&check.to_le_bytes());
+        self.chain.write(&check.to_le_bytes());
+    }
+
+    pub(super) fn finish(mut self, count: u64) -> [u8; TRAILER_LEN] {
+        let mut trailer = [0u8; TRAILER_LEN];
+        trailer[0..8].copy_from_slice(&TRAILER_MAGIC);
+        trailer[8..16].copy_from_slice(&count.to_le_bytes());
+        self.chain.write(&trailer[..16]);
+        trailer[16..24].copy_from_slice(&self.chain.finish().to_le_bytes());
+        trailer
+    }
+}
+
 /// Writes snapshot `covered_seq`: temp file, fsync, rename, fsync dir. On
 /// error the temp file is removed (best effort: open removes any left).
 pub(super) fn write(
@@ -92,20 +138,9 @@ fn write_temp_and_rename(
     let mut out = BufWriter::with_capacity(IO_BUFFER, file);
     let werr = |e| io_err(temp, "write snapshot temp file", e);
 
-    let created_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut header = [0u8; HEADER_LEN];
-    header[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
-    header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-    header[16..24].copy_from_slice(&covered_seq.to_le_bytes());
-    header[24..32].copy_from_slice(&(contacts.len() as u64).to_le_bytes());
-    header[32..40].copy_from_slice(&created_ms.to_le_bytes());
-    let check = codec::checksum(&header[..56]);
-    header[56..64].copy_from_slice(&check.to_le_bytes());
+    let count = contacts.len() as u64;
+    let (header, mut framing) = Framing::start(covered_seq, count, SNAPSHOT_VERSION);
     out.write_all(&header).map_err(werr)?;
-    let mut chain = codec::checksum_stream();
-    chain.write(&header);
     let mut bytes = HEADER_LEN as u64;
 
     let mut entry = Vec::with_capacity(512);
@@ -127,19 +162,12 @@ fn write_temp_and_rename(
                 max: ENTRY_MAX,
             });
         }
-        entry[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-        let check = codec::checksum(&entry);
-        entry.extend_from_slice(&check.to_le_bytes());
+        framing.seal(&mut entry);
         out.write_all(&entry).map_err(werr)?;
-        chain.write(&check.to_le_bytes());
         bytes += entry.len() as u64;
     }
 
-    let mut trailer = [0u8; TRAILER_LEN];
-    trailer[0..8].copy_from_slice(&TRAILER_MAGIC);
-    trailer[8..16].copy_from_slice(&(contacts.len() as u64).to_le_bytes());
-    chain.write(&trailer[..16]);
-    trailer[16..24].copy_from_slice(&chain.finish().to_le_bytes());
+    let trailer = framing.finish(count);
     out.write_all(&trailer).map_err(werr)?;
     bytes += TRAILER_LEN as u64;
 

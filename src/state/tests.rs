@@ -1049,3 +1049,102 @@ fn timing_snapshot_1m() {
     );
     assert_eq!(restored.contacts.len(), 1_000_000);
 }
+
+/// The journal and snapshot fuzz targets start from real files: a store's
+/// segment and snapshot after every kind of op, each raw (mode byte 0) and
+/// as framed chunks (odd mode byte, see `state::fuzz`).
+/// `KAPING_BLESS_SEEDS=1 cargo test --lib state::tests::fuzz_seeds` writes
+/// them to `fuzz/seeds/`; without it, the seeds there must restore.
+#[test]
+fn fuzz_seeds_are_real_state_files() {
+    let tmp = TempDir::new().unwrap();
+    let (mut store, _) = open(tmp.path());
+    let ops = vec![
+        Op::Add(full_contact(1, "r1")),
+        Op::Add(contact(2)),
+        Op::Add(ContactRecord {
+            registrar_expires: Some(1_700_000_123),
+            ..full_contact(3, "registrar")
+        }),
+        Op::Del {
+            key: contact(2).key(),
+        },
+        Op::Flush {
+            owner: Some("r9".into()),
+        },
+    ];
+    store.commit(&ops).unwrap();
+    let segment = fs::read(last_segment(tmp.path())).unwrap();
+    let mut framed_ops = vec![1u8];
+    for op in &ops {
+        let mut payload = Vec::new();
+        codec::put_op(&mut payload, op);
+        framed_ops.push(codec::op_kind_len(op).0);
+        framed_ops.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+        framed_ops.extend_from_slice(&payload);
+    }
+
+    let restored = reopen_after(store, tmp.path());
+    let contacts: Vec<_> = restored
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, _))| (c, (i == 0).then(|| history(1))))
+        .collect();
+    let (mut store, _) = open(tmp.path());
+    store.begin_snapshot().unwrap().write(&contacts).unwrap();
+    let snap = fs::read(&snapshots(tmp.path()).pop().unwrap().1).unwrap();
+    let mut framed_entries = vec![5u8]; // version 3
+    for (c, h) in &contacts {
+        let mut body = Vec::new();
+        codec::put_contact(&mut body, c);
+        codec::put_contact_ext(&mut body, c);
+        codec::put_history(&mut body, h.as_ref());
+        codec::put_registrar(&mut body, c);
+        framed_entries.push(0);
+        framed_entries.extend_from_slice(&(body.len() as u16).to_le_bytes());
+        framed_entries.extend_from_slice(&body);
+    }
+    drop(store);
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let seeds = [
+        ("journal", "segment", [&[0u8][..], &segment].concat()),
+        ("journal", "framed-ops", framed_ops),
+        ("snapshot", "snapshot", [&[0u8][..], &snap].concat()),
+        ("snapshot", "framed-entries", framed_entries),
+    ];
+    for (target, name, bytes) in seeds {
+        let path = root.join(target).join(name);
+        if std::env::var_os("KAPING_BLESS_SEEDS").is_some() {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, &bytes).unwrap();
+        }
+        let seed = fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (KAPING_BLESS_SEEDS=1 writes it)", path.display()));
+        // The seed decodes to what was written (created_ms aside).
+        let dir = TempDir::new().unwrap();
+        let (file, body) = match target {
+            "journal" if seed[0] == 0 => (dir::journal_name(1), seed[1..].to_vec()),
+            "snapshot" if seed[0] == 0 => {
+                let covered = u64::from_le_bytes(seed[17..25].try_into().unwrap());
+                (dir::snapshot_name(covered), seed[1..].to_vec())
+            }
+            _ => continue, // framed seeds: the same payloads as the raw ones
+        };
+        fs::write(dir.path().join(file), body).unwrap();
+        let got: Vec<_> = reopen(dir.path())
+            .contacts
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let want: Vec<_> = contacts.iter().map(|(c, _)| c.clone()).collect();
+        assert_eq!(got, want, "{}", path.display());
+        super::fuzz::journal(&seed);
+        super::fuzz::snapshot(&seed);
+    }
+}
+
+fn reopen_after(store: Store, dir: &Path) -> Vec<(ContactRecord, Option<History>)> {
+    drop(store);
+    reopen(dir).contacts
+}

@@ -685,7 +685,12 @@ pub fn to_uri(aor: &str, domain: Option<&str>) -> Result<String, TemplateError> 
         aor: aor.to_owned(),
         why,
     };
-    let has_scheme = |p: &str| aor.len() >= p.len() && aor[..p.len()].eq_ignore_ascii_case(p);
+    // Bytes, not chars: a prefix cut may fall inside a multi-byte char.
+    let has_scheme = |p: &str| {
+        aor.as_bytes()
+            .get(..p.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))
+    };
     let uri = if has_scheme("sip:") || has_scheme("sips:") {
         aor.to_owned()
     } else if aor.contains(':') {
