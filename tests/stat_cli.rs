@@ -188,6 +188,7 @@ fn fixture() -> Fixture {
         instance: "edge-1".into(),
         backend: "io_uring".into(),
         shard: None,
+        group: None,
     })
     .unwrap();
     let mut ws = [shm.worker(0), shm.worker(1)];
