@@ -48,6 +48,7 @@ fn bench_shm(c: &mut Criterion) {
         instance: "bench".into(),
         backend: "bench".into(),
         shard: None,
+        group: None,
     };
     let shm = ShmFile::create(&cfg).expect("create shm");
     let w = shm.worker(0);

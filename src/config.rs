@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::Group;
 use crate::contact::{parse_shard, parse_socket, KeepaliveKind, PingSource};
 use crate::duration::parse_duration;
 use crate::engine::liveness::AliveCodes;
@@ -60,6 +61,7 @@ pub struct RawConfig {
     pub steering: Option<String>,
     pub advertise: Option<String>,
     pub shm: Option<PathBuf>,
+    pub shm_group: Option<String>,
     pub events: Option<String>,
     pub contacts: Option<PathBuf>,
     pub contacts_format: Option<String>,
@@ -97,6 +99,7 @@ pub struct RawConfig {
     pub control_max_connections: Option<u32>,
     pub control_max_request: Option<u64>,
     pub state_dir: Option<PathBuf>,
+    pub state_group: Option<String>,
     pub snapshot_interval: Option<DurationValue>,
 }
 
@@ -137,6 +140,7 @@ impl RawConfig {
             steering,
             advertise,
             shm,
+            shm_group,
             events,
             contacts,
             contacts_format,
@@ -172,6 +176,7 @@ impl RawConfig {
             control_max_connections,
             control_max_request,
             state_dir,
+            state_group,
             snapshot_interval
         );
     }
@@ -207,6 +212,7 @@ pub const SETTINGS: &[&str] = &[
     "steering",
     "advertise",
     "shm",
+    "shm_group",
     "events",
     "contacts",
     "contacts_format",
@@ -242,6 +248,7 @@ pub const SETTINGS: &[&str] = &[
     "control_max_connections",
     "control_max_request",
     "state_dir",
+    "state_group",
     "snapshot_interval",
 ];
 
@@ -306,6 +313,8 @@ pub struct Settings {
     /// bound address (loopback for a wildcard bind).
     pub advertise_explicit: bool,
     pub shm: PathBuf,
+    /// The group that may read the shm file; `None`: the daemon's own.
+    pub shm_group: Option<Group>,
     pub events: EventsTo,
     pub contacts: Option<PathBuf>,
     pub contacts_format: Format,
@@ -356,6 +365,9 @@ pub struct Settings {
     pub control_max_request: usize,
     /// Directory of the journal and snapshots; `None` = not durable.
     pub state_dir: Option<PathBuf>,
+    /// The group that may read the state directory and its files; `None`:
+    /// the daemon's own.
+    pub state_group: Option<Group>,
     pub snapshot_interval: Duration,
 }
 
@@ -395,6 +407,7 @@ impl Settings {
             steering,
             advertise,
             shm,
+            shm_group,
             contacts,
             contacts_format,
             recv_buffer,
@@ -418,6 +431,7 @@ impl Settings {
             control_max_connections,
             control_max_request,
             state_dir,
+            state_group,
             snapshot_interval
         );
         if self.template.method != new.template.method {
@@ -879,6 +893,15 @@ impl Settings {
                 format!("{snapshot_interval:?} is below the 1 s minimum"),
             ));
         }
+        let shm_group = parse_group("shm_group", raw.shm_group.as_deref())?;
+        let state_dir = raw.state_dir.clone().filter(|p| !p.as_os_str().is_empty());
+        let state_group = parse_group("state_group", raw.state_group.as_deref())?;
+        if state_group.is_some() && state_dir.is_none() {
+            return Err(ConfigError::invalid(
+                "state_group",
+                "set, but state_dir is not: there is no state directory to give to the group",
+            ));
+        }
         Ok(Settings {
             instance,
             workers,
@@ -890,6 +913,7 @@ impl Settings {
             advertise,
             advertise_explicit: raw.advertise.as_deref().is_some_and(|a| !a.is_empty()),
             shm,
+            shm_group,
             events,
             contacts: raw.contacts.clone(),
             contacts_format,
@@ -923,7 +947,8 @@ impl Settings {
             control: raw.control.clone().filter(|p| !p.as_os_str().is_empty()),
             control_max_connections,
             control_max_request,
-            state_dir: raw.state_dir.clone().filter(|p| !p.as_os_str().is_empty()),
+            state_dir,
+            state_group,
             snapshot_interval,
         })
     }
@@ -938,6 +963,19 @@ fn template_setting(e: &TemplateError) -> &'static str {
         TemplateError::LocalHost { .. } => "advertise",
         TemplateError::LocalPort => "bind",
         _ => "advertise",
+    }
+}
+
+/// A group setting (`shm_group`, `state_group`): a name or a numeric gid,
+/// resolved now so a group that does not exist stops kaping at start (or
+/// fails a reload) rather than at the first file it creates. Empty or
+/// absent: `None`.
+fn parse_group(setting: &'static str, text: Option<&str>) -> Result<Option<Group>, ConfigError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(t) => Group::resolve(setting, t)
+            .map(Some)
+            .map_err(|why| ConfigError::invalid(setting, why)),
     }
 }
 
@@ -1213,6 +1251,42 @@ mod tests {
             let e = err(toml);
             assert!(e.contains(says), "{toml:?} gave {e:?}");
         }
+    }
+
+    #[test]
+    fn group_settings_resolve_names_and_gids_and_refuse_unknown_names() {
+        let s =
+            settings("shm_group = \"root\"\nstate_dir = \"/tmp/k\"\nstate_group = \"0\"").unwrap();
+        let root = |setting| Group {
+            setting,
+            gid: 0,
+            name: Some("root".into()),
+        };
+        assert_eq!(s.shm_group, Some(root("shm_group")));
+        assert_eq!(s.state_group, Some(root("state_group")));
+        let s = settings("shm_group = \"\"").unwrap();
+        assert_eq!((s.shm_group, s.state_group), (None, None));
+        for (toml, says) in [
+            (
+                "shm_group = \"kaping-no-such-group\"",
+                "setting 'shm_group': no group named 'kaping-no-such-group'",
+            ),
+            (
+                "state_dir = \"/tmp/k\"\nstate_group = \"kaping-no-such-group\"",
+                "setting 'state_group': no group named 'kaping-no-such-group'",
+            ),
+            (
+                "state_group = \"root\"",
+                "setting 'state_group': set, but state_dir is not",
+            ),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(says), "{toml:?} gave {e:?}");
+        }
+        // A new group needs a restart: the files already exist.
+        let old = settings("").unwrap();
+        let new = settings("shm_group = \"root\"").unwrap();
+        assert_eq!(old.diff(&new), (vec![], vec!["shm_group"]));
     }
 
     #[test]

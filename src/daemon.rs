@@ -25,6 +25,7 @@ use crossbeam::channel::{self, Receiver, Sender};
 use crossbeam::queue::ArrayQueue;
 use socket2::Socket;
 
+use crate::access::AccessError;
 use crate::config::Replies;
 use crate::config::{BackendChoice, EventsTo, RawConfig, Settings, Steering};
 use crate::contact::{parse_socket, ContactError, ContactSpec, PingSource, Resolver};
@@ -236,8 +237,14 @@ impl Daemon {
             instance: settings.instance.clone(),
             backend: "starting".into(),
             shard: settings.shard,
+            group: settings.shm_group.clone(),
         })
         .map_err(|e| {
+            // A group or mode kaping could not give the file already names
+            // the setting and the file: say that first.
+            if e.get_ref().is_some_and(|inner| inner.is::<AccessError>()) {
+                return err(e.to_string());
+            }
             err(format!(
                 "cannot create shared memory {}: {e}",
                 settings.shm.display()

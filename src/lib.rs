@@ -11,17 +11,20 @@
 //!   kaping before the proxy sees them), wake-ups and signals.
 //! * [`shm`]: the shared-memory contract between the daemon and readers.
 //! * [`config`], [`contact`], [`sources`], [`daemon`]: `kaping run`.
+//! * [`access`]: who may read kaping's files (modes, `shm_group`,
+//!   `state_group`, the user and group database).
 //! * [`registrar`]: the registrar feed: Kamailio's DMQ bus (KDMQ
 //!   messages, node lists, dmq_usrloc change records). No I/O.
 //! * [`sim`]: the simulated SIP platform (responder, contact plans) used by
 //!   the load generator, the demo and the tests.
 //!
-//! `unsafe` is denied here and allowed only in `io`, `shm` and `cpu` (the
-//! prefetch hint), where every block states the invariant that makes it
-//! sound.
+//! `unsafe` is denied here and allowed only in `io`, `shm`, `cpu` (the
+//! prefetch hint) and `access` (the libc user and group database calls),
+//! where every block states the invariant that makes it sound.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod access;
 pub mod config;
 pub mod contact;
 pub mod control;

@@ -68,6 +68,9 @@ pub struct RunArgs {
     /// Shared-memory file read by kaping-stat.
     #[arg(long)]
     shm: Option<PathBuf>,
+    /// Group that may read the shared-memory file (kaping-stat users).
+    #[arg(long, value_name = "NAME|GID")]
+    shm_group: Option<String>,
     /// Local IPv4 (or IPv6) address; first port of the range in port-per-worker mode.
     #[arg(long, value_name = "IP:PORT")]
     bind: Option<String>,
@@ -167,6 +170,9 @@ pub struct RunArgs {
     /// Directory of the journal and snapshots of contacts added at runtime.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Group that may read the state directory and its files.
+    #[arg(long, value_name = "NAME|GID")]
+    state_group: Option<String>,
     #[arg(long)]
     snapshot_interval: Option<DurationValue>,
     /// Stop by itself after this long (for tests and benchmarks).
@@ -186,6 +192,7 @@ impl RunArgs {
             steering: self.steering.clone(),
             advertise: self.advertise.clone(),
             shm: self.shm.clone(),
+            shm_group: self.shm_group.clone(),
             events: self.events.clone(),
             contacts: self.contacts.clone(),
             contacts_format: self.contacts_format.clone(),
@@ -222,6 +229,7 @@ impl RunArgs {
             control_max_connections: self.control_max_connections,
             control_max_request: self.control_max_request,
             state_dir: self.state_dir.clone(),
+            state_group: self.state_group.clone(),
             snapshot_interval: self.snapshot_interval.clone(),
         }
     }

@@ -23,6 +23,7 @@ fn cfg(dir: &Path) -> ShmConfig {
         instance: "edge-1".into(),
         backend: "mmsg".into(),
         shard: None,
+        group: None,
     }
 }
 
@@ -463,4 +464,55 @@ fn a_live_daemons_file_is_not_replaced() {
     patch(&c.path, offset_of!(Header, pid), &1u32.to_ne_bytes());
     shm.mark_stopped();
     ShmFile::create(&c).expect("stopped file is replaced");
+}
+
+/// Sets the process umask, returning the old one. The umask is process-wide:
+/// only the mode test calls it, and every other test here holds whatever
+/// the umask is (the writer sets its file's mode exactly).
+fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask only swaps the process's file-creation mask; it takes
+    // no pointers and cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+#[test]
+fn the_file_is_0640_whatever_the_umask_and_of_shm_group() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path());
+    // 000 would make it world-readable, 077 unreadable by the group.
+    for mask in [0o000, 0o077, 0o022] {
+        let old = set_umask(mask);
+        let created = ShmFile::create(&c);
+        set_umask(old);
+        drop(created.unwrap());
+        let mode = fs::metadata(&c.path).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o640, "umask {mask:03o}");
+    }
+
+    // shm_group: a group other than the process's own needs root (or
+    // membership); root gives the file to nogroup.
+    let own = fs::metadata(&c.path).unwrap();
+    if own.uid() != 0 {
+        println!("SKIP: giving the file to another group needs root");
+        return;
+    }
+    let group = kaping::access::Group::resolve("shm_group", "65534").unwrap();
+    assert_ne!(group.gid, own.gid());
+    let shm = ShmFile::create(&ShmConfig {
+        group: Some(group),
+        ..cfg(dir.path())
+    })
+    .unwrap();
+    let meta = fs::metadata(shm.path()).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o640, 0, 65_534)
+    );
+    // No temporary file is left behind either way.
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("kaping-test")]);
 }

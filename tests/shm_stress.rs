@@ -108,6 +108,7 @@ fn readers_never_see_a_torn_record() {
         instance: "stress".into(),
         backend: "test".into(),
         shard: None,
+        group: None,
     };
     let shm = ShmFile::create(&cfg).unwrap();
     let mut w = shm.worker(0);

@@ -1,7 +1,7 @@
 //! `kaping-stat` against a shm file written by the library writer with known
 //! figures: every mode (summary text and JSON, get, dump, Prometheus once and
 //! over HTTP), the daemon's liveness verdicts, and the refusals (missing
-//! file, other layout version, foreign file).
+//! file, a file this user may not read, other layout version, foreign file).
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -188,6 +188,7 @@ fn fixture() -> Fixture {
         instance: "edge-1".into(),
         backend: "io_uring".into(),
         shard: None,
+        group: None,
     })
     .unwrap();
     let mut ws = [shm.worker(0), shm.worker(1)];
@@ -1157,6 +1158,98 @@ fn a_missing_file_is_one_clear_line() {
         err.contains("/dev/shm/kaping-no-such-instance-for-test"),
         "{err}"
     );
+}
+
+/// uid and gid of `nobody`/`nogroup` on Debian, the unprivileged user the
+/// permission test runs kaping-stat as.
+const NOBODY: u32 = 65_534;
+
+/// kaping-stat run as `nobody` (uid and gid 65534, no supplementary groups:
+/// std clears them when root drops to another uid).
+fn stat_as_nobody(path: &Path, args: &[&str]) -> std::io::Result<Output> {
+    use std::os::unix::process::CommandExt;
+    Command::new(BIN)
+        .arg("--shm")
+        .arg(path)
+        .args(args)
+        .stdin(Stdio::null())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+}
+
+#[test]
+fn a_user_who_may_not_read_the_file_is_told_who_may() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let f = fixture();
+    let dir = f.path.parent().unwrap();
+    if std::fs::metadata(dir).unwrap().uid() != 0 {
+        println!("SKIP: needs root to run kaping-stat as another user");
+        return;
+    }
+    // nobody must reach the file (a tempdir is 0700) and run the binary.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let probe = match stat_as_nobody(Path::new("/nonexistent"), &["--version"]) {
+        Ok(o) if o.status.success() => o,
+        other => {
+            println!(
+                "SKIP: nobody cannot run {BIN} (its directories are not open to it): {other:?}"
+            );
+            return;
+        }
+    };
+    drop(probe);
+    let root_group = kaping::access::group_name(0).unwrap_or_else(|| "0".into());
+    for args in [
+        &[][..],
+        &["--json"],
+        &["dump"],
+        &["get", "x"],
+        &["prometheus", "--once"],
+    ] {
+        let o = stat_as_nobody(&f.path, args).unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?} must fail with status 1");
+        assert!(o.stdout.is_empty());
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one error line: {err}");
+        let says = format!(
+            "kaping-stat: cannot read {}: permission denied (mode 0640, owner root, group \
+             {root_group}); run as the owner or a member of group '{root_group}' (the daemon's \
+             shm_group setting)\n",
+            f.path.display()
+        );
+        assert_eq!(err, says, "{args:?}");
+    }
+
+    // Given to nobody's group (shm_group), the same user reads it.
+    let shared = dir.join("kaping-shared");
+    let group = kaping::access::Group {
+        setting: "shm_group",
+        gid: NOBODY,
+        name: None,
+    };
+    let shm = ShmFile::create(&ShmConfig {
+        path: shared.clone(),
+        workers: 1,
+        slots_per_worker: 4,
+        string_bytes_per_worker: 256,
+        instance: "shared".into(),
+        backend: "mmsg".into(),
+        shard: None,
+        group: Some(group),
+    })
+    .unwrap();
+    shm.heartbeat();
+    let meta = std::fs::metadata(&shared).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o640, NOBODY));
+    let o = stat_as_nobody(&shared, &["--json"]).unwrap();
+    assert!(
+        o.status.success(),
+        "a member of shm_group reads the file: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["instance"], "shared");
 }
 
 #[test]

@@ -32,9 +32,18 @@
 //! health, and removal from the registrar with its guard.
 //!
 //! Exit status: 0 on success (whatever the daemon's state); 1 with one line on
-//! stderr when the file is missing, not a kaping file, of a layout version
-//! this build does not read (it reads 2 and 3) or corrupt, or when `get` finds
-//! nothing; 2 for usage errors.
+//! stderr when the file is missing, may not be read by this user, is not a
+//! kaping file, of a layout version this build does not read (it reads 2 and
+//! 3) or corrupt, or when `get` finds nothing; 2 for usage errors.
+//!
+//! The daemon creates the file mode 0640: its owner and its group (the
+//! daemon's `shm_group` setting, else its own group) may read it. Anyone
+//! else gets one line naming the file's mode, owner and group and who may
+//! read it:
+//!
+//! ```text
+//! kaping-stat: cannot read /dev/shm/kaping-default: permission denied (mode 0640, owner kaping, group kaping); run as the owner or a member of group 'kaping' (the daemon's shm_group setting)
+//! ```
 //!
 //! # Summary JSON (`kaping-stat --json`)
 //!

@@ -74,7 +74,8 @@ impl Daemon {
             return Ok(());
         };
         let started = Instant::now();
-        let (store, restored) = Store::open(&dir).map_err(|e| err(e.to_string()))?;
+        let (store, restored) = Store::open_with_group(&dir, self.settings.state_group.as_ref())
+            .map_err(|e| err(e.to_string()))?;
         for w in &restored.warnings {
             eprintln!("kaping: state: {w}");
         }

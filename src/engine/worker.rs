@@ -1616,6 +1616,7 @@ mod tests {
                 instance: "t".into(),
                 backend: "test".into(),
                 shard: None,
+                group: None,
             })
             .unwrap();
             let cfg = WorkerConfig {

@@ -621,6 +621,7 @@ mod tests {
             instance: "t".into(),
             backend: "mmsg".into(),
             shard: None,
+            group: None,
         })
         .unwrap();
         (path, shm)

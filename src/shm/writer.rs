@@ -21,6 +21,12 @@
 //! A target that belongs to another live daemon (valid header, not stopped,
 //! pid alive, fresh heartbeat) is refused instead of replaced.
 //!
+//! The file holds every contact URI, so it is published mode 0640
+//! ([`crate::access::SHM_FILE_MODE`]) whatever the umask, and given to the
+//! `shm_group` when one is set: both are applied to the temporary file,
+//! before the rename, so no reader ever sees it more open, and the
+//! monitoring group can read it from its first instant.
+//!
 //! # Hot path (per ping / per reply)
 //!
 //! `add`, `set`, `add_reject`, `record_rtt` are a Relaxed load + store (one
@@ -61,6 +67,7 @@ use super::layout::{
     STR_LENS_WORD, STR_LEN_MAX, STR_OFFSETS_WORD, VERSION,
 };
 use super::reader::ShmReader;
+use crate::access::{self, Group};
 
 /// A file whose heartbeat is older than this is considered abandoned even if
 /// its pid exists (the pid may have been reused).
@@ -81,6 +88,9 @@ pub struct ShmConfig {
     pub backend: String,
     /// `(K, N)` of `--shard K/N`; `None` when not sharded.
     pub shard: Option<(u32, u32)>,
+    /// The group that may read the file (`shm_group`); `None`: the
+    /// daemon's own group.
+    pub group: Option<Group>,
 }
 
 /// The published shm file; owned by the daemon's main thread.
@@ -181,9 +191,12 @@ fn preallocate(file: &File, len: u64, path: &Path) -> io::Result<()> {
 }
 
 impl ShmFile {
-    /// Create, initialise and publish the file at `cfg.path`, replacing a stale
-    /// one atomically. Fails with `InvalidInput` for impossible sizes or names,
-    /// `AddrInUse` if a live daemon owns the path, or the underlying I/O error.
+    /// Create, initialise and publish the file at `cfg.path`, mode 0640 and
+    /// of `cfg.group`, replacing a stale one atomically. Fails with
+    /// `InvalidInput` for impossible sizes or names, `AddrInUse` if a live
+    /// daemon owns the path, or the underlying I/O error; a failure to give
+    /// the file its group or mode carries an [`access::AccessError`] (which
+    /// names the `shm_group` setting) as its inner error.
     pub fn create(cfg: &ShmConfig) -> io::Result<ShmFile> {
         let geom = Geometry::new(
             cfg.workers,
@@ -213,12 +226,21 @@ impl ShmFile {
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(access::SHM_FILE_MODE)
             .open(&tmp)
             .map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display()))
             })?;
         let publish = || -> io::Result<MmapRaw> {
+            // Named by its final path: that is the file the operator knows.
+            access::set_group_and_mode(
+                &file,
+                "shm file",
+                &cfg.path,
+                access::SHM_FILE_MODE,
+                cfg.group.as_ref(),
+            )
+            .map_err(|e| io::Error::new(e.kind(), e))?;
             file.set_len(geom.file_size)?;
             preallocate(&file, geom.file_size, &tmp)?;
             let map = MmapOptions::new()

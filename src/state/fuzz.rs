@@ -101,7 +101,9 @@ fn open_with(name: &str, bytes: &[u8]) {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the fuzz state directory");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o750)
+        .create(&dir)
+        .expect("create the fuzz state directory");
     std::fs::write(dir.join(name), bytes).expect("write the fuzz state file");
     // Errors are the reader's answers; a panic is the finding.
     let opened = Store::open(&dir);

@@ -11,9 +11,10 @@
 use super::codec::{self, Cursor};
 use super::dir::{self, io_err};
 use super::{Op, StateError};
+use crate::access::{Group, STATE_FILE_MODE};
 use std::fs::{self, File};
 use std::io::{BufReader, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub(super) const SEGMENT_MAGIC: [u8; 8] = *b"KAPJRNL\0";
@@ -33,10 +34,14 @@ pub(super) const RECORD_PAYLOAD_MAX: usize = 16 << 20;
 const SCAN_BUFFER: usize = 1 << 20;
 
 /// Creates segment `first_seq` atomically: its header is written and synced
-/// under a temp name, then renamed into place and the directory synced, so a
-/// segment file that exists always has a complete header. Returns the open
-/// file (read + write) and its path.
-pub(super) fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf), StateError> {
+/// under a temp name (mode 0640, of `group`), then renamed into place and the
+/// directory synced, so a segment file that exists always has a complete
+/// header. Returns the open file (read + write) and its path.
+pub(super) fn create_segment(
+    dir: &Path,
+    first_seq: u64,
+    group: Option<&Group>,
+) -> Result<(File, PathBuf), StateError> {
     let path = dir.join(dir::journal_name(first_seq));
     let temp = dir.join(format!(
         "{}{}",
@@ -49,8 +54,10 @@ pub(super) fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBu
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(STATE_FILE_MODE)
         .open(&temp)
         .map_err(|e| io_err(&temp, "create journal segment", e))?;
+    dir::new_file(&file, &temp, group)?;
     file.write_all(&header)
         .and_then(|()| file.sync_all())
         .map_err(|e| io_err(&temp, "write journal segment header", e))?;

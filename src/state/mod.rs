@@ -43,6 +43,14 @@
 //!   segment, a bad snapshot — refuses to start with an error naming the
 //!   file, byte offset, record number and what the operator can do.
 //!
+//! # Who may read it
+//!
+//! The directory is created 0750 and every file in it 0640, whatever the
+//! umask, and given to `state_group` when one is set
+//! ([`Store::open_with_group`]). An existing directory more open than 0750
+//! is tightened at open with a warning, or refused when kaping may not
+//! change it; see `dir`'s module doc.
+//!
 //! # Restore
 //!
 //! 1. Files named `*.tmp` are unfinished snapshots or segments: removed.
@@ -185,6 +193,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::access::{AccessError, Group};
 use dir::io_err;
 
 /// The identity of a contact: `"{aor}\n{uri}"` (aor empty when absent).
@@ -355,6 +364,26 @@ pub enum StateError {
     Failed { file: PathBuf, reason: String },
     #[error("a snapshot is still being written; begin the next one after it finishes")]
     SnapshotBusy,
+    /// A state file or the directory could not be given its mode or group.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(
+        "state directory {} is mode {mode:04o}: other users can read or change the contacts \
+         it holds, and kaping, running as {user}, may not set it to {wanted:04o} ({source}). \
+         It belongs to {owner}: have that user run `chmod {wanted:o} {}`, or give kaping a \
+         state directory of its own",
+        dir.display(),
+        dir.display()
+    )]
+    DirTooOpen {
+        dir: PathBuf,
+        mode: u32,
+        wanted: u32,
+        owner: String,
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The durable store of one state directory. See the module docs.
@@ -377,6 +406,8 @@ pub struct Store {
     failed: Option<String>,
     /// True while a SnapshotJob is alive.
     snapshot_busy: Arc<AtomicBool>,
+    /// `state_group`: every file created is given to it.
+    group: Option<Group>,
 }
 
 /// Sizes the encoding buffer is cut back to after a huge batch, so one
@@ -459,13 +490,26 @@ fn gap_action() -> String {
 }
 
 impl Store {
-    /// Creates DIR if missing; takes an exclusive flock on DIR/lock (a second
-    /// daemon on the same dir: error naming the dir); restores snapshot + journal.
+    /// [`Store::open_with_group`] with no `state_group`: the directory and
+    /// its files stay of the daemon's own group.
     pub fn open(dir: &Path) -> Result<(Store, Restored), StateError> {
-        fs::create_dir_all(dir).map_err(|e| io_err(dir, "create the state directory", e))?;
-        let lock = dir::lock(dir)?;
-        let listing = dir::list(dir)?;
+        Store::open_with_group(dir, None)
+    }
+
+    /// Creates DIR if missing (0750) or tightens it (see the module doc);
+    /// takes an exclusive flock on DIR/lock (a second daemon on the same
+    /// dir: error naming the dir); restores snapshot + journal. The
+    /// directory and every file in it, existing or created later, are
+    /// given to `group` (`state_group`) when one is set.
+    pub fn open_with_group(
+        dir: &Path,
+        group: Option<&Group>,
+    ) -> Result<(Store, Restored), StateError> {
         let mut warnings = Vec::new();
+        dir::prepare(dir, group, &mut warnings)?;
+        let lock = dir::lock(dir, group)?;
+        let listing = dir::list(dir)?;
+        dir::restrict_files(dir, &listing, group, &mut warnings)?;
 
         for temp in &listing.temps {
             fs::remove_file(temp).map_err(|e| io_err(temp, "remove unfinished file", e))?;
@@ -590,7 +634,7 @@ impl Store {
                 (file, path.clone(), *first, last_end)
             }
             _ => {
-                let (file, path) = journal::create_segment(dir, next_seq)?;
+                let (file, path) = journal::create_segment(dir, next_seq, group)?;
                 (file, path, next_seq, journal::SEGMENT_HEADER_LEN)
             }
         };
@@ -608,6 +652,7 @@ impl Store {
             buf: Vec::with_capacity(64 << 10),
             failed: None,
             snapshot_busy: Arc::new(AtomicBool::new(false)),
+            group: group.cloned(),
         };
         let restored = Restored {
             contacts: replay.into_contacts(),
@@ -696,7 +741,8 @@ impl Store {
         let covered_seq = self.next_seq - 1;
         // An empty active segment already starts after everything covered.
         if self.segment_first_seq != self.next_seq {
-            let (file, path) = journal::create_segment(&self.dir, self.next_seq)?;
+            let (file, path) =
+                journal::create_segment(&self.dir, self.next_seq, self.group.as_ref())?;
             self.segment = file;
             self.segment_path = path;
             self.segment_first_seq = self.next_seq;
@@ -708,6 +754,7 @@ impl Store {
             dir: self.dir.clone(),
             covered_seq,
             busy: Arc::clone(&self.snapshot_busy),
+            group: self.group.clone(),
         })
     }
 }
@@ -717,6 +764,7 @@ pub struct SnapshotJob {
     dir: PathBuf,
     covered_seq: u64,
     busy: Arc<AtomicBool>,
+    group: Option<Group>,
 }
 
 /// What [`SnapshotJob::write`] did.
@@ -763,7 +811,13 @@ impl SnapshotJob {
             JobStop::At(s) => s,
             JobStop::AfterFirstDelete => snapshot::Stop::Never,
         };
-        let Some(written) = snapshot::write(&self.dir, self.covered_seq, contacts, snapshot_stop)?
+        let Some(written) = snapshot::write(
+            &self.dir,
+            self.covered_seq,
+            contacts,
+            self.group.as_ref(),
+            snapshot_stop,
+        )?
         else {
             return Ok(None);
         };

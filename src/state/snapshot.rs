@@ -12,9 +12,11 @@
 use super::codec::{self, Cursor};
 use super::dir::{self, io_err};
 use super::{ContactRecord, History, StateError};
+use crate::access::{Group, STATE_FILE_MODE};
 use std::fs::{self, File};
 use std::hash::Hasher;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub(super) const SNAPSHOT_MAGIC: [u8; 8] = *b"KAPSNAP\0";
@@ -106,12 +108,14 @@ impl Framing {
     }
 }
 
-/// Writes snapshot `covered_seq`: temp file, fsync, rename, fsync dir. On
-/// error the temp file is removed (best effort: open removes any left).
+/// Writes snapshot `covered_seq`: temp file (mode 0640, of `group`), fsync,
+/// rename, fsync dir. On error the temp file is removed (best effort: open
+/// removes any left).
 pub(super) fn write(
     dir: &Path,
     covered_seq: u64,
     contacts: &[(ContactRecord, Option<History>)],
+    group: Option<&Group>,
     stop: Stop,
 ) -> Result<Option<Written>, StateError> {
     let temp = dir.join(format!(
@@ -119,7 +123,7 @@ pub(super) fn write(
         dir::snapshot_name(covered_seq),
         dir::TEMP_SUFFIX
     ));
-    let written = write_temp_and_rename(dir, &temp, covered_seq, contacts, stop);
+    let written = write_temp_and_rename(dir, &temp, covered_seq, contacts, group, stop);
     if written.is_err() {
         let _ = fs::remove_file(&temp);
     }
@@ -131,10 +135,18 @@ fn write_temp_and_rename(
     temp: &Path,
     covered_seq: u64,
     contacts: &[(ContactRecord, Option<History>)],
+    group: Option<&Group>,
     stop: Stop,
 ) -> Result<Option<Written>, StateError> {
     let path = dir.join(dir::snapshot_name(covered_seq));
-    let file = File::create(temp).map_err(|e| io_err(temp, "create snapshot temp file", e))?;
+    let file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(STATE_FILE_MODE)
+        .open(temp)
+        .map_err(|e| io_err(temp, "create snapshot temp file", e))?;
+    dir::new_file(&file, temp, group)?;
     let mut out = BufWriter::with_capacity(IO_BUFFER, file);
     let werr = |e| io_err(temp, "write snapshot temp file", e);
 

@@ -53,6 +53,17 @@ fn history(i: u32) -> History {
     }
 }
 
+/// A temporary directory to use as a state directory: 0750, as kaping
+/// would make it (a plain TempDir is 0755, which open tightens with a
+/// warning).
+fn state_tmp() -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(fs::Permissions::from_mode(0o750))
+        .tempdir()
+        .unwrap()
+}
+
 fn open(dir: &Path) -> (Store, Restored) {
     match Store::open(dir) {
         Ok(r) => r,
@@ -88,7 +99,7 @@ fn flip_byte(path: &Path, offset: u64) {
 
 /// Copies every regular file of `from` except the lock into a new temp dir.
 fn copy_dir(from: &Path) -> TempDir {
-    let to = TempDir::new().unwrap();
+    let to = state_tmp();
     for entry in fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
         if entry.file_name() != dir::LOCK_FILE {
@@ -122,7 +133,7 @@ fn contact_key_joins_aor_and_uri() {
 
 #[test]
 fn empty_directory_opens_empty_and_is_created() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let dir = tmp.path().join("state").join("nested");
     let (store, restored) = open(&dir);
     assert!(restored.contacts.is_empty());
@@ -137,7 +148,7 @@ fn empty_directory_opens_empty_and_is_created() {
 
 #[test]
 fn every_op_kind_round_trips_in_order() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let a = full_contact(1, "reg-a");
     let b = full_contact(2, "reg-b");
@@ -202,7 +213,7 @@ fn every_op_kind_round_trips_in_order() {
 
 #[test]
 fn del_of_unknown_key_and_empty_commit_are_harmless() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let seg = last_segment(tmp.path());
     let before = file_len(&seg);
@@ -223,7 +234,7 @@ fn del_of_unknown_key_and_empty_commit_are_harmless() {
 
 #[test]
 fn group_commit_writes_one_contiguous_batch() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let seg = last_segment(tmp.path());
     let ops: Vec<Op> = (0..1000).map(|i| Op::Add(contact(i))).collect();
@@ -255,7 +266,7 @@ fn group_commit_writes_one_contiguous_batch() {
 
 #[test]
 fn oversized_record_is_refused_and_the_store_stays_usable() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let huge = ContactRecord {
         uri: "x".repeat(journal::RECORD_PAYLOAD_MAX),
@@ -273,7 +284,7 @@ fn oversized_record_is_refused_and_the_store_stays_usable() {
 /// Three commits; returns the directory and the byte range of the last
 /// record (the last commit's only record).
 fn three_commits() -> (TempDir, u64, u64) {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     store
         .commit(&[Op::Add(contact(1)), Op::Add(contact(2))])
@@ -407,7 +418,7 @@ fn flipped_byte_in_a_middle_record_is_refused_naming_the_offset() {
 
 #[test]
 fn damage_in_an_older_segment_is_never_taken_for_a_torn_tail() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     store
         .commit(&[Op::Add(contact(1)), Op::Add(contact(2))])
@@ -433,7 +444,7 @@ fn damage_in_an_older_segment_is_never_taken_for_a_torn_tail() {
 
 #[test]
 fn a_missing_segment_is_a_gap_error() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     for i in 0..3 {
         store.commit(&[Op::Add(contact(i))]).unwrap();
@@ -456,7 +467,7 @@ fn a_missing_segment_is_a_gap_error() {
 
 #[test]
 fn add_of_an_existing_key_keeps_the_snapshot_history() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let a = full_contact(1, "r");
     let b = full_contact(2, "r");
@@ -487,7 +498,7 @@ fn add_of_an_existing_key_keeps_the_snapshot_history() {
 
 #[test]
 fn registrar_contacts_come_back_from_a_snapshot_with_their_expiry() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let control = full_contact(1, "r");
     store.commit(&[Op::Add(control.clone())]).unwrap();
@@ -523,7 +534,7 @@ fn registrar_contacts_come_back_from_a_snapshot_with_their_expiry() {
 
 #[test]
 fn snapshot_replaces_journal_and_removes_what_it_covers() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let view: Vec<_> = (0..100)
         .map(|i| (full_contact(i, "r"), Some(history(i))))
@@ -562,7 +573,7 @@ fn snapshot_replaces_journal_and_removes_what_it_covers() {
 
 #[test]
 fn begin_snapshot_without_new_records_reuses_the_empty_segment() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     store.commit(&[Op::Add(contact(1))]).unwrap();
     store
@@ -588,7 +599,7 @@ fn begin_snapshot_without_new_records_reuses_the_empty_segment() {
 
 #[test]
 fn corrupt_snapshot_is_refused_with_file_offset_and_entry() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let view: Vec<_> = (0..10)
         .map(|i| (full_contact(i, "r"), Some(history(i))))
@@ -664,7 +675,7 @@ fn corrupt_snapshot_is_refused_with_file_offset_and_entry() {
 /// restore expected if the new snapshot, or else the old one, is in force.
 type Contacts = Vec<(ContactRecord, Option<History>)>;
 fn crash_during_snapshot(stop: JobStop) -> (TempDir, Contacts, Contacts) {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let first: Contacts = (0..50).map(|i| (contact(i), Some(history(i)))).collect();
     let adds: Vec<_> = first.iter().map(|(c, _)| Op::Add(c.clone())).collect();
@@ -736,7 +747,7 @@ fn a_crash_at_every_step_of_a_snapshot_loses_nothing() {
 
 #[test]
 fn an_unfinished_segment_creation_is_removed_on_open() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     store.commit(&[Op::Add(contact(1))]).unwrap();
     drop(store);
@@ -752,7 +763,7 @@ fn an_unfinished_segment_creation_is_removed_on_open() {
 
 #[test]
 fn second_open_of_a_locked_directory_fails_naming_it() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (store, _) = open(tmp.path());
     let err = Store::open(tmp.path())
         .err()
@@ -772,7 +783,7 @@ fn second_open_of_a_locked_directory_fails_naming_it() {
 #[test]
 fn a_snapshot_job_is_send() {
     fn send<T: Send>(_: &T) {}
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let job = store.begin_snapshot().unwrap();
     send(&job);
@@ -895,7 +906,7 @@ proptest! {
 
     #[test]
     fn restore_equals_the_model(steps in proptest::collection::vec(step_strategy(), 1..40)) {
-        let tmp = TempDir::new().unwrap();
+        let tmp = state_tmp();
         let (mut store, _) = open(tmp.path());
         let mut model = Model::default();
         // A begun job, its view, and the steps left before it is written.
@@ -1057,7 +1068,7 @@ fn timing_snapshot_1m() {
 /// them to `fuzz/seeds/`; without it, the seeds there must restore.
 #[test]
 fn fuzz_seeds_are_real_state_files() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = state_tmp();
     let (mut store, _) = open(tmp.path());
     let ops = vec![
         Op::Add(full_contact(1, "r1")),
@@ -1122,7 +1133,7 @@ fn fuzz_seeds_are_real_state_files() {
         let seed = fs::read(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (KAPING_BLESS_SEEDS=1 writes it)", path.display()));
         // The seed decodes to what was written (created_ms aside).
-        let dir = TempDir::new().unwrap();
+        let dir = state_tmp();
         let (file, body) = match target {
             "journal" if seed[0] == 0 => (dir::journal_name(1), seed[1..].to_vec()),
             "snapshot" if seed[0] == 0 => {
@@ -1147,4 +1158,171 @@ fn fuzz_seeds_are_real_state_files() {
 fn reopen_after(store: Store, dir: &Path) -> Vec<(ContactRecord, Option<History>)> {
     drop(store);
     reopen(dir).contacts
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+/// (name, mode, gid) of every entry of `dir`, sorted by name.
+fn entries(dir: &Path) -> Vec<(String, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut all: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                meta.mode() & 0o7777,
+                meta.gid(),
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+/// Leaves every kind of file the store creates in `dir`: the lock, journal
+/// segments (each made as a temp file and renamed), a snapshot, and a
+/// snapshot temp file (a job stopped before its rename).
+fn every_kind_of_file(dir: &Path, group: Option<&Group>) {
+    let (mut store, _) = Store::open_with_group(dir, group).unwrap();
+    store.commit(&[Op::Add(contact(1))]).unwrap();
+    store
+        .begin_snapshot()
+        .unwrap()
+        .write(&[(contact(1), None)])
+        .unwrap();
+    store.commit(&[Op::Add(contact(2))]).unwrap();
+    let job = store.begin_snapshot().unwrap();
+    let stop = JobStop::At(snapshot::Stop::TempSynced);
+    assert!(job.write_until(&[], stop).unwrap().is_none());
+    let names: Vec<_> = entries(dir).into_iter().map(|(n, ..)| n).collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("journal-"))
+            && names.iter().any(|n| n.ends_with(".snap"))
+            && names.iter().any(|n| n.ends_with(".snap.tmp"))
+            && names.iter().any(|n| n == dir::LOCK_FILE),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn the_directory_is_0750_and_every_file_0640_whatever_the_umask() {
+    for mask in [0o000, 0o077] {
+        let tmp = state_tmp();
+        let dir = tmp.path().join("state");
+        crate::access::with_umask(mask, || every_kind_of_file(&dir, None));
+        assert_eq!(mode_of(&dir), 0o750, "umask {mask:03o}");
+        for (name, mode, _) in entries(&dir) {
+            assert_eq!(mode, 0o640, "{name}, umask {mask:03o}");
+        }
+        // Nothing to tighten on the next open (the snapshot temp file is
+        // removed, with its own warning).
+        let warnings = reopen(&dir).warnings;
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("removed an unfinished file"),
+            "{warnings:?}"
+        );
+    }
+}
+
+#[test]
+fn an_existing_directory_open_to_others_is_tightened_with_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = state_tmp();
+    let dir = tmp.path().join("state");
+    let (mut store, _) = open(&dir);
+    store.commit(&[Op::Add(contact(1))]).unwrap();
+    drop(store);
+    // As an older kaping and a careless operator left it (setgid kept).
+    let set = |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    set(&dir, 0o2777);
+    let segment = last_segment(&dir);
+    set(&segment, 0o644);
+    set(&dir.join(dir::LOCK_FILE), 0o666);
+
+    let restored = reopen(&dir);
+    assert_eq!(restored.contacts, vec![(contact(1), None)]);
+    assert_eq!(mode_of(&dir), 0o2750);
+    assert_eq!(mode_of(&segment), 0o640);
+    assert_eq!(mode_of(&dir.join(dir::LOCK_FILE)), 0o640);
+    let [d, f] = &restored.warnings[..] else {
+        panic!("two warnings: {:?}", restored.warnings);
+    };
+    assert!(
+        d.contains("was mode 2777 (open to every local user, writable by its group)")
+            && d.contains("set it to 2750"),
+        "{d}"
+    );
+    let name = segment.file_name().unwrap().to_string_lossy();
+    assert!(
+        f.contains("set 1 state file(s)") && f.contains(&format!("{name} 0644")),
+        "{f}"
+    );
+    assert!(reopen(&dir).warnings.is_empty());
+
+    // Only "other" execute, or a directory stricter than 0750, is left as
+    // is when no group is set: 0700 keeps even the group out.
+    set(&dir, 0o701);
+    assert_eq!(reopen(&dir).warnings.len(), 1);
+    assert_eq!(mode_of(&dir), 0o700);
+    assert!(reopen(&dir).warnings.is_empty());
+}
+
+/// A group the test process may give files to that is not its own: root
+/// gives them to nogroup (gid 65534); anyone else skips, saying so.
+fn another_group(dir: &Path) -> Option<Group> {
+    use std::os::unix::fs::MetadataExt;
+    if fs::metadata(dir).unwrap().uid() != 0 {
+        println!("SKIP: giving files to another group needs root");
+        return None;
+    }
+    let group = Group::resolve("state_group", "65534").unwrap();
+    assert_ne!(group.gid, fs::metadata(dir).unwrap().gid());
+    Some(group)
+}
+
+#[test]
+fn state_group_gets_the_directory_and_every_file() {
+    let tmp = state_tmp();
+    let Some(group) = another_group(tmp.path()) else {
+        return;
+    };
+    let dir = tmp.path().join("state");
+    every_kind_of_file(&dir, Some(&group));
+    let gid = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).unwrap().gid()
+    };
+    assert_eq!((mode_of(&dir), gid(&dir)), (0o750, group.gid));
+    for (name, mode, file_gid) in entries(&dir) {
+        assert_eq!((mode, file_gid), (0o640, group.gid), "{name}");
+    }
+
+    // A directory made before the setting: its files and the directory are
+    // given to the group at the next open, and the group may enter a 0700
+    // directory from then on.
+    let tmp = state_tmp();
+    let dir = tmp.path().join("state");
+    let (mut store, _) = open(&dir);
+    store.commit(&[Op::Add(contact(1))]).unwrap();
+    drop(store);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let (_store, restored) = Store::open_with_group(&dir, Some(&group)).unwrap();
+    assert_eq!((mode_of(&dir), gid(&dir)), (0o750, group.gid));
+    for (name, mode, file_gid) in entries(&dir) {
+        assert_eq!((mode, file_gid), (0o640, group.gid), "{name}");
+    }
+    let [w] = &restored.warnings[..] else {
+        panic!("one warning: {:?}", restored.warnings);
+    };
+    assert!(
+        w.contains("was mode 0700 (not readable by the state_group, ")
+            && w.contains("(gid 65534)); set it to 0750"),
+        "{w}"
+    );
 }

@@ -257,7 +257,38 @@ pub fn open_error_line(path: &Path, e: &kaping::shm::reader::OpenError) -> Strin
              instance name); use --shm PATH or --instance NAME",
             path.display()
         ),
+        OpenError::Io(_, io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            permission_line(path)
+        }
         OpenError::Io(..) => e.to_string(),
         _ => format!("{}: {e}", path.display()),
     }
+}
+
+/// Why this user may not read the file, and who may: the daemon creates it
+/// mode 0640, readable by its owner and its group (`shm_group`, else the
+/// daemon's own group). The file is stat'ed for the figures, which needs
+/// no read permission.
+fn permission_line(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Not even stat: a directory on the way may not be entered.
+        return format!(
+            "cannot read {}: permission denied (a directory on its path may not be \
+             entered); run as a user who can, or use --shm to name a file elsewhere",
+            path.display()
+        );
+    };
+    let mode = meta.mode() & 0o7777;
+    let owner = kaping::access::user_name(meta.uid()).unwrap_or_else(|| meta.uid().to_string());
+    let group = kaping::access::group_name(meta.gid()).unwrap_or_else(|| meta.gid().to_string());
+    let who = if mode & 0o040 != 0 {
+        format!("run as the owner or a member of group '{group}' (the daemon's shm_group setting)")
+    } else {
+        format!("run as the owner ('{owner}') or root")
+    };
+    format!(
+        "cannot read {}: permission denied (mode {mode:04o}, owner {owner}, group {group}); {who}",
+        path.display()
+    )
 }
