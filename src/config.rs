@@ -16,6 +16,7 @@ use crate::access::Group;
 use crate::contact::{parse_shard, parse_socket, KeepaliveKind, PingSource};
 use crate::duration::parse_duration;
 use crate::engine::liveness::AliveCodes;
+use crate::policy::DestinationPolicy;
 use crate::sources::Format;
 use crate::wire::template::{TemplateConfig, TemplateError};
 
@@ -65,6 +66,8 @@ pub struct RawConfig {
     pub events: Option<String>,
     pub contacts: Option<PathBuf>,
     pub contacts_format: Option<String>,
+    pub allow_destinations: Option<Vec<String>>,
+    pub deny_destinations: Option<Vec<String>>,
     pub recv_buffer: Option<u64>,
     pub send_buffer: Option<u64>,
     pub pin_workers: Option<bool>,
@@ -144,6 +147,8 @@ impl RawConfig {
             events,
             contacts,
             contacts_format,
+            allow_destinations,
+            deny_destinations,
             recv_buffer,
             send_buffer,
             pin_workers,
@@ -216,6 +221,8 @@ pub const SETTINGS: &[&str] = &[
     "events",
     "contacts",
     "contacts_format",
+    "allow_destinations",
+    "deny_destinations",
     "recv_buffer",
     "send_buffer",
     "pin_workers",
@@ -318,6 +325,9 @@ pub struct Settings {
     pub events: EventsTo,
     pub contacts: Option<PathBuf>,
     pub contacts_format: Format,
+    /// Which destinations may be pinged (`allow_destinations`,
+    /// `deny_destinations` and the fixed rules).
+    pub destinations: DestinationPolicy,
     pub recv_buffer: usize,
     pub send_buffer: usize,
     pub pin_workers: bool,
@@ -396,6 +406,12 @@ impl Settings {
             live.push("alive_codes");
         }
         cmp!(live, rate_limit, events);
+        if self.destinations.allow != new.destinations.allow {
+            live.push("allow_destinations");
+        }
+        if self.destinations.deny != new.destinations.deny {
+            live.push("deny_destinations");
+        }
         cmp!(
             restart,
             instance,
@@ -410,6 +426,7 @@ impl Settings {
             shm_group,
             contacts,
             contacts_format,
+            destinations,
             recv_buffer,
             send_buffer,
             pin_workers,
@@ -432,6 +449,7 @@ impl Settings {
             control_max_request,
             state_dir,
             state_group,
+            destinations,
             snapshot_interval
         );
         if self.template.method != new.template.method {
@@ -678,6 +696,12 @@ impl Settings {
             Some(t) => Some(parse_shard(t).map_err(|e| ConfigError::invalid("shard", e))?),
         };
 
+        let destinations = DestinationPolicy::new(
+            raw.allow_destinations.as_deref().unwrap_or_default(),
+            raw.deny_destinations.as_deref().unwrap_or_default(),
+        )
+        .map_err(|(setting, why)| ConfigError::invalid(setting, why))?;
+
         let dmq = match raw.dmq.as_deref() {
             None | Some("") => None,
             Some(t) => Some(parse_sip_addr(t).map_err(|e| ConfigError::invalid("dmq", e))?),
@@ -917,6 +941,7 @@ impl Settings {
             events,
             contacts: raw.contacts.clone(),
             contacts_format,
+            destinations,
             recv_buffer,
             send_buffer,
             pin_workers: raw.pin_workers.unwrap_or(true),

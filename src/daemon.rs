@@ -803,6 +803,11 @@ impl Daemon {
         let dest = spec
             .destination_parsed(&contact_uri, &mut self.resolver)
             .map_err(|e| e.to_string())?;
+        // Every source comes through here: file, control, DMQ, reload.
+        self.settings
+            .destinations
+            .check(dest)
+            .map_err(|why| format!("destination {dest} refused: {why}"))?;
         // Where its pings leave from (DESIGN §10): never silently from
         // another address than the one asked for.
         let source = match spec.source.unwrap_or(self.settings.source) {

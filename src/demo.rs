@@ -162,6 +162,8 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         reply_timeout: Some(DurationValue::Text("1s".into())),
         down_after: Some(2),
         recv_buffer: Some(16 << 20),
+        // The demo pings its own simulated phones on this host.
+        allow_destinations: Some(vec!["127.0.0.0/8".into()]),
         send_buffer: Some(16 << 20),
         ..RawConfig::default()
     };

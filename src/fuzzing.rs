@@ -46,8 +46,11 @@ pub const FIELDS: TokenFields = TokenFields {
     sent_us: 3_000_000_123,
 };
 
+/// A target's entry point.
+pub type Target = fn(&[u8]);
+
 /// The targets, by the name of their seed and regression directories.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("reply", reply),
     ("uri", uri),
     ("contacts_lines", contacts_lines),

@@ -36,6 +36,7 @@ pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;
+pub mod policy;
 pub mod registrar;
 pub mod shm;
 pub mod sim;

@@ -145,6 +145,13 @@ pub struct RunArgs {
     /// location table live as a passive DMQ node.
     #[arg(long, value_name = "sip:IP:PORT")]
     dmq: Option<String>,
+    /// Destinations that may be pinged (CIDR, comma-separated); loopback
+    /// must be named here to be pinged.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    allow_destinations: Vec<String>,
+    /// Destinations never pinged (CIDR, comma-separated).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    deny_destinations: Vec<String>,
     /// A Kamailio DMQ node to join (its server_address); repeatable.
     #[arg(long = "dmq-peer", value_name = "sip:IP:PORT")]
     dmq_peers: Vec<String>,
@@ -208,6 +215,10 @@ impl RunArgs {
             shard: self.shard.clone(),
             dmq: self.dmq.clone(),
             dmq_peer: (!self.dmq_peers.is_empty()).then(|| self.dmq_peers.clone()),
+            allow_destinations: (!self.allow_destinations.is_empty())
+                .then(|| self.allow_destinations.clone()),
+            deny_destinations: (!self.deny_destinations.is_empty())
+                .then(|| self.deny_destinations.clone()),
             dmq_grace: self.dmq_grace.clone(),
             registrar_rpc: self.registrar_rpc.clone(),
             registrar_table: self.registrar_table.clone(),

@@ -176,6 +176,7 @@ impl Lab {
         let port = free_ports(2);
         let mut c = Command::new(env!("CARGO_BIN_EXE_kaping"));
         c.arg("run")
+            .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
             .arg("--control")
             .arg(self.path("ctl.sock"))
             .arg("--shm")
@@ -870,4 +871,214 @@ fn sighup_applies_live_settings_and_names_the_rest() {
         err.contains("configuration not reloaded") && err.contains("interval"),
         "{err}"
     );
+}
+
+/// The destination policy holds on every path a contact takes: the file
+/// at start (refused lines named file:line with the reason), the control
+/// socket, and a SIGHUP that tightens it (contacts it now refuses stop
+/// being pinged). Loopback is refused unless named.
+#[test]
+fn destination_policy_holds_on_every_path() {
+    let _g = serial();
+    let lab = Lab::new();
+    let contacts = lab.path("contacts.txt");
+    let good = lab.uri(1);
+    std::fs::write(
+        &contacts,
+        format!(
+            "{good}\nsip:b@255.255.255.255:5060\nsip:m@224.0.0.1:5060\nsip:v6@[ff02::1]:5060\n\
+             sip:ll@[fe80::1]:5060\nsip:d@127.0.0.99:5060\nsip:z@0.0.0.0:5060\n\
+             sip:s@192.0.2.1:5060 127.0.0.99:5060\n"
+        ),
+    )
+    .unwrap();
+    let config = lab.path("kaping.toml");
+    std::fs::write(&config, "deny_destinations = [\"127.0.0.99\"]\n").unwrap();
+    let d = lab.daemon(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--contacts",
+        contacts.to_str().unwrap(),
+    ]);
+    let mut c = d.rpc();
+    assert_eq!(c.call("keepalive.get", json!([good])).unwrap()["uri"], good);
+
+    // The control socket: the URI's host, `received` and Path decide the
+    // destination, and each is checked.
+    for (params, why) in [
+        (json!(["sip:x@255.255.255.255"]), "a broadcast address"),
+        (json!(["sip:x@[ff05::2]:5060"]), "a multicast address"),
+        (
+            json!({"uri": "sip:x@192.0.2.9", "received": "sip:224.0.0.1:5060"}),
+            "a multicast address",
+        ),
+        (
+            json!({"uri": "sip:x@192.0.2.9", "path": "<sip:127.0.0.99:5060;lr>"}),
+            "within deny_destinations entry 127.0.0.99/32",
+        ),
+        // Not named in allow_destinations (this lab allows loopback only).
+        (
+            json!(["sip:x@198.51.100.7"]),
+            "not within any allow_destinations",
+        ),
+    ] {
+        let e = c.call("keepalive.add", params.clone()).unwrap_err();
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains("refused") && msg.contains(why),
+            "{params}: {e}"
+        );
+    }
+    assert_eq!(
+        c.call("keepalive.stats", json!([])).unwrap()["contacts"]["total"],
+        1
+    );
+
+    // A SIGHUP that denies the good contact's address removes it.
+    let second = lab.uri(2);
+    c.call("keepalive.add", json!([second])).unwrap();
+    std::fs::write(
+        &config,
+        "deny_destinations = [\"127.0.0.99\", \"127.0.0.1/32\"]\n",
+    )
+    .unwrap();
+    d.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.call("keepalive.get", json!([good])).is_ok() {
+        assert!(Instant::now() < deadline, "{good} still pinged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        c.call("keepalive.get", json!([second])).unwrap()["uri"],
+        second
+    );
+    let e = c.call("keepalive.add", json!([good])).unwrap_err();
+    assert!(
+        e["message"].as_str().unwrap().contains("127.0.0.1/32"),
+        "{e}"
+    );
+    drop(c);
+    let err = d.stop();
+    let f = contacts.display();
+    for (line, why) in [
+        (2, "255.255.255.255:5060 refused: a broadcast address"),
+        (3, "224.0.0.1:5060 refused: a multicast address"),
+        (4, "[ff02::1]:5060 refused: a multicast address"),
+        (5, "[fe80::1]:5060 refused: an IPv6 link-local address"),
+        (
+            6,
+            "127.0.0.99:5060 refused: within deny_destinations entry 127.0.0.99/32",
+        ),
+        (7, "0.0.0.0:5060 refused: an unspecified address"),
+        (8, "127.0.0.99:5060 refused: within deny_destinations"),
+    ] {
+        let want = format!("{f}:{line}: destination {why}");
+        assert!(err.contains(&want), "want {want:?} in: {err}");
+    }
+    assert!(
+        err.contains("deny_destinations [127.0.0.99/32] -> [127.0.0.99/32, 127.0.0.1/32]"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("SIGHUP: removed {good}: destination 127.0.0.1:")),
+        "{err}"
+    );
+
+    // Without allow_destinations, loopback is refused, and says how to
+    // allow it.
+    let out = Command::new(env!("CARGO_BIN_EXE_kaping"))
+        .arg("run")
+        .arg("--contacts")
+        .arg(&contacts)
+        .args(["--bind", &format!("127.0.0.1:{}", free_ports(1))])
+        .args([
+            "--workers",
+            "1",
+            "--pin-workers",
+            "false",
+            "--events",
+            "none",
+        ])
+        .arg("--shm")
+        .arg(lab.path("shm3"))
+        .args(["--run-for", "0.5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{f}:1: destination 127.0.0.1:{} refused: a loopback address (this host); to ping \
+             it, name it in allow_destinations, e.g. \"127.0.0.0/8\"",
+            lab.serve_port
+        )),
+        "{err}"
+    );
+}
+
+/// Streams that cannot be read on are answered -32700 with where, before
+/// the close: a value cut by EOF, nesting past the bound, invalid UTF-8.
+/// The daemon goes on serving.
+#[test]
+fn broken_framing_is_answered_with_where() {
+    let _g = serial();
+    let lab = Lab::new();
+    let d = lab.daemon(&[]);
+    let answer = |bytes: &[u8], shut: bool| {
+        let mut c = d.rpc();
+        c.writer.write_all(bytes).unwrap();
+        if shut {
+            c.writer.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut got = Vec::new();
+        while let Some(v) = c.read() {
+            got.push(v);
+        }
+        got
+    };
+    let ok = r#"{"jsonrpc":"2.0","id":1,"method":"keepalive.stats"}"#;
+    let error = |got: &[Value]| {
+        let last = got.last().expect("an answer");
+        assert_eq!(last["error"]["code"], -32700, "{last}");
+        assert_eq!(last["id"], Value::Null);
+        last["error"]["message"].as_str().unwrap().to_string()
+    };
+
+    // A value cut by EOF after a good one: the good one is answered.
+    let cut = format!("{ok}\n{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"keepalive.ad");
+    let got = answer(cut.as_bytes(), true);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0]["id"], 1);
+    let why = error(&got);
+    let began = ok.len() + 1;
+    assert!(
+        why.contains(&format!(
+            "ended inside a JSON value: it began at byte {began}"
+        )) && why.contains("1 bracket(s) still open, inside a string"),
+        "{why}"
+    );
+
+    // 100,000 nested '[': refused at the first one too deep, while the
+    // rest is still arriving.
+    let deep = "[".repeat(100_000);
+    let why = error(&answer(deep.as_bytes(), true));
+    assert_eq!(why, "JSON nested deeper than 64 levels at byte 64");
+
+    // Invalid UTF-8 inside a string.
+    let mut bad = br#"{"jsonrpc":"2.0","id":3,"method":"keepalive.add","params":["sip:"#.to_vec();
+    let at = bad.len();
+    bad.extend_from_slice(b"\xff\xfe@127.0.0.1\"]}\n");
+    let why = error(&answer(&bad, false));
+    assert_eq!(
+        why,
+        format!("invalid UTF-8 at byte {at} (byte {at} of the request that began at byte 0)")
+    );
+
+    // The daemon is unaffected.
+    let mut c = d.rpc();
+    assert_eq!(
+        c.call("keepalive.stats", json!({})).unwrap()["contacts"]["total"],
+        0
+    );
+    drop(c);
+    d.stop();
 }

@@ -131,6 +131,7 @@ impl Lab {
         let bind_port = free_ports(workers);
         let mut cmd = Command::new(kaping());
         cmd.arg("run")
+            .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
             .arg("--contacts")
             .arg(contacts)
             .arg("--shm")
@@ -813,6 +814,7 @@ fn sigterm_stops_cleanly_within_reply_timeout() {
 fn refused(dir: &Path, args: &[&str]) -> String {
     let mut child = Command::new(kaping())
         .arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--shm")
         .arg(dir.join("shm"))
         .args([

@@ -112,6 +112,32 @@ fn kaping_follows_the_location_table_over_dmq() {
     eprintln!("30 changes applied within {:?}", t.elapsed());
     assert_eq!(s["registrar"]["delete_unknown"], 0);
 
+    // 2b. A registration the destination policy refuses (a broadcast
+    // contact) is counted, said in the log, and never pinged.
+    let refused = s["registrar"]["refused"].as_u64().unwrap();
+    common::register_with(
+        kam,
+        900,
+        "<sip:u900@255.255.255.255:5060>",
+        "reg900@kaping-test",
+        "",
+        120,
+        1,
+    );
+    let s = wait_stats(&sock, Duration::from_secs(2), |s| {
+        s["registrar"]["refused"].as_u64() == Some(refused + 1)
+    })
+    .unwrap_or_else(|s| panic!("broadcast contact not refused: {}", why(&s)));
+    assert_eq!(s["contacts"]["total"], 110);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains(
+            "contact sip:u900@255.255.255.255:5060 not pinged: destination \
+             255.255.255.255:5060 refused: a broadcast address"
+        ),
+        "{logged}"
+    );
+
     // 3. A contact left to expire leaves kaping (Kamailio never tells).
     register(kam, 500, 2, 1);
     wait_stats(&sock, Duration::from_secs(2), |s| {
@@ -605,6 +631,7 @@ fn start_node(
     let sock = dir.join(format!("{name}.sock"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaping"));
     cmd.arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--control")
         .arg(&sock)
         .arg("--shm")

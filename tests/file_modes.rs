@@ -35,6 +35,7 @@ fn run(dir: &Path, how: As, args: &[&str]) -> Output {
     let port = free_ports(1);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaping"));
     cmd.arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--shm")
         .arg(dir.join("shm"))
         .args(["--bind", &format!("127.0.0.1:{port}")])

@@ -152,6 +152,7 @@ fn run_kaping(lab: &Lab, contacts: &Path, args: &[&str]) -> String {
     let bind = format!("127.0.0.1:{}", free_ports(2));
     let mut daemon = Command::new(kaping())
         .arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--contacts")
         .arg(contacts)
         .arg("--shm")
@@ -416,6 +417,7 @@ fn a_proxy_socket_that_cannot_be_shared_stops_the_start_with_the_reason() {
     let refused = |source: &str| {
         let out = Command::new(kaping())
             .arg("run")
+            .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
             .arg("--shm")
             .arg(dir.path().join("shm"))
             .args(["--bind", &format!("127.0.0.1:{}", free_ports(2))])
@@ -442,6 +444,7 @@ fn a_proxy_socket_that_cannot_be_shared_stops_the_start_with_the_reason() {
     // IPv6 source without an IPv6 socket of kaping's own.
     let out = Command::new(kaping())
         .args(["run", "--source", "[::1]:5060", "--run-for", "1s"])
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -458,6 +461,7 @@ fn start_controlled(lab: &Lab, bind: &str, args: &[&str]) -> Proc {
     let _ = std::fs::remove_file(&sock);
     let child = Command::new(kaping())
         .arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--control")
         .arg(&sock)
         .arg("--state-dir")

@@ -79,6 +79,7 @@ impl Setup {
         let shm = dir.path().join("k.shm");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaping"));
         cmd.arg("run")
+            .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
             .arg("--control")
             .arg(&sock)
             .arg("--shm")

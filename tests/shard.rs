@@ -25,6 +25,7 @@ fn kaping() -> &'static str {
 fn run_shard(dir: &Path, contacts: &Path, k: u32, n: u32) -> String {
     let mut child = Command::new(kaping())
         .arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--contacts")
         .arg(contacts)
         .arg("--shm")
@@ -138,6 +139,7 @@ fn the_control_socket_refuses_another_shards_contact_naming_its_owner() {
     let sock = dir.path().join("ctl.sock");
     let mut child = Command::new(kaping())
         .arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
         .arg("--control")
         .arg(&sock)
         .arg("--shm")

@@ -38,7 +38,7 @@ kam=127.0.0.1:$port
 node=127.0.0.1:$(( port + 1 ))
 kamailio_dmq_start "$dir" "$kam" "$node" 'modparam("dmq_usrloc", "batch_msg_contacts", 50)' \
     tlsf 1024 32 2 || exit 1
-"$bin/kaping" run --control "$dir/k.sock" --shm "$dir/k.shm" --instance lag \
+"$bin/kaping" run --allow-destinations 127.0.0.0/8 --control "$dir/k.sock" --shm "$dir/k.shm" --instance lag \
     --dmq "sip:$node" --dmq-peer "sip:$kam" --bind 127.0.0.1:$(( port + 2 )) --workers 1 \
     --interval 3600s --events none --run-for 3600s 2>"$dir/kaping.log" >/dev/null &
 kaping_pid=$!

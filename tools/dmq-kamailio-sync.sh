@@ -90,7 +90,7 @@ for r in $(seq "$runs"); do
     rm -f "$dir/k.sock" "$dir/k.shm"
     k0=$(kam_ticks)
     t0=$(date +%s%N)
-    "$bin/kaping" run --control "$dir/k.sock" --shm "$dir/k.shm" --instance "sync$r" \
+    "$bin/kaping" run --allow-destinations 127.0.0.0/8 --control "$dir/k.sock" --shm "$dir/k.shm" --instance "sync$r" \
         --dmq "sip:$node" --dmq-peer "sip:$kam" --bind "$bind" --workers 1 \
         --interval 3600s --events none --max-contacts $(( contacts + 1024 )) \
         --run-for 1800s 2>"$dir/kaping$r.log" >/dev/null &

@@ -695,9 +695,17 @@ fn positive_seconds(s: f64) -> Option<std::time::Duration> {
     crate::duration::from_seconds(s).ok().filter(|_| s > 0.0)
 }
 
+/// The deepest nesting of arrays and objects a request may have. kaping's
+/// requests need 4 (a batch, a call, its params, a value); the bound is
+/// checked while a value arrives, so 100,000 `[` are refused at the 65th.
+pub const MAX_DEPTH: u32 = 64;
+
 /// Splits a byte stream into top-level JSON texts, incrementally.
 pub struct Framer {
     buf: Vec<u8>,
+    /// Stream offset of `buf[0]` (bytes already dropped by `compact`), so
+    /// errors say where in the stream they are.
+    base: u64,
     /// Bytes of `buf` already scanned.
     scanned: usize,
     /// Start of the value being scanned (after leading whitespace).
@@ -717,14 +725,19 @@ pub enum Frame {
     Incomplete,
     /// The value being received is longer than the bound.
     TooLarge,
-    /// Not a JSON object or array at the top level.
-    NotStructured,
+    /// Not a JSON object or array at the top level; the stream offset of
+    /// the byte that starts it.
+    NotStructured(u64),
+    /// Nested deeper than [`MAX_DEPTH`]; the stream offset of the bracket
+    /// that went too deep.
+    TooDeep(u64),
 }
 
 impl Framer {
     pub fn new(max: usize) -> Framer {
         Framer {
             buf: Vec::new(),
+            base: 0,
             scanned: 0,
             start: None,
             depth: 0,
@@ -752,12 +765,36 @@ impl Framer {
         &self.buf[r]
     }
 
+    /// The stream offset (from the connection's first byte) of `buf[i]`.
+    pub fn offset(&self, i: usize) -> u64 {
+        self.base + i as u64
+    }
+
+    /// At end of stream: what is wrong when a value was left unfinished,
+    /// `None` when the stream ended between values.
+    pub fn truncated(&self) -> Option<String> {
+        let start = self.start?;
+        let received = self.buf.len() - start;
+        let inside = if self.in_string {
+            ", inside a string"
+        } else {
+            ""
+        };
+        Some(format!(
+            "the connection ended inside a JSON value: it began at byte {}, {received} bytes \
+             of it arrived, {} bracket(s) still open{inside}",
+            self.offset(start),
+            self.depth
+        ))
+    }
+
     /// Drops the bytes of values already returned. Call after handling
     /// the values of one read.
     pub fn compact(&mut self) {
         let keep_from = self.start.unwrap_or(self.scanned);
         if keep_from > 0 {
             self.buf.drain(..keep_from);
+            self.base += keep_from as u64;
             self.scanned -= keep_from;
             if let Some(s) = &mut self.start {
                 *s -= keep_from;
@@ -781,7 +818,7 @@ impl Framer {
                     }
                     _ => {
                         self.scanned = i;
-                        return Frame::NotStructured;
+                        return Frame::NotStructured(self.offset(i - 1));
                     }
                 }
             };
@@ -803,7 +840,13 @@ impl Framer {
             }
             match b {
                 b'"' => self.in_string = true,
-                b'{' | b'[' => self.depth += 1,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth > MAX_DEPTH {
+                        self.scanned = i;
+                        return Frame::TooDeep(self.offset(i - 1));
+                    }
+                }
                 b'}' | b']' => {
                     self.depth -= 1;
                     if self.depth == 0 {
@@ -881,7 +924,50 @@ mod tests {
             frames(&[&big.as_bytes()[..60]], 50),
             vec![Err(Frame::TooLarge)]
         );
-        assert_eq!(frames(&[b"  42\n"], 50), vec![Err(Frame::NotStructured)]);
+        assert_eq!(frames(&[b"  42\n"], 50), vec![Err(Frame::NotStructured(2))]);
+    }
+
+    #[test]
+    fn nesting_is_bounded_while_it_arrives() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let ok = deep(MAX_DEPTH as usize);
+        assert_eq!(frames(&[ok.as_bytes()], 1 << 20), vec![Ok(ok.clone())]);
+        // Refused at the bracket past the bound, not when the value ends.
+        let flood = "[".repeat(100_000);
+        assert_eq!(
+            frames(&[b"{\"a\":1} ", flood.as_bytes()], 1 << 20),
+            vec![
+                Ok("{\"a\":1}".to_string()),
+                Err(Frame::TooDeep(8 + MAX_DEPTH as u64))
+            ]
+        );
+        // Brackets inside strings are text.
+        let quoted = format!("{{\"a\":\"{}\"}}", "[".repeat(1000));
+        assert_eq!(
+            frames(&[quoted.as_bytes()], 1 << 20),
+            vec![Ok(quoted.clone())]
+        );
+    }
+
+    #[test]
+    fn an_unfinished_value_at_eof_is_described() {
+        let mut f = Framer::new(1 << 10);
+        f.push(br#"{"a":1} {"b":[1,"x"#);
+        assert_eq!(f.next_frame(), Frame::Value(0..7));
+        assert_eq!(f.next_frame(), Frame::Incomplete);
+        f.compact();
+        let why = f.truncated().unwrap();
+        assert!(
+            why.contains("began at byte 8")
+                && why.contains("10 bytes")
+                && why.contains("2 bracket(s) still open, inside a string"),
+            "{why}"
+        );
+        let mut done = Framer::new(1 << 10);
+        done.push(b"{}\n  ");
+        assert_eq!(done.next_frame(), Frame::Value(0..2));
+        assert_eq!(done.next_frame(), Frame::Incomplete);
+        assert_eq!(done.truncated(), None);
     }
 
     #[test]

@@ -279,7 +279,16 @@ impl Connection {
         let mut buf = vec![0u8; READ_CHUNK];
         while !stop.load(Ordering::SeqCst) {
             match self.stream.read(&mut buf) {
-                Ok(0) => return,
+                Ok(0) => {
+                    // The peer may have shut down only its sending side: it
+                    // still reads why its last request went unanswered.
+                    if let Some(why) = self.framer.truncated() {
+                        let e = RpcError::new(rpc::PARSE_ERROR, why);
+                        let _ =
+                            write_line(&mut self.stream, &rpc::error_response(&Value::Null, &e));
+                    }
+                    return;
+                }
                 Ok(n) => {
                     self.framer.push(&buf[..n]);
                     if let Next::Close = self.handle_frames() {
@@ -300,7 +309,20 @@ impl Connection {
             let frame = self.framer.next_frame();
             let failure = match frame {
                 Frame::Value(r) => {
-                    let message = rpc::parse_message(self.framer.bytes(r));
+                    let text = self.framer.bytes(r.clone());
+                    let message = match std::str::from_utf8(text) {
+                        Ok(_) => rpc::parse_message(text),
+                        Err(e) => Err(RpcError::new(
+                            rpc::PARSE_ERROR,
+                            format!(
+                                "invalid UTF-8 at byte {} (byte {} of the request that began at \
+                                 byte {})",
+                                self.framer.offset(r.start + e.valid_up_to()),
+                                e.valid_up_to(),
+                                self.framer.offset(r.start)
+                            ),
+                        )),
+                    };
                     match message {
                         Ok(m) => match self.ask(m) {
                             Next::Continue => continue,
@@ -320,9 +342,16 @@ impl Connection {
                         self.framer.max()
                     ),
                 ),
-                Frame::NotStructured => RpcError::new(
+                Frame::NotStructured(at) => RpcError::new(
                     rpc::INVALID_REQUEST,
-                    "a message must be a JSON object or array",
+                    format!("a message must be a JSON object or array (byte {at})"),
+                ),
+                Frame::TooDeep(at) => RpcError::new(
+                    rpc::PARSE_ERROR,
+                    format!(
+                        "JSON nested deeper than {} levels at byte {at}",
+                        rpc::MAX_DEPTH
+                    ),
                 ),
             };
             // The stream cannot be resynchronized after any of these.

@@ -25,6 +25,7 @@ use crate::control::server::{self, Reply, Request};
 use crate::engine::liveness::Policy;
 use crate::engine::worker::{Command, LiveConfig};
 use crate::shm::layout::{percentile, Counter, SlotRecord};
+use crate::sources::PROBLEMS_KEPT;
 use crate::state::{ContactRecord, Op, Store};
 use crate::timefmt::rfc3339_ms;
 
@@ -1098,12 +1099,53 @@ impl Daemon {
             self.settings.rate_limit = new.rate_limit;
             self.settings.events = new.events.clone();
             eprintln!("kaping: SIGHUP: applied {}", changes.join(", "));
+            if self.settings.destinations != new.destinations {
+                self.settings.destinations = new.destinations.clone();
+                self.enforce_destinations();
+            }
         }
         if !restart.is_empty() {
             eprintln!(
                 "kaping: SIGHUP: changed but needing a restart (not applied): {}",
                 restart.join(", ")
             );
+        }
+    }
+
+    /// After a reload changed the destination policy: every contact it now
+    /// refuses stops being pinged (removed, with its reason), whatever its
+    /// source. Contacts added later are checked as they come.
+    fn enforce_destinations(&mut self) {
+        let Some(registry) = &self.ctl.registry else {
+            eprintln!(
+                "kaping: SIGHUP: the destination policy applies to contacts added from now on; \
+                 the ones loaded at start are re-checked at the next restart (kaping keeps no \
+                 list of them without control or state_dir)"
+            );
+            return;
+        };
+        let policy = &self.settings.destinations;
+        let refused: Vec<(Loc, String)> = registry
+            .iter_from(0)
+            .filter_map(|(loc, e)| {
+                let why = policy.check(e.dest).err()?;
+                Some((
+                    loc,
+                    format!("{}: destination {} refused: {why}", e.rec.uri(), e.dest),
+                ))
+            })
+            .collect();
+        for (_, what) in refused.iter().take(PROBLEMS_KEPT) {
+            eprintln!("kaping: SIGHUP: removed {what}");
+        }
+        if refused.len() > PROBLEMS_KEPT {
+            eprintln!(
+                "kaping: SIGHUP: removed {} more contacts the destination policy refuses",
+                refused.len() - PROBLEMS_KEPT
+            );
+        }
+        for (loc, _) in refused {
+            self.remove_contact(loc);
         }
     }
 }
@@ -1123,9 +1165,22 @@ fn describe(name: &str, old: &Settings, new: &Settings) -> String {
         "alive_codes" => (old.alive_codes_text.clone(), new.alive_codes_text.clone()),
         "rate_limit" => (old.rate_limit.to_string(), new.rate_limit.to_string()),
         "events" => (events_name(&old.events), events_name(&new.events)),
+        "allow_destinations" => (
+            prefixes(&old.destinations.allow),
+            prefixes(&new.destinations.allow),
+        ),
+        "deny_destinations" => (
+            prefixes(&old.destinations.deny),
+            prefixes(&new.destinations.deny),
+        ),
         _ => return name.to_string(),
     };
     format!("{name} {} -> {}", pair.0, pair.1)
+}
+
+fn prefixes(list: &[crate::policy::Cidr]) -> String {
+    let items: Vec<String> = list.iter().map(|c| c.to_string()).collect();
+    format!("[{}]", items.join(", "))
 }
 
 fn events_name(e: &EventsTo) -> String {
@@ -1162,4 +1217,18 @@ pub(super) enum UpsertError {
     Bad(String),
     /// Its worker's slab is full.
     Full { worker: usize },
+}
+
+impl std::fmt::Display for UpsertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpsertError::OtherShard {
+                owner,
+                index,
+                count,
+            } => write!(f, "shard {owner}'s contact, this is shard {index}/{count}"),
+            UpsertError::Params(why) | UpsertError::Bad(why) => f.write_str(why),
+            UpsertError::Full { worker } => write!(f, "worker {worker} has no free slot"),
+        }
+    }
 }

@@ -456,7 +456,7 @@ impl Daemon {
                         let now = Instant::now();
                         if f.refused_log.is_none_or(|t| now >= t) {
                             f.refused_log = Some(now + Duration::from_secs(1));
-                            eprintln!("kaping: DMQ: contact {uri} not pinged: {e:?}");
+                            eprintln!("kaping: DMQ: contact {uri} not pinged: {e}");
                         }
                     }
                 }

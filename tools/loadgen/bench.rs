@@ -608,32 +608,37 @@ pub(crate) struct DaemonArgs<'a> {
 /// The `kaping run` command of a bench (more flags may be added).
 pub(crate) fn daemon_command(a: &DaemonArgs) -> Command {
     let mut run = Command::new(a.kaping);
-    run.args(["run", "--contacts"])
-        .arg(a.contacts)
-        .arg("--shm")
-        .arg(a.shm)
-        .args([
-            "--bind",
-            &format!("127.0.0.1:{}", a.bind_port),
-            "--workers",
-            &a.workers.to_string(),
-            "--backend",
-            a.backend,
-            "--interval",
-            &duration_flag(a.interval),
-            "--reply-timeout",
-            &duration_flag(a.reply_timeout),
-            "--down-after",
-            "3",
-            "--events",
-            "none",
-            "--instance",
-            a.instance,
-            "--max-contacts",
-            &a.max_contacts.to_string(),
-            "--run-for",
-            &format!("{:.3}s", a.run_for.as_secs_f64()),
-        ]);
+    run.args([
+        "run",
+        "--allow-destinations",
+        "127.0.0.0/8,::1/128",
+        "--contacts",
+    ])
+    .arg(a.contacts)
+    .arg("--shm")
+    .arg(a.shm)
+    .args([
+        "--bind",
+        &format!("127.0.0.1:{}", a.bind_port),
+        "--workers",
+        &a.workers.to_string(),
+        "--backend",
+        a.backend,
+        "--interval",
+        &duration_flag(a.interval),
+        "--reply-timeout",
+        &duration_flag(a.reply_timeout),
+        "--down-after",
+        "3",
+        "--events",
+        "none",
+        "--instance",
+        a.instance,
+        "--max-contacts",
+        &a.max_contacts.to_string(),
+        "--run-for",
+        &format!("{:.3}s", a.run_for.as_secs_f64()),
+    ]);
     run
 }
 

@@ -191,27 +191,32 @@ pub fn run(cfg: &DmqBenchConfig) -> Result<DmqBenchReport, String> {
     let shm_path = dir.0.join("kaping.shm");
     let total = cfg.contacts + cfg.rate * cfg.seconds;
     let mut run = Command::new(&kaping);
-    run.args(["run", "--shm"])
-        .arg(&shm_path)
-        .args([
-            "--dmq",
-            &format!("sip:{node}"),
-            "--dmq-peer",
-            &format!("sip:{me}"),
-        ])
-        .args(["--bind", &format!("127.0.0.1:{}", base + 2)])
-        .args(["--workers", &cfg.workers.to_string()])
-        .args(["--max-contacts", &(total + 1024).to_string()])
-        // Pings are not what is measured: one an hour.
-        .args([
-            "--interval",
-            "3600s",
-            "--events",
-            "none",
-            "--instance",
-            "dmqbench",
-        ])
-        .args(["--run-for", &format!("{}s", 600 + cfg.seconds)]);
+    run.args([
+        "run",
+        "--allow-destinations",
+        "127.0.0.0/8,::1/128",
+        "--shm",
+    ])
+    .arg(&shm_path)
+    .args([
+        "--dmq",
+        &format!("sip:{node}"),
+        "--dmq-peer",
+        &format!("sip:{me}"),
+    ])
+    .args(["--bind", &format!("127.0.0.1:{}", base + 2)])
+    .args(["--workers", &cfg.workers.to_string()])
+    .args(["--max-contacts", &(total + 1024).to_string()])
+    // Pings are not what is measured: one an hour.
+    .args([
+        "--interval",
+        "3600s",
+        "--events",
+        "none",
+        "--instance",
+        "dmqbench",
+    ])
+    .args(["--run-for", &format!("{}s", 600 + cfg.seconds)]);
     let mut daemon = Guarded::spawn("daemon", run)?;
     let pid = daemon.pid();
     let expires = std::time::SystemTime::now()
