@@ -264,7 +264,13 @@ pub fn dmq(data: &[u8]) {
     };
     let fast = usrloc::parse_body(body);
     let slow = usrloc::parse_body_values(body);
-    if fast.is_ok() || slow.is_ok() {
+    // The one known difference: a number out of f64's range in a member
+    // kaping does not read is skipped by the fast reader and refused by
+    // the tree (serde_json checks a number's range only when it keeps it).
+    let lenient = fast.is_ok()
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .is_err_and(|e| e.to_string().starts_with("number out of range"));
+    if (fast.is_ok() || slow.is_ok()) && !lenient {
         assert_eq!(fast, slow, "{:?}", String::from_utf8_lossy(body));
     }
     let _ = kdmq::parse_node_list(body);
