@@ -1128,17 +1128,20 @@ fn a_daemon_that_never_beat_is_not_running() {
     assert_eq!(v["running"], false);
 }
 
+/// The arguments of every view that opens the shm file.
+const EVERY_VIEW: [&[&str]; 5] = [
+    &[],
+    &["--json"],
+    &["dump"],
+    &["get", "x"],
+    &["prometheus", "--once"],
+];
+
 #[test]
 fn a_missing_file_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kaping-nothere");
-    for args in [
-        &[][..],
-        &["--json"],
-        &["dump"],
-        &["get", "x"],
-        &["prometheus", "--once"],
-    ] {
+    for args in EVERY_VIEW {
         let err = error_line(&path, args);
         assert!(err.starts_with("kaping-stat: "), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
@@ -1200,13 +1203,7 @@ fn a_user_who_may_not_read_the_file_is_told_who_may() {
     };
     drop(probe);
     let root_group = kaping::access::group_name(0).unwrap_or_else(|| "0".into());
-    for args in [
-        &[][..],
-        &["--json"],
-        &["dump"],
-        &["get", "x"],
-        &["prometheus", "--once"],
-    ] {
+    for args in EVERY_VIEW {
         let o = stat_as_nobody(&f.path, args).unwrap();
         assert_eq!(o.status.code(), Some(1), "{args:?} must fail with status 1");
         assert!(o.stdout.is_empty());

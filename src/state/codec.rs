@@ -241,7 +241,7 @@ impl<'a> Cursor<'a> {
     }
 
     pub(super) fn contact(&mut self) -> Result<ContactRecord, &'static str> {
-        Ok(ContactRecord {
+        let c = ContactRecord {
             uri: self.str()?,
             aor: self.opt_str()?,
             received: self.opt_str()?,
@@ -249,7 +249,14 @@ impl<'a> Cursor<'a> {
             interval_ms: self.opt_u32()?,
             owner: self.opt_str()?,
             ..ContactRecord::default()
-        })
+        };
+        // The key joins AoR and URI with a newline, so neither may hold
+        // one; kaping never writes one (found by fuzzing: a record that
+        // did broke the key's invariant).
+        if c.uri.contains('\n') || c.aor.as_deref().is_some_and(|a| a.contains('\n')) {
+            return Err("a contact's URI or AoR contains a newline");
+        }
+        Ok(c)
     }
 
     /// The ext fields, into a contact read by [`Cursor::contact`].
