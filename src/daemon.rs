@@ -173,6 +173,9 @@ pub struct Daemon {
     diverts: std::collections::HashMap<u16, Result<Divert, String>>,
     /// What marks this instance's replies for the divert program.
     divert_marker: [u8; DIVERT_MARKER_LEN],
+    /// CAP_BPF and CAP_NET_ADMIN were given up once the start was complete
+    /// (`io::caps`): no further divert program can be attached.
+    divert_caps_dropped: bool,
     /// Worker 0's template per socket index, to size requests at add time.
     template_check: Vec<Template>,
     seen: HashSet<u64>,
@@ -497,6 +500,7 @@ impl Daemon {
             own_inodes: Vec::new(),
             diverts: std::collections::HashMap::new(),
             divert_marker: divert_marker(key.instance_prefix()),
+            divert_caps_dropped: false,
             template_check,
             seen: HashSet::new(),
             resolver: Resolver::default(),
@@ -583,6 +587,12 @@ impl Daemon {
     }
 
     fn attach_divert(&self, proxy_port: u16) -> Result<Divert, String> {
+        if self.divert_caps_dropped {
+            return Err(
+                "CAP_BPF and CAP_NET_ADMIN were given up once the ports known at start were diverted; restart kaping to divert this port too"
+                    .into(),
+            );
+        }
         let all = interface_indexes().map_err(|e| format!("cannot list interfaces: {e}"))?;
         let ifindexes: Vec<u32> = if self.settings.divert_interfaces.is_empty() {
             all.iter().map(|(i, _)| *i).collect()
@@ -1026,6 +1036,7 @@ impl Daemon {
         until: Option<Duration>,
         mut tick: impl FnMut(),
     ) -> Result<(), DaemonError> {
+        self.drop_divert_capabilities();
         let started = Instant::now();
         let mut last_beat = Instant::now();
         let result = loop {
@@ -1052,6 +1063,28 @@ impl Daemon {
         };
         self.stop()?;
         result
+    }
+
+    /// Once the start is complete (contacts loaded, control socket and
+    /// registrar feed open) and a divert program is attached, gives up the
+    /// two capabilities divert needed (issue 15: only at start): a bug in
+    /// the packet path can then no longer load programs or reconfigure the
+    /// network. A failure is logged, not fatal: kaping runs as it would
+    /// have before.
+    fn drop_divert_capabilities(&mut self) {
+        if !self.diverts.values().any(Result::is_ok) {
+            return;
+        }
+        match crate::io::caps::drop_divert_capabilities() {
+            Ok(crate::io::caps::Dropped::NotHeld) => {}
+            Ok(crate::io::caps::Dropped::Threads(n)) => {
+                self.divert_caps_dropped = true;
+                eprintln!(
+                    "kaping: divert attached; CAP_BPF and CAP_NET_ADMIN given up by all {n} threads (a port first seen from now on is relayed)"
+                );
+            }
+            Err(why) => eprintln!("kaping: could not give up CAP_BPF and CAP_NET_ADMIN: {why}"),
+        }
     }
 
     /// Stops workers (they drain in-flight replies up to reply_timeout),

@@ -31,6 +31,7 @@ pub mod control;
 pub mod cpu;
 pub mod daemon;
 pub mod demo;
+pub mod docgen;
 pub mod duration;
 pub mod engine;
 #[doc(hidden)]

@@ -51,6 +51,9 @@ enum Command {
     Demo(kaping::demo::DemoArgs),
     /// Talk to a running daemon over its control socket (JSON-RPC).
     Ctl(kaping::control::client::CtlArgs),
+    /// Write the manual pages and shell completions under DIR (packaging).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
 }
 
 /// Flags of `kaping run`; each overrides the same-named setting of the
@@ -295,6 +298,11 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Demo(args) => kaping::demo::run(args),
         Command::Ctl(args) => kaping::control::client::run(args),
+        Command::GenDocs { dir } => {
+            use clap::CommandFactory;
+            kaping::docgen::generate(Cli::command(), &dir)
+                .map_err(|e| format!("gen-docs {}: {e}", dir.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -123,6 +123,9 @@ enum Cmd {
     /// Prints its report, then exits 2 when any REGISTER did not end in a
     /// 2xx.
     Register(RegisterArgs),
+    /// Write the manual pages and shell completions under DIR (packaging).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
 }
 
 /// The stable, per-contact fates: shared by `contacts --fates` and `serve`,
@@ -572,6 +575,11 @@ fn main() -> ExitCode {
         Cmd::Phones(a) => run_phones(a),
         Cmd::Reach(a) => run_reach(a),
         Cmd::Register(a) => run_register(a),
+        Cmd::GenDocs { dir } => {
+            use clap::CommandFactory;
+            kaping::docgen::generate(Cli::command(), &dir)
+                .map_err(|e| format!("gen-docs {}: {e}", dir.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

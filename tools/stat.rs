@@ -213,6 +213,9 @@ enum Cmd {
         #[arg(long, conflicts_with = "listen")]
         once: bool,
     },
+    /// Write the manual pages and shell completions under DIR (packaging).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -251,6 +254,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let interval =
         kaping::duration::parse_duration(&g.interval).map_err(|e| format!("--interval: {e}"))?;
     match cli.cmd.unwrap_or(Cmd::Summary) {
+        Cmd::GenDocs { dir } => {
+            use clap::CommandFactory;
+            kaping::docgen::generate(Cli::command(), &dir)
+                .map_err(|e| format!("gen-docs {}: {e}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Summary => {
             let (_shm, snap, before) = Snapshot::sample(&path, interval)?;
             let mut out = io::stdout().lock();

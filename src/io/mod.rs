@@ -13,6 +13,8 @@
 //!   sent to the proxy's port, to kaping's own socket (DESIGN §10).
 //! * `waker`, `signal`: how a sleeping worker or the main loop is told
 //!   something happened.
+//! * `caps`: giving up CAP_BPF and CAP_NET_ADMIN in every thread once the
+//!   divert program is attached.
 //! * `limits`: raising the open-file limit for the load generator's
 //!   socket-per-phone simulations.
 //!
@@ -20,6 +22,7 @@
 //! `shm`): each block names the invariant that makes it sound.
 #![allow(unsafe_code)]
 
+pub mod caps;
 pub mod divert;
 pub mod limits;
 pub mod mmsg;
