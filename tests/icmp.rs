@@ -20,11 +20,10 @@
 //! 127.0.0.1.
 
 mod common;
-use common::{free_ports, wait_with_deadline};
+use common::{events, free_ports, totals, uring_available, wait_with_deadline};
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,22 +31,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kaping::shm::layout::{Counter, SlotRecord, SLOT_DOWN, SLOT_UP};
 use kaping::shm::reader::ShmReader;
-use serde_json::Value;
+use kaping::sim::icmp::{port_unreachable, raw_socket};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn kaping() -> &'static str {
     env!("CARGO_BIN_EXE_kaping")
-}
-
-fn uring_available(backend: &str) -> bool {
-    if backend == "uring" {
-        if let Err(why) = kaping::io::uring::probe() {
-            eprintln!("SKIP (uring): io_uring unavailable here: {why}");
-            return false;
-        }
-    }
-    true
 }
 
 fn now_ms() -> u64 {
@@ -70,24 +59,6 @@ fn contacts(shm: &ShmReader) -> HashMap<String, SlotRecord> {
         }
     }
     out
-}
-
-fn totals(shm: &ShmReader) -> [u64; Counter::COUNT] {
-    let mut total = [0u64; Counter::COUNT];
-    for w in 0..shm.header().workers {
-        for (t, c) in total.iter_mut().zip(shm.counters(w)) {
-            *t += c;
-        }
-    }
-    total
-}
-
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Ports on 127.0.0.1 where nothing listens, held for the test: each
@@ -304,78 +275,20 @@ fn answer(sock: UdpSocket, stop: Arc<AtomicBool>) {
     }
 }
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An ICMP port unreachable (type 3, code 3) quoting a UDP datagram from
-/// `from` to `to` whose payload is `payload` (as much as the quote keeps).
-fn port_unreachable(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    let total = (20 + 8 + payload.len()) as u16;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[8] = 64; // TTL
-    ip[9] = 17; // UDP
-    ip[12..16].copy_from_slice(&from.ip().octets());
-    ip[16..20].copy_from_slice(&to.ip().octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut udp = [0u8; 8];
-    udp[0..2].copy_from_slice(&from.port().to_be_bytes());
-    udp[2..4].copy_from_slice(&to.port().to_be_bytes());
-    udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    let mut msg = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    msg.extend_from_slice(&ip);
-    msg.extend_from_slice(&udp);
-    msg.extend_from_slice(payload);
-    let c = checksum(&msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
-    msg
-}
-
 /// A raw ICMP socket, or `None` (said) when the process may not open one.
-fn raw_icmp_socket() -> Option<i32> {
-    // SAFETY: plain socket(2) call; the descriptor is closed by the caller.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-    if fd < 0 {
-        let err = std::io::Error::last_os_error();
-        eprintln!("SKIP: a raw ICMP socket needs CAP_NET_RAW (root): {err}");
-        return None;
+fn raw_icmp_socket() -> Option<socket2::Socket> {
+    match raw_socket() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            None
+        }
     }
-    Some(fd)
 }
 
-fn send_raw(fd: i32, msg: &[u8]) {
-    // SAFETY: sockaddr_in is a plain C struct, valid when zeroed.
-    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sin.sin_family = libc::AF_INET as libc::sa_family_t;
-    sin.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
-    // SAFETY: `msg` and `sin` outlive the call, with their true lengths.
-    let rc = unsafe {
-        libc::sendto(
-            fd,
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        msg.len() as isize,
-        "{}",
-        std::io::Error::last_os_error()
-    );
+fn send_raw(sock: &socket2::Socket, msg: &[u8]) {
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    assert_eq!(sock.send_to(msg, &to.into()).unwrap(), msg.len());
 }
 
 fn forged_errors_change_nothing(backend: &str) {
@@ -452,13 +365,12 @@ fn forged_errors_change_nothing(backend: &str) {
         "OPTIONS {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {kaping_addr};branch=z9hG4bKAAAAAAAAAAAAAAAAAAAAAAAAAAAA;rport\r\nMax-Forwards: 70\r\n"
     );
     send_raw(
-        raw,
+        &raw,
         &port_unreachable(kaping_addr, phone_addr, bogus.as_bytes()),
     );
     // 2. Only the UDP header (an RFC 792 router's quote), no ping in flight.
-    send_raw(raw, &port_unreachable(kaping_addr, phone_addr, b""));
-    // SAFETY: `raw` came from socket(2) above and is closed once.
-    unsafe { libc::close(raw) };
+    send_raw(&raw, &port_unreachable(kaping_addr, phone_addr, b""));
+    drop(raw);
     // Both are counted, by cause, well before the next ping.
     let deadline = Instant::now() + Duration::from_millis(300);
     let counted = |shm: &ShmReader| {

@@ -3,17 +3,17 @@
 //! and sane (no timing assertions beyond that: the machine is shared), and
 //! that the run is bounded in time and leaves no child or file behind.
 
-use std::io::Read;
+mod common;
+use common::output_within;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The whole bench (ceiling, loading, warm-up, window, stop) must end by then.
 const TIME_LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn small_bench_reports_sane_figures() {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kaping-loadgen"))
+    let child = Command::new(env!("CARGO_BIN_EXE_kaping-loadgen"))
         .args([
             "bench",
             "--contacts",
@@ -40,30 +40,7 @@ fn small_bench_reports_sane_figures() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start kaping-loadgen bench");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for bench") {
-            break status;
-        }
-        if started.elapsed() > TIME_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("bench ran over {TIME_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, out, err) = output_within(child, TIME_LIMIT, "bench");
     assert!(status.success(), "bench failed: {status}\n{err}");
 
     let r: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");

@@ -21,6 +21,10 @@
 //! * `register` fills or empties a registrar's location table: one
 //!   REGISTER per user of a range, paced, without running phones (the
 //!   registrar-feed tests and the full-sync measurement against Kamailio).
+//! * `flood` runs kaping against the responder while datagrams it never
+//!   asked for (random bytes, truncated and forged replies, genuine replies
+//!   replayed, forged ICMP errors) arrive at its ports flat out, and
+//!   reports where each went, what it cost and that no contact changed.
 //!
 //! The simulated platform itself lives in the library (`kaping::sim`), so
 //! `kaping demo` runs the very same responder in-process; this binary is its
@@ -40,6 +44,8 @@ mod ceiling;
 mod control_bench;
 #[path = "loadgen/dmq_bench.rs"]
 mod dmq_bench;
+#[path = "loadgen/flood.rs"]
+mod flood;
 #[path = "loadgen/phones.rs"]
 mod phones;
 #[path = "loadgen/proxy_bench.rs"]
@@ -108,6 +114,15 @@ enum Cmd {
     /// Control-socket benchmark: adds and deletes through JSON-RPC batches
     /// with durability on, and their effect on the ping rate.
     ControlBench(ControlBenchArgs),
+    /// Floods and replays: kaping pinging N contacts while random bytes,
+    /// truncated and forged replies, replayed genuine replies and forged
+    /// ICMP errors arrive at its ports flat out, one kind at a time.
+    ///
+    /// Reports per kind where every datagram went (kaping's counters by
+    /// cause, the kernel's drops), kaping's CPU per flood datagram, its
+    /// memory and per-second ping rate, and that no contact changed state
+    /// and no replay counted as an answer. Exits 2 when a check fails.
+    Flood(FloodArgs),
     /// Simulated SIP phones: one socket each, registering and answering
     /// every request as real phones behind a NAT do.
     Phones(PhonesArgs),
@@ -430,6 +445,52 @@ struct ControlBenchArgs {
 }
 
 #[derive(Args, Debug)]
+struct FloodArgs {
+    /// Simulated contacts the daemon pings (all answer).
+    #[arg(long, default_value_t = 1_000_000)]
+    contacts: u64,
+    /// Ping interval per contact.
+    #[arg(long = "interval", value_name = "DURATION", default_value = "30s", value_parser = parse_duration_ns)]
+    interval_ns: u64,
+    /// Seconds of each flood kind, and of the quiet window before it.
+    #[arg(long, default_value_t = 60)]
+    seconds: u32,
+    /// Flood kinds, in order: random, truncated, forged, replay, icmp.
+    #[arg(long, value_delimiter = ',', default_value = "random,truncated,forged,replay,icmp", value_parser = flood::Kind::parse)]
+    kinds: Vec<flood::Kind>,
+    /// Contacts more, answered by a capturing responder whose genuine
+    /// replies the replay flood sends again.
+    #[arg(long, default_value_t = 1000)]
+    captured: u64,
+    /// Of the captured contacts, how many fall silent after answering and
+    /// are Down before the floods (their replies are replayed too).
+    #[arg(long, default_value_t = 100)]
+    down: u64,
+    /// Daemon workers.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Daemon backend: auto | uring | mmsg.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Delay the responder adds to every reply.
+    #[arg(long = "latency", value_name = "DURATION", default_value = "1ms", value_parser = parse_duration_ns)]
+    latency_ns: u64,
+    /// The kaping binary (default: `kaping` next to this program).
+    #[arg(long)]
+    kaping: Option<PathBuf>,
+    /// Where the contacts, shm and events files go (default: /dev/shm,
+    /// else the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seed of the flood datagrams.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct PhonesArgs {
     /// Number of phones.
     #[arg(long)]
@@ -572,6 +633,7 @@ fn main() -> ExitCode {
         })
         .and_then(|report| print_report(&report, a.json, dmq_bench::print_text)),
         Cmd::ControlBench(a) => run_control_bench(a),
+        Cmd::Flood(a) => run_flood(a),
         Cmd::Phones(a) => run_phones(a),
         Cmd::Reach(a) => run_reach(a),
         Cmd::Register(a) => run_register(a),
@@ -839,6 +901,32 @@ fn run_control_bench(a: ControlBenchArgs) -> Result<(), String> {
         max_contacts: a.max_contacts,
     })?;
     print_report(&report, a.json, control_bench::print_text)
+}
+
+fn run_flood(a: FloodArgs) -> Result<(), String> {
+    let report = flood::run(&flood::FloodConfig {
+        contacts: a.contacts,
+        interval: Duration::from_nanos(a.interval_ns),
+        seconds: a.seconds,
+        kinds: a.kinds,
+        captured: a.captured,
+        down: a.down,
+        workers: a.workers,
+        backend: a.backend,
+        latency_ns: a.latency_ns,
+        kaping: a.kaping,
+        dir: a.dir,
+        seed: a.seed,
+    })?;
+    print_report(&report, a.json, flood::print_text)?;
+    if !report.failures.is_empty() {
+        return Err(format!(
+            "{} checks failed: {}",
+            report.failures.len(),
+            report.failures.join("; ")
+        ));
+    }
+    Ok(())
 }
 
 fn run_phones(a: PhonesArgs) -> Result<(), String> {

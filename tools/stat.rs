@@ -68,7 +68,7 @@
 //! | `timeouts` | pings unanswered within the reply timeout (after retries) |
 //! | `stray` | valid replies for a contact that no longer exists |
 //! | `forged` | replies with our instance prefix but a bad MAC |
-//! | `late` | replies for a ping already timed out or answered |
+//! | `late` | replies for a ping already timed out or answered, and genuine replies replayed later |
 //! | `error_replies` | replies whose status is not in the alive set |
 //! | `parse_errors` | datagrams that are not a parsable SIP response |
 //! | `send_errors` | failed sends |
@@ -77,7 +77,7 @@
 //! | `rate_limited` | pings deferred by the pings-per-second cap |
 //! | `received` | datagrams received |
 //! | `handoff` | replies received by a worker other than the owner |
-//! | `icmp_forged` | ICMP errors quoting a token that fails its MAC: not sent by kaping, ignored |
+//! | `icmp_forged` | ICMP errors quoting a token that fails its MAC, or a datagram that is no request of kaping's: not sent by kaping, ignored |
 //! | `icmp_unmatched` | ICMP unreachable errors naming no ping in flight (contact gone, ping settled, or no contact at the destination), ignored |
 //! | `icmp_other` | ICMP errors that say nothing about liveness (time exceeded, packet too big, ...; NAT-only keepalives), ignored |
 //! | `rtt_samples`, `rtt_sum_us`, `rtt_mean_us` | RTT sample count, sum and mean (µs) |

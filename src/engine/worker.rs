@@ -12,8 +12,8 @@
 //!    backend's transmit buffers, token and CSeq patched in place) or count
 //!    misses / retransmit;
 //! 3. poll the backend until the next wheel deadline: every reply is matched
-//!    statelessly from its From-tag (MAC, worker, slot, generation, seq) and
-//!    its RTT taken from the kernel receive timestamp; every ICMP
+//!    statelessly from its From-tag (MAC, worker, slot, generation, seq,
+//!    send time) and its RTT taken from the kernel receive timestamp; every ICMP
 //!    destination unreachable from the sockets' error queues fails the ping
 //!    it names at once (see "ICMP errors" below).
 //!
@@ -39,9 +39,17 @@
 //!   header): every SIP contact at the error's destination with a ping in
 //!   flight fails (`by_dest`: slot indexes hashed by destination, a few
 //!   bytes per contact, compared against `Contact`'s own destination).
+//!   Only a quote that may be kaping's request cut before its token counts
+//!   so (`wire::template::quote_may_be_request`), or a NAT-only keepalive:
+//!   one that goes on past that point without a token quotes a datagram
+//!   kaping never sent, and counts as forged;
+//! * a token names a ping in flight only with its send time too
+//!   (`Contact::names_in_flight`), for ICMP errors as for replies: the
+//!   16-bit sequence number alone wraps.
 //!
 //! An error that names nothing in flight, quotes a token that fails its
-//! MAC, is not a destination unreachable, or concerns only NAT-only
+//! MAC or a datagram kaping never sent, is not a destination unreachable,
+//! or concerns only NAT-only
 //! keepalives (`null`, `crlf`: never in flight, their state says nothing)
 //! changes nothing and is counted by cause (`Counter::IcmpUnmatched`,
 //! `IcmpForged`, `IcmpOther`; `Unreachable` counts the ones that failed a
@@ -76,7 +84,7 @@ use crate::io::{Backend, Datagram, Handler, IcmpError, WorkerSocket};
 use crate::shm::layout::{Counter, SlotRecord};
 use crate::shm::writer::WorkerShm;
 use crate::wire::reply::{self, Match, Reject};
-use crate::wire::template::{patch, quoted_token, ContactText, Template};
+use crate::wire::template::{patch, quote_may_be_request, quoted_token, ContactText, Template};
 use crate::wire::token::{self, TokenFields, TokenKey, TOKEN_LEN};
 
 /// Due timers taken from the wheel per batch.
@@ -267,11 +275,13 @@ pub enum Handoff {
     /// A reply, already MAC-checked.
     Reply { m: Match, rx_us: u32 },
     /// An ICMP unreachable whose quoted token (MAC-checked) names ping
-    /// `seq` of the owner's `slot` and `generation`, sent to `dest`.
+    /// `seq`, sent at `sent_us`, of the owner's `slot` and `generation`,
+    /// sent to `dest`.
     Unreachable {
         slot: u32,
         generation: u16,
         seq: u16,
+        sent_us: u32,
         dest: SocketAddr,
     },
     /// An ICMP unreachable quoting no token, for `dest`, which the owner's
@@ -306,6 +316,11 @@ struct Contact {
     interval_ms: u32,
     /// Wall-clock µs (low 32 bits) of the latest transmission.
     sent_us: u32,
+    /// Wall-clock µs (low 32 bits) of the first transmission of the ping
+    /// in flight: with `sent_us`, the span in which every transmission of
+    /// that ping, and so every token a reply to it may carry, was sent
+    /// (see `Contact::names_in_flight`). Fits in what was padding.
+    first_sent_us: u32,
     seq: u16,
     /// Transmissions of the ping in flight (0 = none in flight).
     tries: u8,
@@ -328,6 +343,33 @@ impl Contact {
 
     fn has_dest(&self, ip: &[u8; 16], port: u16, v6: bool) -> bool {
         self.dest_port == port && self.dest_v6 == v6 && self.dest_ip == *ip
+    }
+
+    /// Whether a token's sequence number and send time name a
+    /// transmission of the ping in flight (any of its retransmissions).
+    ///
+    /// The sequence number alone cannot say so: it is 16 bits and wraps
+    /// after 65,536 transmissions (22 days at one ping every 30 s), so a
+    /// genuine reply captured then and replayed now would fall in the
+    /// in-flight window again, be believed and bring a Down contact back
+    /// Up. The token's send time closes that: the latest transmission's
+    /// token carries exactly `sent_us`, an earlier one's a time between
+    /// `first_sent_us` and it. A replay from 65,536 pings ago would need
+    /// the same low 32 bits of its send time in µs (they wrap every 71.6
+    /// minutes) to within that span, which is zero wide without
+    /// retransmissions. Two subtractions and compares; no state per ping.
+    /// A wall clock stepped back between two transmissions of one ping
+    /// makes a reply to the earlier one count as late, as `on_match`
+    /// already counts one stepped back between send and receive.
+    #[inline]
+    fn names_in_flight(&self, seq: u16, sent_us: u32) -> bool {
+        let age = self.seq.wrapping_sub(seq);
+        if self.tries == 0 || age >= u16::from(self.tries) {
+            return false;
+        }
+        let back_us = self.sent_us.wrapping_sub(sent_us);
+        let span_us = self.sent_us.wrapping_sub(self.first_sent_us);
+        (back_us == 0) == (age == 0) && back_us <= span_us
     }
 
     fn dest(&self) -> SocketAddr {
@@ -538,6 +580,14 @@ fn dest_fields(addr: &SocketAddr) -> ([u8; 16], u16, bool) {
     (ip, port, family == 6)
 }
 
+/// Whether an ICMP error's quote may be (the start of) a NAT-only
+/// keepalive kaping sent: four zero bytes, or CRLF CRLF.
+fn is_keepalive_quote(quote: &[u8]) -> bool {
+    [KeepaliveKind::Null, KeepaliveKind::Crlf]
+        .iter()
+        .any(|k| k.payload().is_some_and(|p| p.starts_with(quote)))
+}
+
 fn addr_fields(addr: &SocketAddr) -> (u8, [u8; 16], u16) {
     match addr {
         SocketAddr::V4(a) => {
@@ -613,6 +663,7 @@ impl Core {
                 anchor_tick: first_tick,
                 interval_ms,
                 sent_us: 0,
+                first_sent_us: 0,
                 seq: 0,
                 tries: 0,
                 sock: c.sock,
@@ -742,7 +793,15 @@ impl Core {
     /// again). See "ICMP errors" in the module doc.
     fn on_unreachable(&mut self, dest: &SocketAddr, quote: &[u8], from_peer: bool) {
         let Some(tok) = quoted_token(quote) else {
-            self.unreachable_at(dest, from_peer);
+            if quote_may_be_request(quote, &self.cfg.method) || is_keepalive_quote(quote) {
+                // Cut before the token (a router quoting only the UDP
+                // header), or a NAT-only keepalive: by destination.
+                self.unreachable_at(dest, from_peer);
+            } else {
+                // A datagram kaping never sent (random bytes, another
+                // program's): only its maker could have sent this error.
+                self.shm.add(Counter::IcmpForged, 1);
+            }
             return;
         };
         let Ok(f) = token::decode(&self.cfg.key, tok) else {
@@ -758,30 +817,40 @@ impl Core {
                     slot: f.slot,
                     generation: f.generation,
                     seq: f.seq,
+                    sent_us: f.sent_us,
                     dest: *dest,
                 },
                 from_peer,
             );
             return;
         }
-        self.unreachable_ping(f.slot, f.generation, f.seq, dest);
+        self.unreachable_ping(f.slot, f.generation, f.seq, f.sent_us, dest);
     }
 
-    /// The ICMP error's token names ping `seq` of `slot`/`generation`: it
-    /// fails if that ping is still in flight to `dest`.
-    fn unreachable_ping(&mut self, slot: u32, generation: u16, seq: u16, dest: &SocketAddr) {
+    /// The ICMP error's token names ping `seq`, sent at `sent_us`, of
+    /// `slot`/`generation`: it fails if that ping is still in flight to
+    /// `dest`.
+    fn unreachable_ping(
+        &mut self,
+        slot: u32,
+        generation: u16,
+        seq: u16,
+        sent_us: u32,
+        dest: &SocketAddr,
+    ) {
         let (ip, port, v6) = dest_fields(dest);
         let in_flight = self.slab.get_slot(slot).is_some_and(|(h, c)| {
             // Accept an error for any transmission of the ping in flight,
-            // as `on_match` accepts a reply to any.
+            // as `on_match` accepts a reply to any, and, as there, not one
+            // replayed from a ping whose sequence number has wrapped.
             h.generation == generation
                 && c.has_dest(&ip, port, v6)
-                && c.tries > 0
-                && c.seq.wrapping_sub(seq) < u16::from(c.tries)
+                && c.names_in_flight(seq, sent_us)
         });
         if !in_flight {
             // The contact is gone, or the ping was answered, timed out or
-            // failed by an earlier error (ICMP errors can be duplicated).
+            // failed by an earlier error (ICMP errors can be duplicated,
+            // and replayed).
             self.shm.add(Counter::IcmpUnmatched, 1);
             return;
         }
@@ -1100,6 +1169,9 @@ impl Core {
         c.seq = c.seq.wrapping_add(1);
         let sent_us = now_us as u32;
         c.sent_us = sent_us;
+        if c.tries == 0 {
+            c.first_sent_us = sent_us;
+        }
         let fields = TokenFields {
             worker: self.cfg.id,
             slot,
@@ -1197,9 +1269,12 @@ impl Core {
             self.shm.add(Counter::Stray, 1);
             return;
         }
-        // Accept a reply to any transmission of the ping in flight.
-        let age = c.seq.wrapping_sub(m.seq);
-        if c.tries == 0 || age >= c.tries as u16 {
+        // Accept a reply to any transmission of the ping in flight, and to
+        // nothing else: a reply to an earlier ping, answered or timed out,
+        // is late, and so is a genuine reply replayed later, however long
+        // after (its sequence number may have wrapped back into the
+        // window: `names_in_flight`).
+        if !c.names_in_flight(m.seq, m.sent_us) {
             self.shm.add(Counter::Late, 1);
             return;
         }
@@ -1270,8 +1345,9 @@ impl Core {
                     slot,
                     generation,
                     seq,
+                    sent_us,
                     dest,
-                } => self.unreachable_ping(slot, generation, seq, &dest),
+                } => self.unreachable_ping(slot, generation, seq, sent_us, &dest),
                 Handoff::UnreachableAt { dest } => self.unreachable_at(&dest, true),
             }
         }
@@ -1324,14 +1400,19 @@ impl Handler for Core {
 
     fn send_failed(&mut self, tag: u32, _err: &io::Error) {
         self.shm.add(Counter::SendErrors, 1);
-        let Some((handle, c)) = self.slab.get_slot(tag) else {
+        let Some((_, c)) = self.slab.get_slot(tag) else {
             return;
         };
-        if c.keepalive != KeepaliveKind::Sip {
-            // Counted above; an unmonitored contact's state says nothing.
+        if c.keepalive != KeepaliveKind::Sip || c.tries == 0 {
+            // Counted above; an unmonitored contact's state says nothing,
+            // and a ping already settled (an earlier transmission was
+            // answered) has nothing left to fail.
             return;
         }
-        self.update_liveness(handle, None, |l, p| l.on_unreachable(p));
+        // The ping never left: a miss at once, reason `unreachable`,
+        // settled as an ICMP error settles one, so that its timeout does
+        // not count the same ping a second time.
+        self.fail_ping(tag);
     }
 
     fn icmp(&mut self, e: &IcmpError<'_>) {
@@ -1556,12 +1637,14 @@ impl<B: Backend> Worker<B> {
 mod tests {
     use super::next_due;
 
-    /// The ICMP path of a core driven by hand: a backend that keeps what
-    /// was sent, pings sent by `expire`, errors delivered by `Handler::icmp`.
+    /// The ICMP and reply paths of a core driven by hand: a backend that
+    /// keeps what was sent, pings sent by `expire`, errors delivered by
+    /// `Handler::icmp`, replies by `Handler::datagram`.
     mod icmp {
         use super::super::*;
         use crate::engine::liveness::AliveCodes;
         use crate::shm::writer::{ShmConfig, ShmFile};
+        use crate::sim::request::{self, ReplyParams};
         use crate::wire::template::TemplateConfig;
 
         /// Keeps every committed datagram: (destination, bytes).
@@ -1714,6 +1797,44 @@ mod tests {
                 self.core.slab.get_slot(slot).unwrap().1.tries
             }
 
+            /// `slot`'s ping in flight times out (its last transmission's
+            /// deadline passed: a miss).
+            fn time_out(&mut self, slot: u32) {
+                assert!(self.tries(slot) > self.core.cfg.retries);
+                let now = self.core.now_tick();
+                let out = self.core.expire(&mut self.backend, slot, now, wall_us());
+                assert_eq!((out, self.tries(slot)), (Expiry::Done, 0));
+            }
+
+            /// Makes `slot`'s next transmission carry sequence number
+            /// `seq`, as 65,536 transmissions after the one that did would.
+            fn wrap_seq_to(&mut self, slot: u32, seq: u16) {
+                self.core.slab.get_slot_mut(slot).unwrap().1.seq = seq.wrapping_sub(1);
+            }
+
+            /// A reply received on the worker's socket, at once.
+            fn deliver(&mut self, reply: &[u8]) {
+                self.core.datagram(
+                    0,
+                    &Datagram {
+                        data: reply,
+                        from: None,
+                        to: None,
+                        rx_ns: None,
+                        truncated: false,
+                    },
+                );
+                self.core.end_batch();
+            }
+
+            /// (Matched, Late).
+            fn replies(&self) -> (u64, u64) {
+                (
+                    self.core.shm.get(Counter::Matched),
+                    self.core.shm.get(Counter::Late),
+                )
+            }
+
             /// (Unreachable, IcmpForged, IcmpUnmatched, IcmpOther).
             fn counts(&self) -> (u64, u64, u64, u64) {
                 let g = |c| self.core.shm.get(c);
@@ -1724,6 +1845,167 @@ mod tests {
                     g(Counter::IcmpOther),
                 )
             }
+        }
+
+        /// A phone's 200 OK to `req`, as the simulated platform writes it
+        /// (RFC 3261 §8.2.6.2: Via, From, To, Call-ID, CSeq copied).
+        fn answer(req: &[u8]) -> Vec<u8> {
+            let parsed = request::parse(req).expect("kaping's request parses");
+            let mut buf = [0u8; 2048];
+            let params = ReplyParams {
+                code: 200,
+                to_tag: &crate::sim::fate::to_tag(1),
+                source: "127.0.0.1:5070".parse().unwrap(),
+                malform: None,
+            };
+            let n = request::write_reply(&parsed, &params, &mut buf).unwrap();
+            buf[..n].to_vec()
+        }
+
+        /// The sequence number a request's token carries.
+        fn seq_of(lab: &Lab, req: &[u8]) -> u16 {
+            let tok = quoted_token(req).unwrap();
+            token::decode(&lab.core.cfg.key, tok).unwrap().seq
+        }
+
+        /// Distinct send times in µs for the pings that follow.
+        fn next_us() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        #[test]
+        fn a_replayed_reply_never_counts_as_an_answer_even_after_seq_wraps() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (_, req1) = lab.ping(a);
+            let reply1 = answer(&req1);
+            lab.deliver(&reply1);
+            assert_eq!(lab.replies(), (1, 0));
+            assert_eq!(lab.rec(a).state, State::Up as u8);
+            // Replayed while nothing is in flight, then while the next ping is.
+            lab.deliver(&reply1);
+            next_us();
+            let (_, req2) = lab.ping(a);
+            lab.deliver(&reply1);
+            assert_eq!(lab.replies(), (1, 2));
+            assert_eq!(lab.tries(a), 1, "the ping in flight is untouched");
+            lab.deliver(&answer(&req2));
+            assert_eq!(lab.replies(), (2, 2));
+            // 65,536 transmissions later the sequence number is reply1's
+            // again: only the token's send time tells the replay apart.
+            next_us();
+            lab.wrap_seq_to(a, seq_of(&lab, &req1));
+            let (_, req3) = lab.ping(a);
+            assert_eq!(seq_of(&lab, &req3), seq_of(&lab, &req1));
+            lab.deliver(&reply1);
+            assert_eq!(lab.replies(), (2, 3), "the replay is late");
+            assert_eq!((lab.tries(a), lab.rec(a).answered), (1, 2));
+            lab.deliver(&answer(&req3));
+            assert_eq!(lab.replies(), (3, 3), "the genuine reply is believed");
+            assert_eq!((lab.tries(a), lab.rec(a).answered), (0, 3));
+        }
+
+        #[test]
+        fn a_reply_to_any_retransmission_counts_and_a_wrapped_replay_does_not() {
+            let mut lab = new_lab();
+            lab.core.cfg.retries = 2;
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (_, old) = lab.ping(a);
+            let old_reply = answer(&old);
+            lab.deliver(&old_reply);
+            // Three transmissions in flight, the middle one with the old
+            // reply's sequence number (wrapped).
+            next_us();
+            lab.wrap_seq_to(a, seq_of(&lab, &old).wrapping_sub(1));
+            let (_, first) = lab.ping(a);
+            next_us();
+            let (_, middle) = lab.ping(a);
+            next_us();
+            lab.ping(a);
+            assert_eq!(lab.tries(a), 3);
+            assert_eq!(seq_of(&lab, &middle), seq_of(&lab, &old));
+            lab.deliver(&old_reply);
+            assert_eq!(
+                lab.replies(),
+                (1, 1),
+                "a replay, not the middle one's reply"
+            );
+            assert_eq!(lab.tries(a), 3);
+            // The first transmission's own reply is accepted.
+            lab.deliver(&answer(&first));
+            assert_eq!(lab.replies(), (2, 1));
+            assert_eq!(lab.tries(a), 0);
+        }
+
+        #[test]
+        fn a_replayed_reply_never_brings_a_down_contact_back_up() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (_, req1) = lab.ping(a);
+            let reply1 = answer(&req1);
+            lab.deliver(&reply1);
+            for _ in 0..DOWN_AFTER {
+                next_us();
+                lab.ping(a);
+                lab.deliver(&reply1);
+                lab.time_out(a);
+            }
+            assert_eq!(lab.rec(a).state, State::Down as u8);
+            // In flight again, with reply1's sequence number.
+            next_us();
+            lab.wrap_seq_to(a, seq_of(&lab, &req1));
+            lab.ping(a);
+            lab.deliver(&reply1);
+            let rec = lab.rec(a);
+            assert_eq!((rec.state, rec.answered), (State::Down as u8, 1));
+            assert_eq!(lab.replies(), (1, 1 + u64::from(DOWN_AFTER)));
+            assert_eq!(lab.tries(a), 1);
+            // Events: Unknown -> Up, Up -> Down, nothing after.
+            let news: Vec<State> = lab.events.try_iter().map(|e| e.new).collect();
+            assert_eq!(news, [State::Up, State::Down]);
+        }
+
+        #[test]
+        fn an_icmp_error_quoting_what_kaping_never_sent_changes_nothing() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let (dest, old) = lab.ping(a);
+            lab.deliver(&answer(&old));
+            next_us();
+            lab.wrap_seq_to(a, seq_of(&lab, &old));
+            let (_, req) = lab.ping(a);
+            // Not a request of kaping's: random bytes, another program's.
+            lab.icmp(dest, b"\xff\x13 not a SIP request at all, long enough");
+            lab.icmp(
+                dest,
+                b"REGISTER sip:example.org SIP/2.0\r\nVia: SIP/2.0/UDP h\r\n",
+            );
+            assert_eq!(lab.counts(), (0, 2, 0, 0));
+            // kaping's own request of 65,536 pings ago, replayed.
+            lab.icmp(dest, &old);
+            assert_eq!(lab.counts(), (0, 2, 1, 0));
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (1, 0), "still in flight");
+            // The error about the ping in flight fails it.
+            lab.icmp(dest, &req);
+            assert_eq!(lab.counts(), (1, 2, 1, 0));
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (0, 1));
+        }
+
+        #[test]
+        fn a_failed_send_is_one_miss_not_two() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            lab.ping(a);
+            let refused = io::Error::from_raw_os_error(libc::EPERM);
+            lab.core.send_failed(a, &refused);
+            // Settled at once: no timeout will count it again.
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (0, 1));
+            assert!(lab.core.wheel.is_armed(a), "next ping scheduled");
+            assert_eq!(lab.core.in_flight, 0);
+            // A second report of the same send changes nothing more.
+            lab.core.send_failed(a, &refused);
+            assert_eq!(lab.rec(a).misses, 1);
+            assert_eq!(lab.core.shm.get(Counter::SendErrors), 2);
         }
 
         #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::udp::{read_errors, sleep_until_woken, RecvBatch, SendBatch};
+use super::udp::{drain_socket, sleep_until_woken, RecvBatch, SendBatch};
 use super::waker::Waker;
 use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
 
@@ -23,10 +23,6 @@ use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DAT
 pub const BATCH: usize = 64;
 /// Datagrams queued per socket before the worker must flush.
 pub const TX_QUEUE: usize = 256;
-/// `recvmmsg` calls per socket per poll, so sends are never starved.
-const RX_ROUNDS: usize = 16;
-/// ICMP errors read per socket per poll.
-const ERRORS_PER_POLL: usize = 64;
 
 pub struct MmsgBackend {
     sockets: Vec<Socket>,
@@ -53,32 +49,13 @@ impl MmsgBackend {
         Ok(b)
     }
 
-    /// Drains up to RX_ROUNDS batches from each socket; returns how many
+    /// Drains up to `RX_ROUNDS` batches from each socket; returns how many
     /// datagrams were delivered.
     fn receive(&mut self, h: &mut dyn Handler) -> usize {
         let mut delivered = 0;
         for sock in 0..self.sockets.len() {
             let fd = self.sockets[sock].as_raw_fd();
-            for _ in 0..RX_ROUNDS {
-                match self.rx.recv(fd) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        for i in 0..n {
-                            h.datagram(sock, &self.rx.get(i));
-                        }
-                        h.end_batch();
-                        delivered += n;
-                        if n < self.rx.capacity() {
-                            break;
-                        }
-                    }
-                    Err(_) => {
-                        // A pending ICMP error (IP_RECVERR) is reported by the
-                        // receive call; its details are on the error queue.
-                        read_errors(fd, ERRORS_PER_POLL, |e| h.icmp(e));
-                    }
-                }
-            }
+            delivered += drain_socket(&mut self.rx, sock, fd, h);
         }
         delivered
     }

@@ -827,6 +827,45 @@ pub fn sleep_until_woken(
 /// ICMP errors read per socket when an error ends a sleep.
 const ERRORS_PER_WAKE: usize = 64;
 
+/// `recvmmsg` calls per socket per [`drain_socket`], so sends are never
+/// starved.
+pub const RX_ROUNDS: usize = 16;
+/// ICMP errors read per failed receive in [`drain_socket`].
+const ERRORS_PER_RECEIVE: usize = 64;
+
+/// Receives what socket `sock` (descriptor `fd`) holds with up to
+/// [`RX_ROUNDS`] `recvmmsg` calls into `rx`, handing each batch to `h`;
+/// returns how many datagrams were delivered. A call that fails on a
+/// pending ICMP error (`IP_RECVERR` reports one on the next receive, and
+/// again while the error queue holds more) reads the errors and goes on,
+/// so a flood of errors delays the datagrams queued behind it by a few
+/// system calls, never by a poll. The mmsg backend's receive path, and the
+/// io_uring backend's after such an error ended its multishot receive.
+pub fn drain_socket(rx: &mut RecvBatch, sock: usize, fd: RawFd, h: &mut dyn Handler) -> usize {
+    let mut delivered = 0;
+    for _ in 0..RX_ROUNDS {
+        match rx.recv(fd) {
+            Ok(0) => break,
+            Ok(n) => {
+                for i in 0..n {
+                    h.datagram(sock, &rx.get(i));
+                }
+                h.end_batch();
+                delivered += n;
+                if n < rx.capacity() {
+                    break;
+                }
+            }
+            Err(_) => {
+                // A pending ICMP error (IP_RECVERR) is reported by the
+                // receive call; its details are on the error queue.
+                read_errors(fd, ERRORS_PER_RECEIVE, |e| h.icmp(e));
+            }
+        }
+    }
+    delivered
+}
+
 /// `ppoll` over `(fd, events)` pairs (at most 64): sleeps until one has
 /// `events` or an error/hang-up (always reported), or `timeout` passes.
 /// Returns the bitmask of descriptors with anything to report; an

@@ -15,7 +15,10 @@
 //!   ring of `RX_BUFS` buffers, so one armed SQE keeps delivering datagrams
 //!   (name, control messages with the kernel timestamp, payload) until it
 //!   is cancelled or runs out of buffers; it is re-armed when a CQE comes
-//!   without `IORING_CQE_F_MORE`.
+//!   without `IORING_CQE_F_MORE`. Since it also ends on a pending ICMP
+//!   error and on an empty datagram, which anyone can send in floods, the
+//!   socket is first read with plain `recvmmsg` calls (`udp::drain_socket`,
+//!   the mmsg backend's receive) whenever it ends.
 //! * Completion work: from Linux 6.1 the ring is `SINGLE_ISSUER |
 //!   DEFER_TASKRUN | TASKRUN_FLAG`. The kernel then never interrupts the
 //!   worker to run io_uring work at its system-call exits: the multishot
@@ -40,7 +43,9 @@
 //!   `io_uring_enter` wait could not do both: with deferred task running
 //!   only `WAKE_BATCH` completions, a signal or its timeout end it. The
 //!   drain then goes on only while its rounds find batches (`DRAIN_MIN`),
-//!   so replies trickling in during a drain do not cost an enter each.
+//!   so replies trickling in during a drain do not cost an enter each; one
+//!   that used all its rounds and still found batches skips the next sleep
+//!   (a flood is read as fast as it comes, not a drain per round).
 //! * Waiting (cooperative, before 6.1): `io_uring_enter` with a timeout,
 //!   returning early once `WAKE_BATCH` completions are ready (a burst is
 //!   drained before the provided buffers run out); a `Read` on the
@@ -67,12 +72,15 @@ use io_uring::{cqueue, opcode, squeue, EnterFlags, IoUring};
 use socket2::Socket;
 
 use super::udp::{
-    is_async_icmp, parse_control, read_errors, sleep_until_woken, sockaddr_from_bytes,
-    sockaddr_from_std, write_src_cmsg, CmsgBuf, Datagram,
+    drain_socket, is_async_icmp, parse_control, read_errors, sleep_until_woken,
+    sockaddr_from_bytes, sockaddr_from_std, write_src_cmsg, CmsgBuf, Datagram, RecvBatch,
 };
 use super::waker::Waker;
 use super::{Backend, Handler, WorkerSocket, MAX_SOCKETS, RX_DATAGRAM_MAX, TX_DATAGRAM_MAX};
 
+/// Datagrams per plain `recvmmsg` after a multishot receive ended
+/// (`UringBackend::rx_sync`).
+const RX_SYNC_BATCH: usize = 64;
 /// Transmit slots: datagrams in flight at once.
 pub const TX_SLOTS: usize = 1024;
 /// Provided receive buffers (a power of two).
@@ -179,8 +187,9 @@ pub struct UringBackend {
     tx_free: Vec<u16>,
     tx_tags: Vec<u32>,
     tx_sock: Vec<u8>,
-    /// Sends of each slot failed by an earlier datagram's ICMP error (it is
-    /// sent again up to `ICMP_RESENDS` times).
+    /// Sends of each slot the socket buffer refused (it is queued again
+    /// up to `ICMP_RESENDS` times; one failed by an earlier datagram's
+    /// ICMP error is sent again at once, `resend_now`).
     tx_retried: Vec<u8>,
     tx_in_flight: usize,
     /// SQEs pushed but not yet submitted.
@@ -195,6 +204,9 @@ pub struct UringBackend {
     /// receive is armed.
     rx_hdrs: Box<[libc::msghdr]>,
     rx_armed: Vec<bool>,
+    /// Plain `recvmmsg` batches for a socket whose multishot receive ended
+    /// (`reap`); never named by an SQE.
+    rx_sync: RecvBatch,
     /// Per possible socket: the `IP_PKTINFO` control message naming its
     /// source address and its length (0: no source, plain sends). Written
     /// when the socket is added, before any SQE names it; read-only after.
@@ -203,6 +215,8 @@ pub struct UringBackend {
     /// `DEFER_TASKRUN` (Linux 6.1+): completion work runs only when we
     /// enter with GETEVENTS, and sends carry their destination (`Send`).
     deferred: bool,
+    /// The last drain ended with input still waiting (`drain`).
+    behind: bool,
     wake_word: Box<u64>,
     sockets: Vec<Socket>,
     waker: Waker,
@@ -313,9 +327,11 @@ impl UringBackend {
             rx_tail: 0,
             rx_hdrs,
             rx_armed: Vec::with_capacity(MAX_SOCKETS),
+            rx_sync: RecvBatch::new(RX_SYNC_BATCH, RX_DATAGRAM_MAX),
             src_cmsgs: vec![CmsgBuf::default(); MAX_SOCKETS].into_boxed_slice(),
             src_cmsg_lens: [0; MAX_SOCKETS],
             deferred,
+            behind: false,
             wake_word: Box::new(0),
             sockets: Vec::with_capacity(MAX_SOCKETS),
             waker,
@@ -454,6 +470,54 @@ impl UringBackend {
         self.push(sqe.user_data(UD_TX | slot as u64))
     }
 
+    /// Sends slot `slot` again with a plain system call, at once, after
+    /// its SQE failed on an earlier datagram's ICMP error (`IP_RECVERR`
+    /// reports a pending error on the next send, which consumes it), up to
+    /// `ICMP_RESENDS` times while that is what it meets. At once, not as a
+    /// new SQE: a flood of ICMP errors sets a new one every few µs, and a
+    /// resend queued for the next submission met one almost every time
+    /// (seen: 1,000 pings a second never sent, each charged to its contact,
+    /// under 160,000 forged errors a second); the mmsg backend retries the
+    /// same way (`SendBatch::send`). Returns the last result as a CQE
+    /// would: bytes sent, or `-errno`.
+    fn resend_now(&self, slot: u16) -> i32 {
+        let fd = self.sockets[self.tx_sock[slot as usize] as usize].as_raw_fd();
+        let meta = self.tx_slot(slot);
+        let index = self.tx_sock[slot as usize] as usize;
+        let mut res = -libc::ECONNREFUSED;
+        for _ in 0..super::udp::ICMP_RESENDS {
+            // SAFETY: the slot's CQE was reaped and no SQE names it, so its
+            // payload and metadata (written by tx_commit) are ours to read;
+            // the call only reads them, for their true lengths. The msghdr
+            // is complete whenever push_send would use SendMsg (no Send
+            // opcode, or a source control message); else addr/len are.
+            let rc = unsafe {
+                if self.deferred && self.src_cmsg_lens[index] == 0 {
+                    libc::sendto(
+                        fd,
+                        self.tx_payload(slot).cast(),
+                        (*meta).len as usize,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::addr_of!((*meta).addr).cast(),
+                        (*meta).addr_len,
+                    )
+                } else {
+                    libc::sendmsg(fd, std::ptr::addr_of!((*meta).hdr), libc::MSG_DONTWAIT)
+                }
+            };
+            if rc >= 0 {
+                return rc as i32;
+            }
+            res = -io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if !is_async_icmp(-res) {
+                break;
+            }
+        }
+        res
+    }
+
     /// Reaps every completion; returns how many datagrams were received.
     fn reap(&mut self, h: &mut dyn Handler) -> io::Result<usize> {
         let mut received = 0;
@@ -486,18 +550,25 @@ impl UringBackend {
                 match ud & (0xFF << KIND_SHIFT) {
                     UD_TX => {
                         let slot = index as u16;
-                        if res < 0
-                            && is_async_icmp(-res)
+                        let mut res = res;
+                        if res < 0 && is_async_icmp(-res) {
+                            // An ICMP error for an earlier datagram was
+                            // reported on this send (which took it off
+                            // the socket); the slot is intact. Read the
+                            // errors, then send again at once.
+                            let fd = self.sockets[self.tx_sock[index] as usize].as_raw_fd();
+                            read_errors(fd, 64, |e| h.icmp(e));
+                            res = self.resend_now(slot);
+                        }
+                        if res == -libc::EAGAIN
                             && self.tx_retried[index] < super::udp::ICMP_RESENDS
                             && resend_len < resend.len()
                         {
-                            // An ICMP error for an earlier datagram was
-                            // reported on this send; the slot is intact.
+                            // The socket buffer is full: the ring waits for
+                            // room.
                             self.tx_retried[index] += 1;
                             resend[resend_len] = slot;
                             resend_len += 1;
-                            let fd = self.sockets[self.tx_sock[index] as usize].as_raw_fd();
-                            read_errors(fd, 64, |e| h.icmp(e));
                             continue;
                         }
                         if res < 0 {
@@ -519,9 +590,24 @@ impl UringBackend {
                             self.give_rx_buffer(bid);
                             returned = true;
                         }
-                        if res < 0 && res != -libc::ENOBUFS && res != -libc::ECANCELED {
-                            // A pending ICMP error surfaces as a failed receive.
-                            read_errors(self.sockets[sock].as_raw_fd(), 64, |e| h.icmp(e));
+                        if !cqueue::more(flags) && res != -libc::ECANCELED {
+                            // The multishot receive ended with datagrams
+                            // likely still queued: on a pending ICMP error
+                            // (a failed receive), on an empty datagram
+                            // (Linux ends a multishot receive on one), or
+                            // out of buffers. Under a flood of either the
+                            // next one comes before a re-armed receive runs
+                            // (reading an error also sets the next queued
+                            // one), so the socket is read here with plain
+                            // calls, which read errors between receives and
+                            // take empty datagrams like any, until the
+                            // receive is armed again. Seen without: replies
+                            // read after their timeout under 200,000 forged
+                            // ICMP errors a second, and 100,000 datagrams a
+                            // second dropped by a full socket under a flood
+                            // of truncated replies, every 400th empty.
+                            let fd = self.sockets[sock].as_raw_fd();
+                            received += drain_socket(&mut self.rx_sync, sock, fd, h);
                         }
                     }
                     UD_WAKE => {
@@ -579,17 +665,27 @@ impl UringBackend {
     /// out. A round that found the socket nearly empty ends the drain:
     /// replies trickling in meanwhile wait for the next wake-up instead of
     /// costing an enter each (seen: two enters per ping at 10k pings/s).
+    ///
+    /// A drain that used all its rounds and still found batches leaves
+    /// `behind` set: the socket holds more than a round takes, and the next
+    /// `poll` does not sleep (the mmsg backend does not sleep either while
+    /// its receives find datagrams). Without, a flood of small datagrams
+    /// was read at `DRAIN_ROUNDS` batches per worker round, about 100,000
+    /// a second with the worker mostly asleep, and the socket dropped the
+    /// rest, genuine replies with them (contacts went Down by timeout).
     fn drain(&mut self, mut received: usize, h: &mut dyn Handler) -> io::Result<()> {
+        self.behind = false;
         if !self.deferred {
             return Ok(());
         }
         for _ in 0..DRAIN_ROUNDS {
             if received < DRAIN_MIN || !self.ring.submission().taskrun() {
-                break;
+                return Ok(());
             }
             self.enter_getevents()?;
             received = self.reap(h)?;
         }
+        self.behind = received >= DRAIN_MIN;
         Ok(())
     }
 
@@ -781,7 +877,7 @@ impl Backend for UringBackend {
     /// GETEVENTS enter. Either way the reap that follows finds the replies,
     /// and the drain goes on while rounds find batches.
     fn poll(&mut self, timeout: Duration, h: &mut dyn Handler) -> io::Result<()> {
-        if !timeout.is_zero() {
+        if !timeout.is_zero() && !self.behind {
             self.wait(timeout, h)?;
         } else if self.deferred && (self.unsubmitted > 0 || self.ring.submission().taskrun()) {
             self.enter_getevents()?;

@@ -121,7 +121,10 @@ pub enum Counter {
     Handoff,
     /// Datagrams received.
     Received,
-    /// Replies for a ping that had already timed out or been answered.
+    /// Replies for a ping that had already timed out or been answered,
+    /// and genuine replies replayed later (a reply counts only for a
+    /// transmission of the ping in flight, named by the token's sequence
+    /// number and send time).
     Late,
     /// Retransmissions before a miss is counted (T1 doubling, RFC 3261 §17.1.2.2 style).
     Retries,
@@ -144,7 +147,9 @@ pub enum Counter {
     // ICMP errors that changed nothing (version 4), by cause; with
     // `Unreachable` they add up to every ICMP error read.
     /// ICMP errors quoting a request whose token fails its MAC or names
-    /// another instance: not a datagram kaping sent.
+    /// another instance, or a datagram that is no request of kaping's at
+    /// all (it goes on past where the token would be, without one): not a
+    /// datagram kaping sent.
     IcmpForged,
     /// ICMP unreachable errors that name no ping in flight: the quoted
     /// token's contact is gone or its ping already settled (answered, timed

@@ -13,6 +13,10 @@
 //! * `contacts`: contact `i` is `sip:u<i>@127.a.b.c:P` ([`contact_uri`]);
 //!   the whole of 127.0.0.0/8 is local on Linux, so one socket bound to
 //!   0.0.0.0:P answers for every 127.a.b.c:P.
+//! * `capture`: a small responder that keeps copies of the genuine replies
+//!   it sends, and can fall silent per contact (replay floods).
+//! * `icmp`: forged ICMP port unreachables quoting datagrams never sent,
+//!   and the raw socket to send them from (tests, ICMP floods).
 //!
 //! Users: `kaping demo` runs a [`Responder`] in-process next to the daemon's
 //! workers; `kaping-loadgen` (tools/) is a command line over this module
@@ -34,8 +38,10 @@
 //! # Ok::<(), String>(())
 //! ```
 
+pub mod capture;
 pub mod contacts;
 pub mod fate;
+pub mod icmp;
 pub mod request;
 pub mod responder;
 

@@ -590,6 +590,31 @@ pub fn quoted_token(quote: &[u8]) -> Option<&[u8; TOKEN_LEN]> {
     line.get(at..at + TOKEN_LEN)?.try_into().ok()
 }
 
+/// Whether a quote in which [`quoted_token`] found no token may still be
+/// the start of a request kaping sent with `method`, cut by whoever quoted
+/// it before the token: empty (a router that quoted only the UDP header),
+/// a prefix of the method and its space, or the start of such a request
+/// that ends before its first header line does (the Via that carries the
+/// token). A quote that goes on past that without a token (another
+/// program's datagram, random bytes) is of no request kaping sent: an ICMP
+/// error quoting it was made by someone who never saw kaping's datagram.
+/// Never panics, never allocates.
+pub fn quote_may_be_request(quote: &[u8], method: &[u8]) -> bool {
+    let n = quote.len().min(method.len());
+    if quote[..n] != method[..n] {
+        return false;
+    }
+    match quote.get(method.len()) {
+        None => return true,
+        Some(b' ') => {}
+        Some(_) => return false,
+    }
+    let Some(line_at) = memchr::memmem::find(quote, CRLF.as_bytes()) else {
+        return true;
+    };
+    memchr::memmem::find(&quote[line_at + CRLF.len()..], CRLF.as_bytes()).is_none()
+}
+
 /// `"00" "01" ... "99"`: two digits per lookup.
 const DIGIT_PAIRS: [[u8; 2]; 100] = {
     let mut t = [[0u8; 2]; 100];
@@ -839,6 +864,37 @@ mod tests {
         ] {
             assert_eq!(quoted_token(q), None, "{:?}", String::from_utf8_lossy(q));
         }
+    }
+
+    #[test]
+    fn a_request_cut_before_its_token_may_be_ours_anything_else_is_not() {
+        let token = b"QUJDsZ0gAAAHAAAAAAEACWAa2Xyz";
+        let req = request(&TemplateConfig::default(), token);
+        let token_at = memchr::memmem::find(&req, token).unwrap();
+        for cut in 0..token_at + TOKEN_LEN {
+            assert!(
+                quote_may_be_request(&req[..cut], b"OPTIONS"),
+                "cut at {cut}: {:?}",
+                String::from_utf8_lossy(&req[..cut])
+            );
+        }
+        for q in [
+            &b"\xffrandom bytes, not a request"[..],
+            b"OPTIONX sip:a@b SIP/2.0",
+            b"OPTIONSsip:a@b SIP/2.0",
+            b"NOTIFY sip:a@b SIP/2.0\r\n",
+            b"\0\0\0\0",
+            // A whole first header line, and no token in it.
+            b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKshort\r\n",
+            b"OPTIONS sip:a@b SIP/2.0\r\nMax-Forwards: 70\r\n",
+        ] {
+            assert!(
+                !quote_may_be_request(q, b"OPTIONS"),
+                "{:?}",
+                String::from_utf8_lossy(q)
+            );
+        }
+        assert!(quote_may_be_request(b"NOTIFY sip:a@b", b"NOTIFY"));
     }
 
     #[test]

@@ -311,6 +311,18 @@ pub fn decode(key: &TokenKey, token: &[u8]) -> Result<TokenFields, TokenError> {
     })
 }
 
+/// The instance id a token's prefix carries (what [`TokenKey::new`] was
+/// given, its low 24 bits), or `None` when the prefix is not 4 alphabet
+/// characters. Unverified: anyone can read it off a reply, so it only
+/// lets a forger get past the instance check to the MAC (the tests and
+/// the flood bench do exactly that).
+pub fn instance_of(token: &[u8]) -> Option<u32> {
+    token.get(..INSTANCE_LEN)?.iter().try_fold(0u32, |id, &c| {
+        let v = DECODE[c as usize];
+        (v != INVALID).then_some(id << 6 | u32::from(v))
+    })
+}
+
 /// The 48-bit value of 8 token characters, and the OR of their [`DECODE`]
 /// entries (high bit set if any character is outside the alphabet; the value
 /// is then meaningless). A fixed-size loop that the compiler unrolls: 8 table
@@ -369,6 +381,19 @@ mod tests {
         }
         let valid = DECODE.iter().filter(|&&v| v != INVALID).count();
         assert_eq!(valid, 64, "the alphabet has duplicates");
+    }
+
+    #[test]
+    fn the_prefix_names_the_instance_and_nothing_more() {
+        let tok = token_of(&key(), &FIELDS);
+        assert_eq!(instance_of(&tok), Some(0x12_3456));
+        // Another secret with that id: the same prefix, another MAC.
+        let other = TokenKey::new([9; 16], instance_of(&tok).unwrap());
+        let forged = token_of(&other, &FIELDS);
+        assert_eq!(forged[..INSTANCE_LEN], tok[..INSTANCE_LEN]);
+        assert_eq!(decode(&key(), &forged), Err(TokenError::Mac));
+        assert_eq!(instance_of(b"AB"), None);
+        assert_eq!(instance_of(b"AB!D"), None);
     }
 
     #[test]

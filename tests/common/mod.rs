@@ -83,6 +83,73 @@ pub fn wait_with_deadline(
     }
 }
 
+/// Waits for `child` (started with piped stdout and stderr) to exit;
+/// kills it and fails the test, naming `what`, past `limit`. Returns its
+/// status and what it printed.
+#[allow(dead_code)]
+pub fn output_within(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} ran over {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out).unwrap();
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    (status, out, err)
+}
+
+/// Whether the io_uring backend can run here; says SKIP when it cannot
+/// (`backend` other than `uring` always can).
+#[allow(dead_code)]
+pub fn uring_available(backend: &str) -> bool {
+    if backend == "uring" {
+        if let Err(why) = kaping::io::uring::probe() {
+            eprintln!("SKIP (uring): io_uring unavailable here: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// A daemon's counters summed over its workers.
+#[allow(dead_code)]
+pub fn totals(shm: &kaping::shm::reader::ShmReader) -> [u64; kaping::shm::layout::Counter::COUNT] {
+    let mut total = [0u64; kaping::shm::layout::Counter::COUNT];
+    for w in 0..shm.header().workers {
+        for (t, c) in total.iter_mut().zip(shm.counters(w)) {
+            *t += c;
+        }
+    }
+    total
+}
+
+/// The events a daemon wrote to `path` so far, one JSON value a line.
+#[allow(dead_code)]
+pub fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// A Debian Kamailio run by a test, in a process group of its own: TERM
 /// then KILL to the whole group on drop (its children outlive the main
 /// process otherwise), whatever the test did.

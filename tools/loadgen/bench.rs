@@ -428,15 +428,15 @@ pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
 
 /// Memory figures of `/proc/PID/status`, bytes.
 #[derive(Default, Clone, Copy)]
-struct Memory {
-    rss: u64,
+pub(crate) struct Memory {
+    pub(crate) rss: u64,
     anon: u64,
     file: u64,
     shmem: u64,
     peak: u64,
 }
 
-fn memory(pid: u32) -> Memory {
+pub(crate) fn memory(pid: u32) -> Memory {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let mut m = Memory::default();
     for line in text.lines() {
@@ -502,6 +502,15 @@ impl Sample {
     /// Growth of counter `c` since `earlier`.
     pub(crate) fn since(&self, earlier: &Sample, c: Counter) -> u64 {
         self.get(c).saturating_sub(earlier.get(c))
+    }
+
+    /// The RTT histogram of the samples taken since `earlier`.
+    pub(crate) fn hist_since(&self, earlier: &Sample) -> Vec<u64> {
+        self.hist
+            .iter()
+            .zip(&earlier.hist)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect()
     }
 }
 
@@ -603,6 +612,8 @@ pub(crate) struct DaemonArgs<'a> {
     pub max_contacts: u32,
     /// `--run-for` (its own backstop).
     pub run_for: Duration,
+    /// Where the daemon writes its state-change events (`None`: nowhere).
+    pub events: Option<&'a Path>,
 }
 
 /// The `kaping run` command of a bench (more flags may be added).
@@ -630,8 +641,6 @@ pub(crate) fn daemon_command(a: &DaemonArgs) -> Command {
         &duration_flag(a.reply_timeout),
         "--down-after",
         "3",
-        "--events",
-        "none",
         "--instance",
         a.instance,
         "--max-contacts",
@@ -639,6 +648,10 @@ pub(crate) fn daemon_command(a: &DaemonArgs) -> Command {
         "--run-for",
         &format!("{:.3}s", a.run_for.as_secs_f64()),
     ]);
+    match a.events {
+        Some(path) => run.arg("--events").arg(path),
+        None => run.args(["--events", "none"]),
+    };
     run
 }
 
@@ -816,6 +829,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         instance: "bench",
         max_contacts: cfg.max_contacts.unwrap_or(cfg.contacts as u32),
         run_for: Duration::from_secs_f64(run_for_s),
+        events: None,
     });
     eprintln!(
         "bench: {} contacts, interval {:.3} s (offered {:.0}/s), {workers} workers, backend {} ...",
@@ -883,12 +897,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     );
     drop(shm);
 
-    let hist: Vec<u64> = end
-        .hist
-        .iter()
-        .zip(&first.hist)
-        .map(|(a, b)| a.saturating_sub(*b))
-        .collect();
+    let hist = end.hist_since(&first);
     let sent = end.since(&first, Counter::Sent);
     let matched = end.since(&first, Counter::Matched);
     let sent_per_s = sent as f64 / window_s;

@@ -457,6 +457,7 @@ pub fn run(cfg: &ControlBenchConfig) -> Result<ControlBenchReport, String> {
         instance: "control-bench",
         max_contacts,
         run_for: Duration::from_secs(backstop_s),
+        events: None,
     });
     run.arg("--control")
         .arg(&socket)

@@ -257,6 +257,7 @@ pub fn run(cfg: &ProxyBenchConfig) -> Result<ProxyBenchReport, String> {
             instance: &format!("proxybench{i}"),
             max_contacts: cfg.contacts as u32,
             run_for: per_mode + Duration::from_secs(10),
+            events: None,
         });
         if mode != "bind" {
             run.args(["--source", &source, "--replies", mode]);

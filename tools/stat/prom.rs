@@ -62,7 +62,7 @@ const COUNTERS: [(Counter, &str, &str); 14] = [
     (
         Counter::Late,
         "kaping_replies_late_total",
-        "Replies for a ping already timed out or answered.",
+        "Replies for a ping already timed out or answered, and genuine replies replayed later.",
     ),
     (
         Counter::ErrorReplies,
