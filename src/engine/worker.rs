@@ -331,6 +331,12 @@ struct Contact {
     /// The interval was set for this contact (else it follows the
     /// configured default, also after a reload).
     own_interval: bool,
+    /// A transmission of the ping in flight failed with an earlier
+    /// datagram's ICMP error after the backend's resends, and the ping was
+    /// put off one tick instead of charged to the contact (`send_failed`);
+    /// a second such failure of the same ping is charged. Cleared when the
+    /// ping settles. Fits in what was padding.
+    send_deferred: bool,
     /// What each ping is: the SIP request, or a NAT-only keepalive that
     /// is not answered (never in flight, state Unmonitored).
     keepalive: KeepaliveKind,
@@ -670,6 +676,7 @@ impl Core {
                 srtt_frac: 0,
                 rttvar_frac: 0,
                 own_interval: c.interval.is_some(),
+                send_deferred: false,
                 keepalive: c.keepalive,
             };
             let handle = match c.handle {
@@ -916,6 +923,7 @@ impl Core {
         };
         debug_assert!(c.tries > 0, "slot {slot}: no ping in flight");
         c.tries = 0;
+        c.send_deferred = false;
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
         let state = self.update_liveness(handle, None, miss);
@@ -1247,6 +1255,7 @@ impl Core {
             self.in_flight -= 1;
             if let Some((_, c)) = self.slab.get_slot_mut(slot) {
                 c.tries = 0;
+                c.send_deferred = false;
             }
             return Expiry::Done;
         }
@@ -1293,6 +1302,7 @@ impl Core {
             return;
         }
         c.tries = 0;
+        c.send_deferred = false;
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
         self.shm.add(Counter::Matched, 1);
@@ -1398,15 +1408,32 @@ impl Handler for Core {
         self.replies = replies;
     }
 
-    fn send_failed(&mut self, tag: u32, _err: &io::Error) {
+    fn send_failed(&mut self, tag: u32, err: &io::Error) {
         self.shm.add(Counter::SendErrors, 1);
-        let Some((_, c)) = self.slab.get_slot(tag) else {
+        let now = self.now_tick();
+        let Some((_, c)) = self.slab.get_slot_mut(tag) else {
             return;
         };
         if c.keepalive != KeepaliveKind::Sip || c.tries == 0 {
             // Counted above; an unmonitored contact's state says nothing,
             // and a ping already settled (an earlier transmission was
             // answered) has nothing left to fail.
+            return;
+        }
+        if !c.send_deferred && err.raw_os_error().is_some_and(crate::io::udp::is_async_icmp) {
+            // Every send of it (the backend resends at once,
+            // `udp::ICMP_RESENDS`) reported another datagram's ICMP error:
+            // errors arriving faster than the sends between them (a flood
+            // of forged ones, or many dead contacts at once). Nothing is
+            // known about this contact, so nothing is charged to it: the
+            // transmission is undone and the ping sent again next tick.
+            // Once per ping: a second such failure is its own.
+            c.send_deferred = true;
+            c.tries -= 1;
+            if c.tries == 0 {
+                self.in_flight -= 1;
+            }
+            self.wheel.insert(tag, now + 1);
             return;
         }
         // The ping never left: a miss at once, reason `unreachable`,
@@ -1989,6 +2016,30 @@ mod tests {
             lab.icmp(dest, &req);
             assert_eq!(lab.counts(), (1, 2, 1, 0));
             assert_eq!((lab.tries(a), lab.rec(a).misses), (0, 1));
+        }
+
+        #[test]
+        fn another_datagrams_icmp_error_on_a_send_puts_the_ping_off_once() {
+            let mut lab = new_lab();
+            let a = lab.add("127.0.0.1:5070", KeepaliveKind::Sip);
+            let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+            lab.ping(a);
+            lab.core.send_failed(a, &refused);
+            // Not charged: undone, and due again next tick.
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (0, 0));
+            assert_eq!(lab.core.in_flight, 0);
+            assert!(lab.core.wheel.is_armed(a));
+            // Its resend meets another such error: now it is charged.
+            lab.ping(a);
+            assert_eq!(lab.core.in_flight, 1);
+            lab.core.send_failed(a, &refused);
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (0, 1));
+            assert_eq!(lab.core.in_flight, 0);
+            // The next ping gets the benefit of the doubt again.
+            lab.ping(a);
+            lab.core.send_failed(a, &refused);
+            assert_eq!((lab.tries(a), lab.rec(a).misses), (0, 1));
+            assert_eq!(lab.core.shm.get(Counter::SendErrors), 3);
         }
 
         #[test]
