@@ -1420,7 +1420,11 @@ impl Handler for Core {
             // answered) has nothing left to fail.
             return;
         }
-        if !c.send_deferred && err.raw_os_error().is_some_and(crate::io::udp::is_async_icmp) {
+        if !c.send_deferred
+            && err
+                .raw_os_error()
+                .is_some_and(crate::io::udp::is_async_icmp)
+        {
             // Every send of it (the backend resends at once,
             // `udp::ICMP_RESENDS`) reported another datagram's ICMP error:
             // errors arriving faster than the sends between them (a flood
