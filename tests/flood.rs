@@ -24,7 +24,9 @@
 //! deadline. Every test is bounded in time and serialized (two cores).
 
 mod common;
-use common::{events, free_ports, output_within, totals, uring_available, wait_with_deadline};
+use common::{
+    events, free_ports, loopback_daemon, output_within, totals, uring_available, wait_with_deadline,
+};
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -120,27 +122,23 @@ fn replays_forgeries_and_garbage_change_nothing(backend: &str) {
     let kaping_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, bind_port);
     let shm_path = dir.path().join("shm");
     let events_path = dir.path().join("events.jsonl");
-    let child = Command::new(kaping())
-        .arg("run")
-        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
-        .arg("--contacts")
-        .arg(dir.path().join("contacts.txt"))
-        .arg("--shm")
-        .arg(&shm_path)
-        .arg("--events")
-        .arg(&events_path)
-        .args(["--bind", &kaping_addr.to_string()])
-        .args(["--workers", "1", "--max-contacts", "256"])
-        .args(["--backend", backend, "--pin-workers", "false"])
-        // A reply timeout far above any loopback RTT, even on a busy
-        // machine: every late reply below is a replay.
-        .args(["--interval", "3s", "--reply-timeout", "2.5s"])
-        .args(["--retries", "0", "--down-after", "2"])
-        .args(["--run-for", "60s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = loopback_daemon(
+        dir.path(),
+        &shm_path,
+        &events_path,
+        kaping_addr,
+        backend,
+        256,
+    )
+    // A reply timeout far above any loopback RTT, even on a busy
+    // machine: every late reply below is a replay.
+    .args(["--interval", "3s", "--reply-timeout", "2.5s"])
+    .args(["--retries", "0", "--down-after", "2"])
+    .args(["--run-for", "60s"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut daemon = Daemon { child };
 
     // Every contact answers once (kept); the first SILENT then go Down.

@@ -20,7 +20,7 @@
 //! 127.0.0.1.
 
 mod common;
-use common::{events, free_ports, totals, uring_available, wait_with_deadline};
+use common::{events, free_ports, loopback_daemon, totals, uring_available, wait_with_deadline};
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -316,32 +316,28 @@ fn forged_errors_change_nothing(backend: &str) {
     let kaping_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, bind_port);
     let shm_path = dir.path().join("shm");
     let events_path = dir.path().join("events.jsonl");
-    let mut child = Command::new(kaping())
-        .arg("run")
-        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
-        .arg("--contacts")
-        .arg(dir.path().join("contacts.txt"))
-        .arg("--shm")
-        .arg(&shm_path)
-        .arg("--events")
-        .arg(&events_path)
-        .args(["--bind", &kaping_addr.to_string()])
-        .args(["--workers", "1", "--max-contacts", "16"])
-        .args(["--backend", backend, "--pin-workers", "false"])
-        .args([
-            "--interval",
-            "1s",
-            "--jitter",
-            "0",
-            "--reply-timeout",
-            "500ms",
-        ])
-        .args(["--retries", "0", "--down-after", "1"])
-        .args(["--run-for", "4s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = loopback_daemon(
+        dir.path(),
+        &shm_path,
+        &events_path,
+        kaping_addr,
+        backend,
+        16,
+    )
+    .args([
+        "--interval",
+        "1s",
+        "--jitter",
+        "0",
+        "--reply-timeout",
+        "500ms",
+    ])
+    .args(["--retries", "0", "--down-after", "1"])
+    .args(["--run-for", "4s"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
 
     // Wait until the phone has answered a ping and the next is far off:
     // no ping is in flight while the errors arrive (down_after 1: one

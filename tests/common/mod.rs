@@ -406,3 +406,35 @@ pub fn promtool_check(page: &str) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `kaping run` over loopback with one unpinned worker: contacts from
+/// `dir/contacts.txt`, shm at `shm`, events to `events`, bound to `bind`;
+/// the caller adds the timing settings and spawns it.
+#[allow(dead_code)]
+pub fn loopback_daemon(
+    dir: &std::path::Path,
+    shm: &std::path::Path,
+    events: &std::path::Path,
+    bind: std::net::SocketAddrV4,
+    backend: &str,
+    max_contacts: u32,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kaping"));
+    cmd.arg("run")
+        .args(["--allow-destinations", "127.0.0.0/8,::1/128"])
+        .arg("--contacts")
+        .arg(dir.join("contacts.txt"))
+        .arg("--shm")
+        .arg(shm)
+        .arg("--events")
+        .arg(events)
+        .args(["--bind", &bind.to_string()])
+        .args([
+            "--workers",
+            "1",
+            "--max-contacts",
+            &max_contacts.to_string(),
+        ])
+        .args(["--backend", backend, "--pin-workers", "false"]);
+    cmd
+}
