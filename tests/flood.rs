@@ -135,8 +135,6 @@ fn replays_forgeries_and_garbage_change_nothing(backend: &str) {
     .args(["--interval", "3s", "--reply-timeout", "2.5s"])
     .args(["--retries", "0", "--down-after", "2"])
     .args(["--run-for", "60s"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
     .spawn()
     .unwrap();
     let mut daemon = Daemon { child };

@@ -334,8 +334,6 @@ fn forged_errors_change_nothing(backend: &str) {
     ])
     .args(["--retries", "0", "--down-after", "1"])
     .args(["--run-for", "4s"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
     .spawn()
     .unwrap();
 

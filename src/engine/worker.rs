@@ -1410,7 +1410,6 @@ impl Handler for Core {
 
     fn send_failed(&mut self, tag: u32, err: &io::Error) {
         self.shm.add(Counter::SendErrors, 1);
-        let now = self.now_tick();
         let Some((_, c)) = self.slab.get_slot_mut(tag) else {
             return;
         };
@@ -1437,7 +1436,7 @@ impl Handler for Core {
             if c.tries == 0 {
                 self.in_flight -= 1;
             }
-            self.wheel.insert(tag, now + 1);
+            self.wheel.insert(tag, self.wheel.now_tick() + 1);
             return;
         }
         // The ping never left: a miss at once, reason `unreachable`,

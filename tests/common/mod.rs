@@ -409,6 +409,7 @@ pub fn promtool_check(page: &str) {
 
 /// `kaping run` over loopback with one unpinned worker: contacts from
 /// `dir/contacts.txt`, shm at `shm`, events to `events`, bound to `bind`;
+/// its stdout discarded and its stderr piped (for the test's messages);
 /// the caller adds the timing settings and spawns it.
 #[allow(dead_code)]
 pub fn loopback_daemon(
@@ -435,6 +436,8 @@ pub fn loopback_daemon(
             "--max-contacts",
             &max_contacts.to_string(),
         ])
-        .args(["--backend", backend, "--pin-workers", "false"]);
+        .args(["--backend", backend, "--pin-workers", "false"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     cmd
 }
