@@ -500,6 +500,58 @@ fn ceiling_reports_a_rate() {
     assert_eq!(r["responder"]["answered"], r["responder"]["received"]);
 }
 
+/// Paced, the raw sender keeps to the rate asked (not flat out), in the
+/// rounds asked, and reports its CPU per round trip; one of the two options
+/// alone is refused.
+#[test]
+fn ceiling_paces_the_raw_sender_in_rounds() {
+    let out = Command::new(BIN)
+        .args([
+            "ceiling",
+            "--contacts",
+            "1000",
+            "--seconds",
+            "2",
+            "--size",
+            "200",
+            "--rate",
+            "2000",
+            "--round",
+            "20ms",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["pace"]["rate"], 2000.0, "{r}");
+    assert_eq!(r["pace"]["round"], 0.02, "{r}");
+    // 2,000 a second, not the hundreds of thousands flat out; the first
+    // second may start late by a round.
+    let rate = r["round_trips_per_s"].as_u64().unwrap();
+    assert!((1800..=2200).contains(&rate), "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert!(
+        r["sender_cpu_us_per_round_trip"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+
+    let alone = Command::new(BIN)
+        .args(["ceiling", "--seconds", "1", "--rate", "2000"])
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("--round"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+}
+
 #[test]
 fn ceiling_drives_the_sip_responder() {
     let out = Command::new(BIN)

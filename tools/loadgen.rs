@@ -271,6 +271,15 @@ struct CeilingArgs {
     /// request size).
     #[arg(long)]
     sip: bool,
+    /// Send at this many round trips per second instead of flat out, in
+    /// rounds of `--round`: the raw sender at an operating point (what
+    /// `bench` measures at kaping's rounds as `paced_sender_*`).
+    #[arg(long, requires = "round")]
+    rate: Option<f64>,
+    /// With `--rate`: how long the sender sleeps between rounds (it then
+    /// receives the echoes waiting and sends what fell due), e.g. 40ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ns, requires = "rate")]
+    round: Option<u64>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -777,7 +786,14 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         size: a.size,
         window: a.window,
         sip: a.sip,
-        pace: None,
+        pace: match (a.rate, a.round) {
+            (Some(rate), Some(round)) if rate > 0.0 && round > 0 => Some(ceiling::Pace {
+                rate,
+                round: Duration::from_nanos(round),
+            }),
+            (Some(_), Some(_)) => return Err("--rate and --round must be above 0".to_string()),
+            _ => None,
+        },
     })?;
     if a.json {
         println!(
@@ -806,10 +822,16 @@ fn run_ceiling(a: CeilingArgs) -> Result<(), String> {
         {
             println!("responder used {cpu:.2} CPU s: {rate} answered per responder CPU second");
         }
-        if let Some(us) = report.sender_cpu_us_per_round_trip {
-            println!(
+        match (report.sender_cpu_us_per_round_trip, report.pace) {
+            (Some(us), None) => println!(
                 "sender used {us:.2} CPU us per round trip (flat out, almost all in the kernel)"
-            );
+            ),
+            (Some(us), Some(p)) => println!(
+                "sender used {us:.2} CPU us per round trip (paced at {:.0}/s in {} ms rounds)",
+                p.rate,
+                p.round.as_secs_f64() * 1e3
+            ),
+            (None, _) => {}
         }
     }
     Ok(())
