@@ -474,19 +474,12 @@ fn seconds_stops_it_and_prints_text_counters() {
     }
 }
 
-#[test]
-fn ceiling_reports_a_rate() {
+/// Runs `kaping-loadgen ceiling ARGS --json`, which must succeed; its report.
+fn ceiling_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args([
-            "ceiling",
-            "--contacts",
-            "1000",
-            "--seconds",
-            "1",
-            "--size",
-            "200",
-            "--json",
-        ])
+        .arg("ceiling")
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
@@ -494,7 +487,12 @@ fn ceiling_reports_a_rate() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn ceiling_reports_a_rate() {
+    let r = ceiling_json(&["--contacts", "1000", "--seconds", "1", "--size", "200"]);
     assert!(r["round_trips_per_s"].as_u64().unwrap() > 1000, "{r}");
     assert!(r["echoed"].as_u64().unwrap() > 0);
     assert_eq!(r["responder"]["answered"], r["responder"]["received"]);
@@ -505,29 +503,18 @@ fn ceiling_reports_a_rate() {
 /// alone is refused.
 #[test]
 fn ceiling_paces_the_raw_sender_in_rounds() {
-    let out = Command::new(BIN)
-        .args([
-            "ceiling",
-            "--contacts",
-            "1000",
-            "--seconds",
-            "2",
-            "--size",
-            "200",
-            "--rate",
-            "2000",
-            "--round",
-            "20ms",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = ceiling_json(&[
+        "--contacts",
+        "1000",
+        "--seconds",
+        "2",
+        "--size",
+        "200",
+        "--rate",
+        "2000",
+        "--round",
+        "20ms",
+    ]);
     assert_eq!(r["pace"]["rate"], 2000.0, "{r}");
     assert_eq!(r["pace"]["round"], 0.02, "{r}");
     // 2,000 a second, not the hundreds of thousands flat out; the first
@@ -554,24 +541,7 @@ fn ceiling_paces_the_raw_sender_in_rounds() {
 
 #[test]
 fn ceiling_drives_the_sip_responder() {
-    let out = Command::new(BIN)
-        .args([
-            "ceiling",
-            "--sip",
-            "--contacts",
-            "500",
-            "--seconds",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = ceiling_json(&["--sip", "--contacts", "500", "--seconds", "1"]);
     assert!(r["round_trips_per_s"].as_u64().unwrap() > 1000, "{r}");
     assert_eq!(r["responder"]["unparsable"], 0, "{r}");
     assert_eq!(r["responder"]["answered"], r["responder"]["received"]);
