@@ -539,6 +539,52 @@ fn ceiling_paces_the_raw_sender_in_rounds() {
     );
 }
 
+/// `wake-cost` sleeps each length the number of times that fills the time
+/// asked, both ways, and reports a CPU cost and a lateness for each; a
+/// length of 0 is refused with the option named.
+#[test]
+fn wake_cost_measures_each_sleep_length() {
+    let out = Command::new(BIN)
+        .args([
+            "wake-cost",
+            "--sleeps",
+            "1ms,5ms",
+            "--seconds",
+            "0.05",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{r}");
+    for (row, (ms, count)) in rows.iter().zip([(1.0, 50), (5.0, 10)]) {
+        assert_eq!(row["sleep_ms"], ms, "{r}");
+        assert_eq!(row["count"], count, "{r}");
+        for k in ["nanosleep_cpu_us", "worker_cpu_us"] {
+            assert!(row[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+        for k in ["nanosleep_overshoot_us", "worker_overshoot_us"] {
+            assert!(row[k].as_f64().unwrap() >= 0.0, "{k}: {r}");
+        }
+    }
+    let zero = Command::new(BIN)
+        .args(["wake-cost", "--sleeps", "1ms,0"])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
+    assert!(
+        String::from_utf8_lossy(&zero.stderr).contains("--sleeps"),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
+}
+
 #[test]
 fn ceiling_drives_the_sip_responder() {
     let r = ceiling_json(&["--sip", "--contacts", "500", "--seconds", "1"]);

@@ -25,6 +25,8 @@
 //!   asked for (random bytes, truncated and forged replies, genuine replies
 //!   replayed, forged ICMP errors) arrive at its ports flat out, and
 //!   reports where each went, what it cost and that no contact changed.
+//! * `wake-cost` measures what one sleep and wake-up costs a thread on this
+//!   host, which sets kaping's cost per ping at low rates.
 //!
 //! The simulated platform itself lives in the library (`kaping::sim`), so
 //! `kaping demo` runs the very same responder in-process; this binary is its
@@ -56,6 +58,8 @@ mod reach;
 mod register;
 #[path = "loadgen/sipmsg.rs"]
 mod sipmsg;
+#[path = "loadgen/wake.rs"]
+mod wake;
 
 /// As in `kaping`: the control bench's client builds and parses a JSON
 /// batch per round trip; the responder and the ceiling allocate nothing
@@ -123,6 +127,10 @@ enum Cmd {
     /// memory and per-second ping rate, and that no contact changed state
     /// and no replay counted as an answer. Exits 2 when a check fails.
     Flood(FloodArgs),
+    /// What one sleep and wake-up costs a thread on this host: the CPU a
+    /// worker pays per round at low rates whatever it does in the round
+    /// (a few µs on bare metal, far more in some virtual machines).
+    WakeCost(WakeCostArgs),
     /// Simulated SIP phones: one socket each, registering and answering
     /// every request as real phones behind a NAT do.
     Phones(PhonesArgs),
@@ -454,6 +462,19 @@ struct ControlBenchArgs {
 }
 
 #[derive(Args, Debug)]
+struct WakeCostArgs {
+    /// Sleep lengths to measure, each one after the other.
+    #[arg(long, value_name = "DURATIONS", value_delimiter = ',', default_value = "1ms,2ms,10ms,40ms,100ms", value_parser = parse_duration_ns)]
+    sleeps: Vec<u64>,
+    /// Seconds spent sleeping per length and way (the count follows).
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct FloodArgs {
     /// Simulated contacts the daemon pings (all answer).
     #[arg(long, default_value_t = 1_000_000)]
@@ -643,6 +664,11 @@ fn main() -> ExitCode {
         .and_then(|report| print_report(&report, a.json, dmq_bench::print_text)),
         Cmd::ControlBench(a) => run_control_bench(a),
         Cmd::Flood(a) => run_flood(a),
+        Cmd::WakeCost(a) => wake::run(&wake::WakeConfig {
+            sleeps: a.sleeps.into_iter().map(Duration::from_nanos).collect(),
+            seconds: a.seconds,
+        })
+        .and_then(|report| print_report(&report, a.json, wake::print_text)),
         Cmd::Phones(a) => run_phones(a),
         Cmd::Reach(a) => run_reach(a),
         Cmd::Register(a) => run_register(a),
