@@ -474,20 +474,28 @@ fn seconds_stops_it_and_prints_text_counters() {
     }
 }
 
-/// Runs `kaping-loadgen ceiling ARGS --json`, which must succeed; its report.
-fn ceiling_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .arg("ceiling")
-        .args(args)
-        .arg("--json")
-        .output()
-        .unwrap();
+/// Runs `kaping-loadgen ARGS --json`, which must succeed; its report.
+fn loadgen_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN).args(args).arg("--json").output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn ceiling_json(args: &[&str]) -> serde_json::Value {
+    loadgen_json(&[&["ceiling"], args].concat())
+}
+
+/// Runs `kaping-loadgen ARGS`, which must fail and name `option` in its
+/// error.
+fn refused(args: &[&str], option: &str) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(option), "{args:?}: {err}");
 }
 
 #[test]
@@ -527,16 +535,7 @@ fn ceiling_paces_the_raw_sender_in_rounds() {
         "{r}"
     );
 
-    let alone = Command::new(BIN)
-        .args(["ceiling", "--seconds", "1", "--rate", "2000"])
-        .output()
-        .unwrap();
-    assert!(!alone.status.success());
-    assert!(
-        String::from_utf8_lossy(&alone.stderr).contains("--round"),
-        "{}",
-        String::from_utf8_lossy(&alone.stderr)
-    );
+    refused(&["ceiling", "--seconds", "1", "--rate", "2000"], "--round");
 }
 
 /// `wake-cost` sleeps each length the number of times that fills the time
@@ -544,23 +543,7 @@ fn ceiling_paces_the_raw_sender_in_rounds() {
 /// length of 0 is refused with the option named.
 #[test]
 fn wake_cost_measures_each_sleep_length() {
-    let out = Command::new(BIN)
-        .args([
-            "wake-cost",
-            "--sleeps",
-            "1ms,5ms",
-            "--seconds",
-            "0.05",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = loadgen_json(&["wake-cost", "--sleeps", "1ms,5ms", "--seconds", "0.05"]);
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{r}");
     for (row, (ms, count)) in rows.iter().zip([(1.0, 50), (5.0, 10)]) {
@@ -573,16 +556,7 @@ fn wake_cost_measures_each_sleep_length() {
             assert!(row[k].as_f64().unwrap() >= 0.0, "{k}: {r}");
         }
     }
-    let zero = Command::new(BIN)
-        .args(["wake-cost", "--sleeps", "1ms,0"])
-        .output()
-        .unwrap();
-    assert!(!zero.status.success());
-    assert!(
-        String::from_utf8_lossy(&zero.stderr).contains("--sleeps"),
-        "{}",
-        String::from_utf8_lossy(&zero.stderr)
-    );
+    refused(&["wake-cost", "--sleeps", "1ms,0"], "--sleeps");
 }
 
 #[test]
