@@ -853,6 +853,40 @@ mod tests {
         }
     }
 
+    /// Whatever a run's instance id, the token read from a quoted request
+    /// is the one sent, as the proxy or not: no token starts with the '.'
+    /// that marks the proxy's cookie (`TokenKey::new`), so `z9hG4bK.` is
+    /// never read one character off (it was, for ids whose prefix began
+    /// with '.': every ICMP error of such a run counted as forged).
+    #[test]
+    fn the_quoted_token_is_the_one_sent_whatever_its_first_character() {
+        use crate::wire::token::{decode, encode, TokenFields, TokenKey};
+        let fields = TokenFields {
+            worker: 1,
+            slot: 77,
+            generation: 5,
+            seq: 9,
+            sent_us: 123_456,
+        };
+        for top in 0..64u32 {
+            let key = TokenKey::new([3; 16], top << 18 | 0x0ABC);
+            let mut token = [0u8; TOKEN_LEN];
+            encode(&key, &fields, &mut token);
+            for cfg in [
+                TemplateConfig::default(),
+                TemplateConfig {
+                    proxy_via: Some(("203.0.113.10".to_owned(), 5060)),
+                    ..TemplateConfig::default()
+                },
+            ] {
+                let req = request(&cfg, &token);
+                let got = quoted_token(&req);
+                assert_eq!(got, Some(&token), "first character {top}");
+                assert_eq!(decode(&key, got.unwrap()), Ok(fields));
+            }
+        }
+    }
+
     #[test]
     fn quotes_without_a_kaping_via_give_no_token() {
         for q in [

@@ -110,8 +110,21 @@ pub struct TokenKey {
 impl TokenKey {
     /// A key from a 128-bit secret and an instance id, of which only the low
     /// 24 bits are used (the prefix holds 4 × 6 bits).
+    ///
+    /// No token starts with '.': an id whose prefix would is taken as the
+    /// id one step below in its first character ('.' becomes '-'), and
+    /// [`TokenKey::instance_id`] says which. Right after the branch cookie
+    /// `z9hG4bK`, a '.' marks the proxy's branch
+    /// (`template::PROXY_BRANCH_COOKIE`, DESIGN §10): a token starting with
+    /// one would be read one character off from a quoted request, and every
+    /// ICMP error of that run counted as forged (one daemon start in 64,
+    /// its instance id being random; seen in `tests/icmp.rs`).
     pub fn new(secret: [u8; 16], instance_id: u32) -> TokenKey {
-        let instance_id = instance_id & INSTANCE_MASK;
+        let mut instance_id = instance_id & INSTANCE_MASK;
+        if instance_id >> 18 == 63 {
+            // ALPHABET[63] is '.'; ALPHABET[62] is '-'.
+            instance_id ^= 1 << 18;
+        }
         let prefix = [
             ALPHABET[(instance_id >> 18) as usize & 63],
             ALPHABET[(instance_id >> 12) as usize & 63],
@@ -420,12 +433,34 @@ mod tests {
         }
     }
 
+    /// A first '.' would read as the proxy's branch cookie `z9hG4bK.`: it
+    /// becomes '-', the id says so, and every other first character stays.
+    #[test]
+    fn no_token_starts_with_a_dot() {
+        for id in [0xFC_0000, 0xFF_FFFF, 0xFD_2345] {
+            let k = TokenKey::new(SECRET, id);
+            assert_eq!(k.instance_prefix()[0], b'-', "{id:#x}");
+            assert_eq!(k.instance_id(), id ^ (1 << 18));
+            assert_eq!(instance_of(k.instance_prefix()), Some(k.instance_id()));
+            let t = token_of(&k, &FIELDS);
+            assert_eq!(t[0], b'-');
+            assert_eq!(decode(&k, &t), Ok(FIELDS));
+        }
+        for top in 0..63u32 {
+            let k = TokenKey::new(SECRET, top << 18 | 0x1234);
+            assert_eq!(k.instance_prefix()[0], ALPHABET[top as usize]);
+            assert_eq!(k.instance_id(), top << 18 | 0x1234);
+        }
+    }
+
     #[test]
     fn instance_prefix_encodes_the_low_24_bits_most_significant_first() {
         assert_eq!(TokenKey::new(SECRET, 0).instance_prefix(), b"AAAA");
         assert_eq!(TokenKey::new(SECRET, 1).instance_prefix(), b"AAAB");
         assert_eq!(TokenKey::new(SECRET, 64).instance_prefix(), b"AABA");
-        assert_eq!(TokenKey::new(SECRET, 0xFF_FFFF).instance_prefix(), b"....");
+        // The first character is never the cookie's dot (below).
+        assert_eq!(TokenKey::new(SECRET, 0xFF_FFFF).instance_prefix(), b"-...");
+        assert_eq!(TokenKey::new(SECRET, 0xF7_FFFF).instance_prefix(), b"9...");
         // Bits above 24 are ignored.
         assert_eq!(
             TokenKey::new(SECRET, 0xFF00_0001).instance_prefix(),
