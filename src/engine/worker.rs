@@ -343,6 +343,14 @@ struct Contact {
 }
 
 impl Contact {
+    /// The ping in flight is over (answered, missed, or given up at a
+    /// stop): no transmission is awaited, and the next ping starts with
+    /// the benefit of the doubt again (`send_deferred`).
+    fn settle(&mut self) {
+        self.tries = 0;
+        self.send_deferred = false;
+    }
+
     fn dest_hash(&self, hasher: &DefaultHashBuilder) -> u64 {
         dest_hash(hasher, &self.dest_ip, self.dest_port, self.dest_v6)
     }
@@ -922,8 +930,7 @@ impl Core {
             return;
         };
         debug_assert!(c.tries > 0, "slot {slot}: no ping in flight");
-        c.tries = 0;
-        c.send_deferred = false;
+        c.settle();
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
         let state = self.update_liveness(handle, None, miss);
@@ -1254,8 +1261,7 @@ impl Core {
             // of the contact's; just stop waiting for it.
             self.in_flight -= 1;
             if let Some((_, c)) = self.slab.get_slot_mut(slot) {
-                c.tries = 0;
-                c.send_deferred = false;
+                c.settle();
             }
             return Expiry::Done;
         }
@@ -1301,8 +1307,7 @@ impl Core {
             self.shm.add(Counter::Late, 1);
             return;
         }
-        c.tries = 0;
-        c.send_deferred = false;
+        c.settle();
         let (anchor, interval_ms) = (c.anchor_tick, c.interval_ms);
         self.in_flight -= 1;
         self.shm.add(Counter::Matched, 1);
